@@ -1,0 +1,74 @@
+# istiopy: every target does its own set-up, so `make test` and `make demo` work on a fresh machine.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PYTHON := $(BIN)/python
+STAMP := .build/stamps
+DEB_PACKAGES := iproute2 iptables iperf3 tcpdump libssl-dev libnghttp2-dev wrk clang libclang-rt-14-dev curl procps
+PYTEST_ARGS ?=
+
+-include tools/k8s/k8s.mk
+
+.PHONY: help setup deps venv proto lint test test-fast demo crds bench clean
+
+help:
+	@echo "make demo   - set up, then run a whole mesh on this machine from examples/"
+	@echo "make test   - set up, then run ruff, mypy, import-linter and the whole pytest suite"
+	@echo "make lint | crds | bench | cluster | k8s-tools | clean"
+
+# Debian packages: install only what is missing (apt-get update once, only when needed).
+$(STAMP)/deb: Makefile
+	@mkdir -p $(STAMP)
+	@missing=""; for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" != 0 ]; then echo "need root to apt-get install:$$missing" >&2; exit 1; fi; \
+	  echo "apt-get install$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+	@touch $@
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q -U pip setuptools wheel
+
+# Editable install: also generates the protobuf code and builds C extensions (setup.py).
+$(STAMP)/pip: pyproject.toml setup.py $(wildcard api/proto/*.proto) $(wildcard dataplane/_c/*.c dataplane/_c/*.h) | $(BIN)/python
+	@mkdir -p $(STAMP)
+	$(BIN)/pip install -q -e '.[dev]'
+	$(PYTHON) api/genproto.py
+	@touch $@
+
+setup: $(STAMP)/deb $(STAMP)/pip
+deps: setup
+
+proto: | $(BIN)/python
+	$(PYTHON) api/genproto.py
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check . || { echo "run: $(BIN)/ruff format ."; exit 1; }
+	$(PYTHON) tools/view.py >/dev/null
+	cd .build/view && ../../$(BIN)/mypy --config-file ../../pyproject.toml -p istiopy
+	cd .build/view && ../../$(BIN)/lint-imports --config ../../pyproject.toml --no-cache
+
+crds: setup
+	$(PYTHON) -m istiopy.mesh.crdgen crds/
+
+# The whole suite: lint, then every test (slow, k8s, netns and envoy suites included).
+test: setup $(K8S_TOOLS_TARGET) lint
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+# Quick loop for developers: everything not marked slow.
+test-fast: setup
+	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
+
+demo: setup
+	$(BIN)/istiod-py demo --config-dir examples/
+
+bench: setup
+	@for b in bench/*.py; do echo "== $$b"; $(PYTHON) $$b || exit 1; done
+
+clean:
+	rm -rf .build build *.egg-info api/gen .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,1 @@
+"""istioctl-py: the command-line tool (validate, analyze, waypoint, ztunnel-config, ...)."""

@@ -1,0 +1,1 @@
+"""istiod-py: the control-plane entry point, the one place that wires sources, store, xDS and CA."""

@@ -1,0 +1,1 @@
+"""Kubernetes mode: kopf handlers feeding the mesh store, the waypoint reconciler and status writers."""
