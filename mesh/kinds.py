@@ -108,7 +108,8 @@ def parse(doc: Mapping[str, Any], source: str = "", default_namespace: str = "")
     if cls.NAMESPACED and not meta.get("namespace") and default_namespace:
         meta["namespace"] = default_namespace
     data["metadata"] = meta
-    data.pop("status", None) if cls.GROUP.endswith("istio.io") else None
+    if "status" not in cls.model_fields:
+        data.pop("status", None)  # status is written by controllers, not part of the desired state
     try:
         res = cls.model_validate(data)
     except ValidationError as err:
