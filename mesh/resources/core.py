@@ -1,0 +1,3 @@
+"""core resources (being written)."""
+
+__all__: list[str] = []

@@ -1,0 +1,3 @@
+"""gateway resources (being written)."""
+
+__all__: list[str] = []

@@ -1,0 +1,3 @@
+"""networking resources (being written)."""
+
+__all__: list[str] = []

@@ -1,0 +1,3 @@
+"""security resources (being written)."""
+
+__all__: list[str] = []
