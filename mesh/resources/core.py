@@ -46,14 +46,14 @@ Protocol = Literal["TCP", "UDP", "SCTP"]
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 
 
-def _ip_errors(path: str, values: list[str]) -> list[FieldError]:
+def _ip_errors(path: str, values: list[str], indexed: bool = True) -> list[FieldError]:
     """IP literals are keys of the pod-ip and service-vip indexes: a bad one would index garbage."""
     errors = []
     for i, value in enumerate(values):
         try:
             ipaddress.ip_address(value)
         except ValueError:
-            errors.append(FieldError(f"{path}[{i}]", f"{value!r} is not an IP address"))
+            errors.append(FieldError(f"{path}[{i}]" if indexed else path, f"{value!r} is not an IP address"))
     return errors
 
 
@@ -155,7 +155,7 @@ class Pod(LenientResource):
     def semantic_errors(self) -> list[FieldError]:
         errors = []
         if self.status.pod_ip:
-            errors += _ip_errors("status.podIP", [self.status.pod_ip])
+            errors += _ip_errors("status.podIP", [self.status.pod_ip], indexed=False)
         errors += [
             FieldError(f"{e.path}.ip", e.reason)
             for e in _ip_errors("status.podIPs", [p.ip for p in self.status.pod_ips])
@@ -219,7 +219,7 @@ class Service(LenientResource):
     def semantic_errors(self) -> list[FieldError]:
         errors = []
         if self.spec.cluster_ip and self.spec.cluster_ip != "None":
-            errors += _ip_errors("spec.clusterIP", [self.spec.cluster_ip])
+            errors += _ip_errors("spec.clusterIP", [self.spec.cluster_ip], indexed=False)
         errors += _ip_errors("spec.clusterIPs", [ip for ip in self.spec.cluster_ips if ip != "None"])
         names = [p.name for p in self.spec.ports]
         if len(self.spec.ports) > 1:
