@@ -1,0 +1,313 @@
+"""ztunnel-py's three small HTTP servers: admin (15000), metrics (15020) and readiness (15021).
+
+Why three listeners as upstream: the admin API exposes the whole config and a shutdown switch, so it binds to
+localhost only, while metrics and readiness are scraped/probed from outside the pod.
+``istioctl ztunnel-config`` reads ``/config_dump`` and expects upstream's JSON shape, so :func:`config_dump`
+produces exactly that shape (camelCase keys; ``workloads``/``services``/``policies``/``certificates`` lists
+and a ``workloadState`` map).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from istiopy.dataplane.metrics import ConnectionTracker, Metrics
+from istiopy.dataplane.state import GatewayAddress, ProxyState, Service, Workload
+
+log = logging.getLogger("istiopy.ztunnel.admin")
+
+LOGGER_ROOT = "istiopy"
+
+
+@dataclass
+class LocalWorkloadInfo:
+    """A pod this ztunnel serves (learned over ZDS): what ``workloadState`` shows even before WDS knows it."""
+
+    uid: str
+    name: str
+    namespace: str
+    service_account: str
+    trust_domain: str = ""
+    state: str = "Up"
+
+
+@dataclass
+class AdminSources:
+    """Where the admin API reads from; each piece is optional so the servers run before everything exists."""
+
+    state: ProxyState
+    metrics: Metrics
+    tracker: ConnectionTracker | None = None
+    certificates: Callable[[], list[dict[str, Any]]] = list
+    local_workloads: Callable[[], Iterable[LocalWorkloadInfo]] = tuple
+    ready: Callable[[], bool] | None = None
+    shutdown: Callable[[], Awaitable[None] | None] | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------------
+# /config_dump
+
+
+def _gateway_json(gw: GatewayAddress | None) -> dict[str, Any] | None:
+    if gw is None:
+        return None
+    return {"destination": gw.destination, "hboneMtlsPort": gw.hbone_mtls_port}
+
+
+def workload_json(wl: Workload) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "uid": wl.uid,
+        "workloadIps": [str(a) for a in wl.addresses],
+        "protocol": wl.protocol,
+        "name": wl.name,
+        "namespace": wl.namespace,
+        "serviceAccount": wl.service_account,
+        "workloadName": wl.workload_name,
+        "workloadType": wl.workload_type,
+        "canonicalName": wl.canonical_name,
+        "canonicalRevision": wl.canonical_revision,
+        "clusterId": wl.cluster_id,
+        "trustDomain": wl.trust_domain,
+        "node": wl.node,
+        "status": "Healthy" if wl.healthy else "Unhealthy",
+        "hostname": wl.hostname,
+        "applicationTunnel": {"protocol": wl.application_tunnel_protocol.lower()},
+        "services": sorted(wl.services),
+        "capacity": wl.capacity,
+    }
+    if wl.application_tunnel_port:
+        out["applicationTunnel"]["port"] = wl.application_tunnel_port
+    if wl.waypoint is not None:
+        out["waypoint"] = _gateway_json(wl.waypoint)
+    if wl.network_gateway is not None:
+        out["networkGateway"] = _gateway_json(wl.network_gateway)
+    if wl.network:
+        out["network"] = wl.network
+    if wl.native_tunnel:
+        out["nativeTunnel"] = True
+    loc = wl.locality
+    if loc.region or loc.zone or loc.subzone:
+        out["locality"] = {
+            k: v for k, v in (("region", loc.region), ("zone", loc.zone), ("subzone", loc.subzone)) if v
+        }
+    if wl.authorization_policies:
+        out["authorizationPolicies"] = list(wl.authorization_policies)
+    return out
+
+
+def service_json(svc: Service, state: ProxyState) -> dict[str, Any]:
+    endpoints: dict[str, Any] = {}
+    for wl, ep in state.endpoints(svc.key):
+        ports = {str(sp): (tp or svc.ports.get(sp, sp)) for sp, tp in sorted(ep.ports.items())}
+        endpoints[wl.uid] = {
+            "workloadUid": wl.uid,
+            "service": svc.key,
+            "port": ports,
+            **({"address": f"{wl.network}/{wl.addresses[0]}"} if wl.addresses else {}),
+        }
+    out: dict[str, Any] = {
+        "name": svc.name,
+        "namespace": svc.namespace,
+        "hostname": svc.hostname,
+        "vips": [str(v) for v in svc.vips],
+        "ports": {str(sp): tp for sp, tp in sorted(svc.ports.items())},
+        "endpoints": endpoints,
+        "subjectAltNames": list(svc.subject_alt_names),
+        "ipFamilies": {
+            "AUTOMATIC": "Automatic",
+            "IPV4_ONLY": "IPv4",
+            "IPV6_ONLY": "IPv6",
+            "DUAL": "Dual",
+        }.get(svc.ip_families, svc.ip_families),
+    }
+    if svc.waypoint is not None:
+        out["waypoint"] = _gateway_json(svc.waypoint)
+    if svc.has_load_balancing:
+        out["loadBalancer"] = {
+            "mode": svc.lb_mode.title().replace("_", ""),
+            "routingPreferences": [p.title() for p in svc.lb_routing_preference],
+            "healthPolicy": "OnlyHealthy" if svc.lb_health_policy == "ONLY_HEALTHY" else "AllowAll",
+        }
+    return out
+
+
+def config_dump(src: AdminSources) -> dict[str, Any]:
+    """Build the ``/config_dump`` document."""
+    workloads, services, policies = src.state.snapshot()
+    state: dict[str, Any] = {}
+    for info in src.local_workloads():
+        state[info.uid] = {
+            "state": info.state,
+            "connections": {"inbound": [], "outbound": []},
+            "info": {
+                "name": info.name,
+                "namespace": info.namespace,
+                "trustDomain": info.trust_domain,
+                "serviceAccount": info.service_account,
+            },
+        }
+    if src.tracker is not None:
+        for conn in src.tracker.live():
+            entry = state.get(conn.workload_uid)
+            if entry is None:
+                wl = src.state.workload_by_uid(conn.workload_uid)
+                entry = state[conn.workload_uid] = {
+                    "state": "Up",
+                    "connections": {"inbound": [], "outbound": []},
+                    "info": {
+                        "name": wl.name if wl else "",
+                        "namespace": wl.namespace if wl else "",
+                        "trustDomain": wl.trust_domain if wl else "",
+                        "serviceAccount": wl.service_account if wl else "",
+                    },
+                }
+            entry["connections"][conn.direction].append(conn.to_json())
+    return {
+        "workloads": [workload_json(w) for w in sorted(workloads, key=lambda w: w.uid)],
+        "services": [service_json(s, src.state) for s in sorted(services, key=lambda s: s.key)],
+        "policies": [p.to_json() for p in sorted(policies, key=lambda p: p.key)],
+        "certificates": src.certificates(),
+        "workloadState": state,
+        "config": src.config,
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Servers
+
+
+def _levels() -> dict[str, str]:
+    root = logging.getLogger(LOGGER_ROOT)
+    out = {LOGGER_ROOT: logging.getLevelName(root.getEffectiveLevel()).lower()}
+    for name, lg in sorted(logging.root.manager.loggerDict.items()):
+        if name.startswith(LOGGER_ROOT + ".") and isinstance(lg, logging.Logger) and lg.level:
+            out[name] = logging.getLevelName(lg.level).lower()
+    return out
+
+
+_LEVELS = {
+    "trace": logging.DEBUG,
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warn": logging.WARNING,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+    "off": logging.CRITICAL + 10,
+}
+
+
+def set_log_level(spec: str) -> None:
+    """Apply ``level`` or ``target=level[,...]`` (upstream's /logging syntax; targets are loggers)."""
+    for part in spec.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        target, _, level = part.rpartition("=") if "=" in part else ("", "", part)
+        lv = _LEVELS.get(level.lower())
+        if lv is None:
+            raise ValueError(f"unknown log level {level!r} (want one of {', '.join(sorted(_LEVELS))})")
+        name = target if not target or target.startswith(LOGGER_ROOT) else f"{LOGGER_ROOT}.{target}"
+        logging.getLogger(name or LOGGER_ROOT).setLevel(lv)
+
+
+class AdminServer:
+    """Runs the admin, metrics and readiness listeners on the current event loop."""
+
+    def __init__(
+        self,
+        sources: AdminSources,
+        *,
+        admin_addr: tuple[str, int] = ("127.0.0.1", 15000),
+        metrics_addr: tuple[str, int] | None = ("0.0.0.0", 15020),
+        readiness_addr: tuple[str, int] | None = ("0.0.0.0", 15021),
+    ) -> None:
+        self.src = sources
+        self._addrs = {"admin": admin_addr, "metrics": metrics_addr, "readiness": readiness_addr}
+        self._runners: list[web.AppRunner] = []
+        self.ports: dict[str, int] = {}
+        self._pending: asyncio.Future[None] | None = None
+
+    # ---- handlers -----------------------------------------------------------------------------
+
+    async def _config_dump(self, request: web.Request) -> web.Response:
+        return web.Response(text=json.dumps(config_dump(self.src), indent=2), content_type="application/json")
+
+    async def _logging(self, request: web.Request) -> web.Response:
+        if request.method == "POST":
+            spec = request.query.get("level", "")
+            if not spec:
+                return web.Response(status=400, text="usage: POST /logging?level=<level>|<target>=<level>\n")
+            try:
+                set_log_level(spec)
+            except ValueError as e:
+                return web.Response(status=400, text=f"{e}\n")
+        levels = _levels()
+        body = "current log level is " + ",".join(f"{k}={v}" for k, v in levels.items()) + "\n"
+        return web.Response(text=body)
+
+    async def _quit(self, request: web.Request) -> web.Response:
+        if request.method != "POST":
+            return web.Response(status=405, text="POST only\n")
+        log.warning("shutdown requested through /quitquitquit")
+        if self.src.shutdown is not None:
+            res = self.src.shutdown()
+            if res is not None:
+                self._pending = asyncio.ensure_future(res)
+        return web.Response(text="shutdown now\n")
+
+    async def _index(self, request: web.Request) -> web.Response:
+        return web.Response(text="ztunnel-py admin\n  /config_dump\n  /logging\n  /quitquitquit\n")
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        from istiopy.dataplane.metrics import CONTENT_TYPE
+
+        resp = web.Response(body=self.src.metrics.render())
+        resp.headers["Content-Type"] = CONTENT_TYPE
+        return resp
+
+    async def _ready(self, request: web.Request) -> web.Response:
+        ok = self.src.ready() if self.src.ready is not None else self.src.state.ready
+        return web.Response(status=200 if ok else 503, text="ready\n" if ok else "not ready\n")
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        admin = web.Application()
+        admin.router.add_get("/", self._index)
+        admin.router.add_get("/config_dump", self._config_dump)
+        admin.router.add_route("*", "/logging", self._logging)
+        admin.router.add_route("*", "/quitquitquit", self._quit)
+        metrics = web.Application()
+        metrics.router.add_get("/stats/prometheus", self._metrics)
+        metrics.router.add_get("/metrics", self._metrics)
+        ready = web.Application()
+        ready.router.add_get("/healthz/ready", self._ready)
+        try:
+            for name, app in (("admin", admin), ("metrics", metrics), ("readiness", ready)):
+                addr = self._addrs[name]
+                if addr is None:
+                    continue
+                runner = web.AppRunner(app, access_log=None, handle_signals=False)
+                await runner.setup()
+                self._runners.append(runner)
+                site = web.TCPSite(runner, addr[0], addr[1], reuse_address=True)
+                await site.start()
+                server = site._server
+                assert server is not None
+                self.ports[name] = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def stop(self) -> None:
+        runners, self._runners = self._runners, []
+        for r in runners:
+            await r.cleanup()
