@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import ssl
+from collections.abc import Callable
 
 import pytest
 
@@ -23,12 +24,10 @@ def authority() -> CertificateAuthority:
     return CertificateAuthority(CaConfig(), generate_root("cluster.local"))
 
 
-async def _until(cond: object, timeout: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not cond():  # type: ignore[operator]
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not reached")
-        await asyncio.sleep(0.02)
+async def _until(cond: Callable[[], bool]) -> None:
+    async with asyncio.timeout(10):
+        while not cond():
+            await asyncio.sleep(0.02)
 
 
 async def test_prefetch_shares_identities_and_forgets_unused(authority: CertificateAuthority) -> None:
