@@ -98,8 +98,10 @@ class FileSource:
         changes = self.store.replace_source(source, wanted)
         self._known.add(file)
         self._record(file, result, kept=False)
-        if changes:
-            log.info("%s: %d change(s) applied", file, len(changes))
+        if changes:  # quiet during the initial load, which the caller summarises
+            log.log(
+                logging.INFO if self.ready.is_set() else logging.DEBUG, "%s: %d change(s)", file, len(changes)
+            )
         return result
 
     async def run(self) -> None:
