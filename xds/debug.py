@@ -1,0 +1,96 @@
+"""The monitoring port (istiod's 15014): ``/metrics``, ``/debug/syncz``, ``/debug/configz``,
+``/debug/snapshotz``, ``/ready``.
+
+aiohttp is already a dependency (through kopf), so it serves these; everything returned is JSON except the
+Prometheus text.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp import web
+from google.protobuf import json_format
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from istiopy.mesh.store import ConfigStore
+from istiopy.xds.server import XdsServer
+
+
+def _json(data: Any) -> web.Response:
+    return web.Response(
+        text=json.dumps(data, indent=1, sort_keys=True, default=str), content_type="application/json"
+    )
+
+
+class DebugServer:
+    """HTTP server over one ``XdsServer`` and its store."""
+
+    def __init__(self, xds: XdsServer, store: ConfigStore, host: str = "0.0.0.0", port: int = 15014) -> None:
+        self.xds = xds
+        self.store = store
+        self.host = host
+        self.port = port
+        self._runner: web.AppRunner | None = None
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/debug/syncz", self._syncz)
+        app.router.add_get("/debug/configz", self._configz)
+        app.router.add_get("/debug/snapshotz", self._snapshotz)
+        app.router.add_get("/ready", self._ready)
+        return app
+
+    async def start(self) -> int:
+        """Bind and serve; returns the bound port (``port=0`` picks a free one)."""
+        self._runner = web.AppRunner(self.app(), access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port)
+        await site.start()
+        server = site._server
+        sockets = getattr(server, "sockets", None) or []
+        if sockets:
+            self.port = sockets[0].getsockname()[1]
+        return self.port
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        body = generate_latest(self.xds.metrics.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def _syncz(self, request: web.Request) -> web.Response:
+        """Per connected proxy and type: sent/acked version and nonce, NACK count and last error."""
+        return _json(self.xds.syncz())
+
+    async def _configz(self, request: web.Request) -> web.Response:
+        """The model the generators read: every resource in the store, with the store version."""
+        return _json({"version": self.store.version, "resources": [r.to_dict() for r in self.store]})
+
+    async def _snapshotz(self, request: web.Request) -> web.Response:
+        """What one proxy (``?proxy=<node id>``) is being served, resources rendered as JSON."""
+        proxy_id = request.query.get("proxy", "")
+        for conn in self.xds.connections.values():
+            if conn.proxy is not None and conn.proxy.id == proxy_id:
+                snap = conn.stream.snapshot
+                return _json(
+                    {
+                        t: {
+                            "version": snap.version(t),
+                            "resources": {
+                                name: json_format.MessageToDict(res.message)
+                                for name, res in (snap.get(t).items.items() if snap.get(t) else [])
+                            },
+                        }
+                        for t in snap.type_urls()
+                    }
+                )
+        raise web.HTTPNotFound(text=f"no connected proxy with node id {proxy_id!r}")
+
+    async def _ready(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok")

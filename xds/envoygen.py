@@ -1,0 +1,284 @@
+"""A minimal Envoy configuration for the Services in the model: enough for a plain Envoy to route HTTP.
+
+Layout chosen (and why):
+
+- **One HTTP listener, virtual hosts by Host header.** A listener per service port would make every proxy
+  bind every service port, which collides on one machine and is not what routes by name anyway. The
+  listener ``http`` binds ``ISTIOPY_LISTENER_ADDRESS``:``ISTIOPY_LISTENER_PORT`` from the proxy's node
+  metadata (default ``0.0.0.0:15001``) and takes its routes from RDS ``http``.
+- **One virtual host per service port**, named ``<hostname>:<port>``, matching ``<host>:<port>`` for the
+  FQDN, ``<name>.<ns>.svc``, ``<name>.<ns>``, the cluster IPs, and ``<name>`` when the proxy is in the
+  service's namespace (the short name is ambiguous across namespaces: Envoy refuses duplicate domains).
+  The bare forms without ``:<port>`` go to the service's first port.
+- **One EDS cluster per service port**, named as Istio does: ``outbound|<port>||<hostname>``. Endpoints come
+  from the Service's EndpointSlices when it has any (Kubernetes), otherwise from ready Pods matched by the
+  selector (standalone files), with named target ports resolved against the pod's container ports.
+
+Generators here are pure functions of (store, proxy); their ``affects`` predicates are what keeps a Pod
+change from re-sending listeners or routes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Iterable
+from typing import Any
+
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.core.v3 import address_pb2, config_source_pb2
+from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
+from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
+from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.extensions.filters.http.router.v3 import router_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
+from google.protobuf import any_pb2, duration_pb2
+
+from istiopy.mesh.meta import Resource
+from istiopy.mesh.resources.core import SERVICE_NAME_LABEL, EndpointSlice, Pod, Service, ServicePort
+from istiopy.mesh.store import Change, ConfigStore, selector_matches
+from istiopy.xds import types
+from istiopy.xds.proxy import Proxy
+from istiopy.xds.registry import Generator, GeneratorRegistry, shared
+
+ROUTE_NAME = "http"
+LISTENER_NAME = "http"
+DEFAULT_LISTENER_PORT = 15001
+DOMAIN = "cluster.local"
+
+_ENDPOINT_KINDS = frozenset({Service.KIND, Pod.KIND, EndpointSlice.KIND})
+
+
+def cluster_name(service: Service, port: ServicePort) -> str:
+    return f"outbound|{port.port}||{service.hostname(DOMAIN)}"
+
+
+def _services(store: ConfigStore) -> list[Service]:
+    """Services Envoy can route to: not ExternalName, not headless (no VIP to name them by)."""
+    out = []
+    for res in store.list(Service.KIND):
+        if (
+            isinstance(res, Service)
+            and res.spec.type != "ExternalName"
+            and not res.headless
+            and res.spec.ports
+        ):
+            out.append(res)
+    return out
+
+
+def _ads() -> Any:
+    return config_source_pb2.ConfigSource(ads={}, resource_api_version=config_source_pb2.V3)
+
+
+def _pack(msg: Any) -> Any:
+    out = any_pb2.Any()
+    out.Pack(msg)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- clusters
+def generate_clusters(store: ConfigStore, proxy: Proxy) -> Iterable[tuple[str, Any]]:
+    for svc in _services(store):
+        for port in svc.spec.ports:
+            if port.protocol != "TCP":
+                continue
+            name = cluster_name(svc, port)
+            cluster = cluster_pb2.Cluster(
+                name=name,
+                type=cluster_pb2.Cluster.EDS,
+                connect_timeout=duration_pb2.Duration(seconds=5),
+                eds_cluster_config=cluster_pb2.Cluster.EdsClusterConfig(eds_config=_ads(), service_name=name),
+            )
+            yield name, cluster
+
+
+# --------------------------------------------------------------------------------------------- endpoints
+def _pod_port(pod: Pod, target: int | str) -> int | None:
+    if isinstance(target, int):
+        return target
+    for container in pod.spec.containers:
+        for cp in container.ports:
+            if cp.name == target:
+                return cp.container_port
+    return None
+
+
+def service_endpoints(store: ConfigStore, svc: Service, port: ServicePort) -> list[tuple[str, int]]:
+    """(ip, port) backends of one service port, sorted, without duplicates."""
+    found: set[tuple[str, int]] = set()
+    slices = [
+        s
+        for s in store.list(EndpointSlice.KIND, svc.namespace, {SERVICE_NAME_LABEL: svc.name})
+        if isinstance(s, EndpointSlice) and s.address_type != "FQDN"
+    ]
+    if slices:
+        for sl in slices:
+            slice_ports = [p for p in sl.ports if (p.name or "") == port.name or len(svc.spec.ports) == 1]
+            for sp in slice_ports:
+                if sp.port is None:
+                    continue
+                for ep in sl.endpoints:
+                    if ep.conditions.ready is False:
+                        continue
+                    found.update((addr, sp.port) for addr in ep.addresses)
+    elif svc.spec.selector:
+        for res in store.list(Pod.KIND, svc.namespace):
+            if (
+                not isinstance(res, Pod)
+                or not res.ready
+                or not selector_matches(svc.spec.selector, res.labels)
+            ):
+                continue
+            target = _pod_port(res, port.effective_target_port)
+            if target is None:
+                continue
+            found.update((ip, target) for ip in res.ips)
+    return sorted(found)
+
+
+def generate_endpoints(store: ConfigStore, proxy: Proxy) -> Iterable[tuple[str, Any]]:
+    for svc in _services(store):
+        for port in svc.spec.ports:
+            if port.protocol != "TCP":
+                continue
+            name = cluster_name(svc, port)
+            lb = [
+                endpoint_components_pb2.LbEndpoint(
+                    endpoint=endpoint_components_pb2.Endpoint(
+                        address=address_pb2.Address(
+                            socket_address=address_pb2.SocketAddress(address=ip, port_value=p)
+                        )
+                    )
+                )
+                for ip, p in service_endpoints(store, svc, port)
+            ]
+            cla = endpoint_pb2.ClusterLoadAssignment(
+                cluster_name=name,
+                endpoints=[endpoint_components_pb2.LocalityLbEndpoints(lb_endpoints=lb)] if lb else [],
+            )
+            yield name, cla
+
+
+# --------------------------------------------------------------------------------------------- listeners
+def listener_address(proxy: Proxy) -> tuple[str, int]:
+    addr = proxy.meta("ISTIOPY_LISTENER_ADDRESS", "0.0.0.0")
+    port = proxy.meta("ISTIOPY_LISTENER_PORT", str(DEFAULT_LISTENER_PORT))
+    try:
+        return addr, int(float(port))
+    except ValueError:
+        return addr, DEFAULT_LISTENER_PORT
+
+
+def generate_listeners(store: ConfigStore, proxy: Proxy) -> Iterable[tuple[str, Any]]:
+    addr, port = listener_address(proxy)
+    hcm = hcm_pb2.HttpConnectionManager(
+        stat_prefix=LISTENER_NAME,
+        rds=hcm_pb2.Rds(config_source=_ads(), route_config_name=ROUTE_NAME),
+        http_filters=[
+            hcm_pb2.HttpFilter(name="envoy.filters.http.router", typed_config=_pack(router_pb2.Router()))
+        ],
+    )
+    listener = listener_pb2.Listener(
+        name=LISTENER_NAME,
+        address=address_pb2.Address(socket_address=address_pb2.SocketAddress(address=addr, port_value=port)),
+        filter_chains=[
+            listener_components_pb2.FilterChain(
+                filters=[
+                    listener_components_pb2.Filter(
+                        name="envoy.filters.network.http_connection_manager", typed_config=_pack(hcm)
+                    )
+                ]
+            )
+        ],
+    )
+    yield LISTENER_NAME, listener
+
+
+# ------------------------------------------------------------------------------------------------ routes
+def service_domains(svc: Service, port: ServicePort, proxy: Proxy, first: bool) -> list[str]:
+    hosts = [
+        svc.hostname(DOMAIN),
+        f"{svc.name}.{svc.namespace}.svc",
+        f"{svc.name}.{svc.namespace}",
+        *svc.vips,
+    ]
+    if proxy.namespace == svc.namespace:
+        hosts.append(svc.name)
+    out = [f"{h}:{port.port}" if ":" not in h else f"[{h}]:{port.port}" for h in hosts]
+    if first:
+        out += hosts
+    return out
+
+
+def virtual_hosts(store: ConfigStore, proxy: Proxy) -> list[Any]:
+    vhosts = []
+    for svc in _services(store):
+        tcp_ports = [p for p in svc.spec.ports if p.protocol == "TCP"]
+        for i, port in enumerate(tcp_ports):
+            vhosts.append(
+                route_components_pb2.VirtualHost(
+                    name=f"{svc.hostname(DOMAIN)}:{port.port}",
+                    domains=service_domains(svc, port, proxy, first=i == 0),
+                    routes=[
+                        route_components_pb2.Route(
+                            match=route_components_pb2.RouteMatch(prefix="/"),
+                            route=route_components_pb2.RouteAction(cluster=cluster_name(svc, port)),
+                        )
+                    ],
+                )
+            )
+    return vhosts
+
+
+def generate_routes(store: ConfigStore, proxy: Proxy) -> Iterable[tuple[str, Any]]:
+    yield ROUTE_NAME, route_pb2.RouteConfiguration(name=ROUTE_NAME, virtual_hosts=virtual_hosts(store, proxy))
+
+
+# -------------------------------------------------------------------------------------------- predicates
+def _service_changed(change: Change, proxy: Proxy) -> bool:
+    return change.key.kind == Service.KIND and _routing_view(change.old) != _routing_view(change.new)
+
+
+def _routing_view(res: Resource | None) -> Any:
+    """The parts of a Service that clusters and routes depend on (labels and annotations are not)."""
+    if not isinstance(res, Service):
+        return None
+    return (
+        res.name,
+        res.namespace,
+        res.spec.type,
+        res.spec.cluster_ip,
+        tuple(res.spec.cluster_ips),
+        tuple((p.name, p.port, p.protocol) for p in res.spec.ports),
+    )
+
+
+def _endpoints_changed(change: Change, proxy: Proxy) -> bool:
+    return change.key.kind in _ENDPOINT_KINDS
+
+
+def _never(change: Change, proxy: Proxy) -> bool:
+    return False
+
+
+def _by_namespace(proxy: Proxy) -> Hashable:
+    return ("namespace", proxy.namespace)
+
+
+def _by_listener(proxy: Proxy) -> Hashable:
+    return ("listener", listener_address(proxy))
+
+
+def envoy_generators() -> list[Generator]:
+    return [
+        Generator(types.CLUSTER, generate_clusters, _service_changed, shared, name="envoy-clusters"),
+        Generator(types.ENDPOINT, generate_endpoints, _endpoints_changed, shared, name="envoy-endpoints"),
+        Generator(types.LISTENER, generate_listeners, _never, _by_listener, name="envoy-listeners"),
+        Generator(types.ROUTE, generate_routes, _service_changed, _by_namespace, name="envoy-routes"),
+    ]
+
+
+def register_envoy_generators(registry: GeneratorRegistry, proxy_kinds: Iterable[str] = ()) -> None:
+    """Register the four generators for every proxy kind (or only ``proxy_kinds``)."""
+    kinds = frozenset(proxy_kinds)
+    for gen in envoy_generators():
+        registry.register(Generator(gen.type_url, gen.generate, gen.affects, gen.scope, kinds, gen.name))
