@@ -691,7 +691,7 @@ class OutlierDetection(Model):
     split_external_local_origin_errors: bool | None = None
     consecutive_local_origin_failures: int | None = None
     consecutive_gateway_errors: int | None = None
-    consecutive_5xx_errors: int | None = None
+    consecutive_5xx_errors: int | None = Field(default=None, alias="consecutive5xxErrors")
     interval: PositiveDuration | None = None
     base_ejection_time: PositiveDuration | None = None
     max_ejection_percent: int | None = None
@@ -916,7 +916,8 @@ def _policy_part_errors(
 
 def _traffic_policy_errors(path: str, tp: TrafficPolicy) -> list[FieldError]:
     errors: list[FieldError] = []
-    if not tp.model_fields_set:
+    parts = (tp.load_balancer, tp.connection_pool, tp.outlier_detection, tp.tls, tp.tunnel, tp.proxy_protocol)
+    if all(p is None for p in parts) and tp.retry_budget is None and not tp.port_level_settings:
         errors.append(FieldError(path, "traffic policy must have at least one field"))
     errors.extend(
         _policy_part_errors(path, tp.load_balancer, tp.connection_pool, tp.outlier_detection, tp.tls)

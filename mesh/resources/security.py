@@ -291,10 +291,6 @@ def _condition_errors(path: str, cond: Condition) -> list[FieldError]:
 
 def _rule_errors(path: str, rule: Rule) -> list[FieldError]:
     errors: list[FieldError] = []
-    if "from_" in rule.model_fields_set and not rule.from_:
-        errors.append(FieldError(f"{path}.from", "`from` must not be empty (omit it to match any source)"))
-    if "to" in rule.model_fields_set and not rule.to:
-        errors.append(FieldError(f"{path}.to", "`to` must not be empty (omit it to match any operation)"))
     for i, f in enumerate(rule.from_):
         if f.source is None:
             errors.append(FieldError(f"{path}.from[{i}].source", "`from.source` must not be nil"))
@@ -384,11 +380,20 @@ class MutualTLS(Model):
     mode: Annotated[MtlsMode, BeforeValidator(check_enum(MtlsMode))] = MtlsMode.UNSET
 
 
+def _port_keys_as_strings(value: object) -> object:
+    """YAML reads ``8080:`` as an int key and ``"8080":`` as a string; JSON (and so the apiserver) only
+    has strings. Keep the JSON form so both spellings load and the map round-trips."""
+    if isinstance(value, dict):
+        return {str(k) if isinstance(k, int) and not isinstance(k, bool) else k: v for k, v in value.items()}
+    return value
+
+
 class PeerAuthenticationSpec(Model):
     selector: WorkloadSelector | None = None
     mtls: MutualTLS | None = None
-    # Keys are port numbers written as strings (a protobuf map<uint32, MutualTLS> in JSON form).
-    port_level_mtls: dict[str, MutualTLS] = Field(default_factory=dict)
+    # Keys are port numbers as strings: the JSON form of the proto's map<uint32, MutualTLS>. None (not
+    # ``{}``) when unset, because the CRD refuses an empty map and ``to_dict`` must re-parse.
+    port_level_mtls: Annotated[dict[str, MutualTLS] | None, BeforeValidator(_port_keys_as_strings)] = None
 
 
 @register
@@ -407,15 +412,16 @@ class PeerAuthentication(Resource):
         errors: list[FieldError] = []
         if s.selector is not None:
             errors.extend(selector_label_errors("spec.selector.matchLabels", s.selector.match_labels))
-        if "port_level_mtls" in s.model_fields_set and not s.port_level_mtls:
+        ports = s.port_level_mtls or {}
+        if s.port_level_mtls is not None and not s.port_level_mtls:
             errors.append(
                 FieldError(
                     "spec.portLevelMtls", "spec.portLevelMtls in body should have at least 1 properties"
                 )
             )
-        if s.port_level_mtls and (s.selector is None or not s.selector.match_labels):
+        if ports and (s.selector is None or not s.selector.match_labels):
             errors.append(FieldError("spec.portLevelMtls", "portLevelMtls requires selector"))
-        for key in s.port_level_mtls:
+        for key in ports:
             if not key.isdigit():
                 errors.append(
                     FieldError(
@@ -430,7 +436,7 @@ class PeerAuthentication(Resource):
 
     def port_modes(self) -> dict[int, MtlsMode]:
         """``portLevelMtls`` with integer keys (validation guarantees they parse)."""
-        return {int(k): v.mode for k, v in self.spec.port_level_mtls.items()}
+        return {int(k): v.mode for k, v in (self.spec.port_level_mtls or {}).items()}
 
 
 # ---------------------------------------------------------------------------------------------------------
