@@ -305,7 +305,7 @@ def peer_authentication_policy_names(
         )
     if workload_pa is not None:
         mode = _mode(workload_pa.spec.mtls)
-        port_modes = [_mode(m) for m in workload_pa.spec.port_level_mtls.values()]
+        port_modes = [_mode(m) for m in (workload_pa.spec.port_level_mtls or {}).values()]
         lax_port = any(m in (MtlsMode.PERMISSIVE, MtlsMode.DISABLE) for m in port_modes)
         strict_port = MtlsMode.STRICT in port_modes
         converted = f"{workload_pa.namespace}/{PEER_AUTHN_PREFIX}{workload_pa.name}"
@@ -353,7 +353,11 @@ def converted_peer_authentication(
 ) -> PeerAuthnPortPolicy | None:
     """The converted DENY policy of a workload PeerAuthentication with ``portLevelMtls``, or None when the
     policy needs none (mesh/namespace policies, no port overrides, or overrides equal to the default)."""
-    if pa.namespace == settings.root_namespace or _is_namespace_wide(pa) or not pa.spec.port_level_mtls:
+    if (
+        pa.namespace == settings.root_namespace
+        or _is_namespace_wide(pa)
+        or not (pa.spec.port_level_mtls or {})
+    ):
         return None
     mode = _mode(pa.spec.mtls)
     parent_strict = _parent_strict(ns_pa, root_pa)
@@ -362,7 +366,7 @@ def converted_peer_authentication(
     if mode == MtlsMode.STRICT:
         clauses.append("plaintext")
     found_non_strict = False
-    for port_text, mtls in sorted(pa.spec.port_level_mtls.items(), key=lambda kv: int(kv[0])):
+    for port_text, mtls in sorted((pa.spec.port_level_mtls or {}).items(), key=lambda kv: int(kv[0])):
         port = int(port_text)
         port_mode = _mode(mtls)
         if port_mode == MtlsMode.STRICT:
