@@ -14,7 +14,7 @@ import importlib
 import pkgutil
 import sys
 from collections.abc import Callable, Sequence
-from typing import NoReturn
+from typing import NoReturn, TypeAlias
 
 import istiopy
 import istiopy.istioctl
@@ -22,7 +22,8 @@ import istiopy.istioctl
 __all__ = ["Handler", "Parser", "SubParsers", "build_parser", "main"]
 
 Handler = Callable[[argparse.Namespace], int]
-SubParsers = argparse._SubParsersAction  # type: ignore[type-arg]  # argparse has no public name for it
+# argparse has no public name for the object ``add_subparsers`` returns.
+SubParsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 
 class Parser(argparse.ArgumentParser):

@@ -137,7 +137,7 @@ class LoadResult:
 def _split(text: str) -> Iterator[tuple[int, str]]:
     """(0-based first line, text) of each YAML document; separator lines belong to no document."""
     lines = text.splitlines(keepends=True)
-    start, chunk = 0, []
+    start, chunk = 0, list[str]()
     for i, line in enumerate(lines):
         if _SEPARATOR.match(line):
             yield start, "".join(chunk)
