@@ -28,11 +28,14 @@ def store() -> ConfigStore:
 
 @pytest.fixture
 async def harness(ca: CertificateAuthority, store: ConfigStore) -> AsyncIterator[CaHarness]:
-    """CA server requiring client certificates (standalone mode) with bootstrap-cert and token auth."""
+    """CA server requiring client certificates (standalone mode) with token and bootstrap-cert auth.
+
+    The token authenticator goes first: a bearer token is the more explicit credential when a caller
+    presents both."""
     registry = CollectorRegistry()
     token = secrets.token_hex(16)
     servicer = ca.servicer(
-        [ca.client_cert_authenticator(), StaticTokenAuthenticator({token: TokenEntry(APP)})], store, registry
+        [StaticTokenAuthenticator({token: TokenEntry(APP)}), ca.client_cert_authenticator()], store, registry
     )
     serving = ca.issue_serving(["istiod.istio-system.svc"], ["127.0.0.1"])
     server, port = await serve(
