@@ -78,18 +78,15 @@ class DebugServer:
         for conn in self.xds.connections.values():
             if conn.proxy is not None and conn.proxy.id == proxy_id:
                 snap = conn.stream.snapshot
-                return _json(
-                    {
-                        t: {
-                            "version": snap.version(t),
-                            "resources": {
-                                name: json_format.MessageToDict(res.message)
-                                for name, res in (snap.get(t).items.items() if snap.get(t) else [])
-                            },
-                        }
-                        for t in snap.type_urls()
+                out: dict[str, Any] = {}
+                for t, typed in sorted(snap.resources.items()):
+                    out[t] = {
+                        "version": typed.version,
+                        "resources": {
+                            n: json_format.MessageToDict(r.message) for n, r in typed.items.items()
+                        },
                     }
-                )
+                return _json(out)
         raise web.HTTPNotFound(text=f"no connected proxy with node id {proxy_id!r}")
 
     async def _ready(self, request: web.Request) -> web.Response:

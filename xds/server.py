@@ -219,7 +219,7 @@ class Connection:
             raise StreamClosed(grpc.StatusCode.INVALID_ARGUMENT, "the first request must carry node.id")
         cert = None
         auth = self.context.auth_context()
-        certs = auth.get("x509_pem_cert") if auth else None
+        certs = list(auth.get("x509_pem_cert") or ()) if auth else []
         if certs:
             cert = certs[0]
         metadata = {

@@ -71,7 +71,9 @@ class TypeStatus:
     last_error: str = ""
     last_nack_nonce: str = ""
     nacked_version: str = ""
+    initial_version: str = ""
     responses: int = 0
+    resources_sent: int = 0
     # Delta only: what the client holds (optimistic, includes responses in flight), what it has acked,
     # the responses in flight, and names it has been told are absent.
     known: dict[str, str] = field(default_factory=dict)
@@ -91,6 +93,7 @@ class TypeStatus:
             "nacks": self.nacks,
             "last_error": self.last_error,
             "responses": self.responses,
+            "resources_sent": self.resources_sent,
             "resources_held": len(self.known) if self.known or self.acked_base else None,
         }
 
@@ -263,12 +266,9 @@ class SotwStream(_StreamBase):
         changed = wildcard != st.wildcard or names != st.names
         st.wildcard, st.names = wildcard, names
         if first:
-            held = self.snapshot.get(type_url)
-            if req.version_info and held is not None and held.version == req.version_info:
-                # A reconnect holding exactly what we would send: nothing to do (content-hash versions).
-                st.sent_version = st.acked_version = held.version
-            else:
-                st.must_respond = True
+            # Compared with the snapshot when the response is due (it may not be generated yet).
+            st.initial_version = str(req.version_info)
+            st.must_respond = True
         elif changed:
             st.must_respond = True
         return RequestOutcome(type_url, kind, first=first, **outcome_extra)
@@ -277,6 +277,13 @@ class SotwStream(_StreamBase):
         held = self.snapshot.get(st.type_url)
         if held is None:
             return None
+        if st.initial_version:
+            initial, st.initial_version = st.initial_version, ""
+            if held.version == initial:
+                # A reconnect holding exactly what we would send: nothing to do (content-hash versions).
+                st.sent_version = st.acked_version = initial
+                st.must_respond = False
+                return None
         if not st.must_respond and held.version == st.sent_version:
             return None
         if st.wildcard:
@@ -288,6 +295,7 @@ class SotwStream(_StreamBase):
         st.sent_version, st.sent_nonce, st.sent_time = held.version, nonce, now
         st.sent_trigger = self.snapshot.trigger_time
         st.responses += 1
+        st.resources_sent += len(resources)
         return SotwResponse(st.type_url, held.version, nonce, resources)
 
 
@@ -398,6 +406,7 @@ class DeltaStream(_StreamBase):
         st.sent_version, st.sent_nonce, st.sent_time = held.version, nonce, now
         st.sent_trigger = self.snapshot.trigger_time
         st.responses += 1
+        st.resources_sent += len(updates)
         return DeltaResponse(
             st.type_url, held.version, nonce, tuple(sorted(updates, key=lambda r: r.name)), tuple(removed)
         )
