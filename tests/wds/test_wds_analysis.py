@@ -1,0 +1,158 @@
+"""Diagnostics (mesh.analysis) and the ``istioctl-py analyze`` command over real files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from wds_helpers import pod, store_from
+
+from istiopy.istioctl.cli import main
+from istiopy.mesh.analysis import Diagnostic, analyze
+from istiopy.mesh.meta import ResourceKey
+
+CONFIG = """
+apiVersion: v1
+kind: Namespace
+metadata: {name: default, labels: {istio.io/dataplane-mode: ambient, istio.io/use-waypoint: nowhere}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: wl-only, namespace: default, labels: {istio.io/waypoint-for: workload}}
+spec:
+  gatewayClassName: istio-waypoint
+  listeners: [{name: mesh, port: 15008, protocol: HBONE}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: allow-get, namespace: default}
+spec:
+  rules: [{to: [{operation: {paths: [/api]}}]}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: ext, namespace: default}
+spec: {action: CUSTOM, provider: {name: opa}, rules: [{}]}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: for-nobody, namespace: default}
+spec: {selector: {matchLabels: {app: ghost}}, rules: [{}]}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: at-reviews, namespace: default}
+spec: {targetRefs: [{kind: Service, group: "", name: reviews}], rules: [{}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: reviews, namespace: default, labels: {istio.io/use-waypoint: wl-only}}
+spec: {clusterIP: 10.96.0.5, selector: {app: reviews}, ports: [{port: 9080}]}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews, namespace: default}
+spec:
+  host: reviews
+  subsets: [{name: v1, labels: {version: v1}}, {name: v2, labels: {version: v2}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews, namespace: default}
+spec:
+  hosts: [reviews]
+  http:
+  - route:
+    - {destination: {host: reviews, subset: v1}, weight: 50}
+    - {destination: {host: reviews, subset: v3}, weight: 25}
+    - {destination: {host: ratings}, weight: 25}
+""" + pod("reviews-v1", "default", "10.0.0.1", {"app": "reviews", "version": "v1"})
+
+HTTP_MESSAGE = (
+    "ztunnel does not support HTTP attributes (found: paths). In ambient mode you must use a waypoint "
+    "proxy to enforce HTTP rules."
+)
+
+
+def by_resource(found: list[Diagnostic]) -> dict[str, list[tuple[str, str, str]]]:
+    out: dict[str, list[tuple[str, str, str]]] = {}
+    for d in found:
+        out.setdefault(str(d.resource), []).append((d.severity, d.code, d.reason))
+    return out
+
+
+def test_analysis_finds_each_problem_once() -> None:
+    found = analyze(store_from(CONFIG))
+    assert by_resource(found) == {
+        "AuthorizationPolicy/default/allow-get": [("Warning", "", "UnsupportedValue")],
+        "AuthorizationPolicy/default/at-reviews": [("Warning", "IST0167", "AncestorNotBound")],
+        "AuthorizationPolicy/default/ext": [("Warning", "", "UnsupportedValue")],
+        "AuthorizationPolicy/default/for-nobody": [("Warning", "IST0127", "NoMatchingWorkloadsFound")],
+        "DestinationRule/default/reviews": [("Warning", "IST0173", "DestinationRuleSubsetNotSelectPods")],
+        "Namespace/default": [("Warning", "", "WaypointNotFound")],
+        "Service/default/reviews": [("Warning", "", "UnsupportedTrafficType")],
+        "VirtualService/default/reviews": [
+            ("Error", "IST0101", "ReferencedResourceNotFound"),
+            ("Error", "IST0101", "ReferencedResourceNotFound"),
+        ],
+    }
+    messages = {str(d.resource): d for d in found}
+    assert messages["AuthorizationPolicy/default/allow-get"].message.startswith(HTTP_MESSAGE)
+    assert messages["AuthorizationPolicy/default/allow-get"].field == "spec.rules[0]"
+    assert messages["AuthorizationPolicy/default/ext"].message == "ztunnel does not support the CUSTOM action"
+    vs = sorted(d.message for d in found if d.resource == ResourceKey("VirtualService", "default", "reviews"))
+    assert vs == [
+        'Referenced host not found: "ratings"',
+        'Referenced host+subset in destinationrule not found: "reviews+v3"',
+    ]
+
+
+def test_analyze_command_prints_upstream_shaped_lines_and_exit_79(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "mesh.yaml").write_text(CONFIG)
+    assert main(["analyze", "-f", str(tmp_path)]) == 79
+    out = capsys.readouterr().out.splitlines()
+    assert f"Warning (AuthorizationPolicy default/allow-get) {HTTP_MESSAGE}" in [
+        line[: len(f"Warning (AuthorizationPolicy default/allow-get) {HTTP_MESSAGE}")] for line in out
+    ]
+    assert (
+        "Error [IST0101] (VirtualService default/reviews) Referenced host+subset in destinationrule not "
+        'found: "reviews+v3"'
+    ) in out
+
+
+def test_analyze_command_json_suppress_and_thresholds(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "mesh.yaml").write_text(CONFIG)
+    rc = main(["analyze", "-f", str(tmp_path), "-o", "json", "-S", "IST0101=VirtualService reviews.default"])
+    assert rc == 0  # only warnings remain, below the default failure threshold
+    items = json.loads(capsys.readouterr().out)
+    assert {i["origin"] for i in items} >= {"AuthorizationPolicy default/allow-get", "Namespace default"}
+    assert all(i["level"] == "Warning" for i in items)
+    assert (
+        main(
+            ["analyze", "-f", str(tmp_path), "--failure-threshold", "Warning", "--output-threshold", "Error"]
+        )
+        == 79
+    )
+    shown = capsys.readouterr().out.splitlines()
+    assert shown
+    assert all(line.startswith("Error [IST0101]") for line in shown)
+
+
+def test_analyze_clean_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "ok.yaml").write_text(
+        """
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: l4, namespace: shop}
+spec: {rules: [{from: [{source: {namespaces: [shop]}}]}]}
+"""
+    )
+    assert main(["analyze", "-f", str(tmp_path)]) == 0
+    assert (
+        capsys.readouterr().out.strip() == "\u2714 No validation issues found when analyzing namespace: shop."
+    )
