@@ -26,12 +26,16 @@ from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2
 from istiopy.api.identity import InvalidSpiffeId, SpiffeId
 from istiopy.api.tls import CertBundle
 from istiopy.ca.service import CertificateAuthority
+from istiopy.mesh.meta import ResourceKey
+from istiopy.mesh.store import Change
 
 log = logging.getLogger(__name__)
 
 SECRET_TYPE_URL = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
 WORKLOAD_SECRET = "default"
 ROOT_SECRET = "ROOTCA"
+# Kind of the synthetic store-less change announcing a re-issued certificate (see rotation_change).
+ROTATION_KIND = "WorkloadCertificate"
 
 
 class ProxyLike(Protocol):
@@ -96,6 +100,7 @@ class WaypointSecrets:
         self.trust_node_metadata = trust_node_metadata
         self._clock = clock
         self._bundles: dict[SpiffeId, CertBundle] = {}
+        self._generation: dict[SpiffeId, int] = {}
         self._listeners: list[RotationListener] = []
         self._wake = asyncio.Event()
 
@@ -119,6 +124,7 @@ class WaypointSecrets:
         if b is None or self._clock() >= b.refresh_at:
             b = self.ca.issue_workload(identity, self.ttl)
             self._bundles[identity] = b
+            self._generation[identity] = self._generation.get(identity, 0) + 1
             self._wake.set()
             log.info("SDS: issued certificate for %s valid until %s", identity, b.leaf.not_valid_after_utc)
         return b
@@ -131,8 +137,21 @@ class WaypointSecrets:
         return secret_resources(self.bundle_for(ident))
 
     def scope(self, proxy: ProxyLike) -> Hashable:
-        """Proxies with the same identity share the same secrets."""
-        return ("sds", str(self.identity_of(proxy)))
+        """Proxies with the same identity share the same secrets. The issue generation is part of the
+        scope because the push pipeline caches output per store version, and a rotation changes no
+        store content: a new generation is a new cache key."""
+        ident = self.identity_of(proxy)
+        return ("sds", str(ident), self._generation.get(ident, 0) if ident else 0)
+
+    def affects(self, change: Change, proxy: ProxyLike) -> bool:
+        """Only a rotation of this proxy's own identity changes its secrets."""
+        if change.key.kind != ROTATION_KIND:
+            return False
+        ident = self.identity_of(proxy)
+        return ident is not None and (change.key.namespace, change.key.name) == (
+            ident.namespace,
+            ident.service_account,
+        )
 
     def rotate_due(self) -> list[SpiffeId]:
         """Re-issue every bundle past its refresh time; returns the identities rotated."""
@@ -167,9 +186,17 @@ class WaypointSecrets:
             self._bundles.pop(ident, None)
 
 
-def never_affected(change: object, proxy: object) -> bool:
-    """Certificates do not depend on config-store content; rotation pushes come from listeners."""
-    return False
+def rotation_change(identity: SpiffeId) -> Change:
+    """A change to hand to the push pipeline (``pipeline.push([rotation_change(i)])``) after ``identity``
+    was re-issued: certificates are not store content, so nothing else would trigger the push."""
+    return Change(
+        "update",
+        ResourceKey(ROTATION_KIND, identity.namespace, identity.service_account),
+        None,
+        None,
+        0,
+        "ca",
+    )
 
 
 def generator_fields(secrets: WaypointSecrets) -> dict[str, Any]:
@@ -177,7 +204,7 @@ def generator_fields(secrets: WaypointSecrets) -> dict[str, Any]:
     return {
         "type_url": SECRET_TYPE_URL,
         "generate": secrets.generate,
-        "affects": never_affected,
+        "affects": secrets.affects,
         "scope": secrets.scope,
         "proxy_kinds": frozenset({"waypoint", "router"}),
         "name": "ca.sds",
