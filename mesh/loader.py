@@ -223,6 +223,7 @@ def load_text(text: str, source: str, default_namespace: str = "", json_format: 
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
             at = start + mark.line + 1 if mark is not None else line
+            at = min(at, start + max(len(chunk.rstrip().splitlines()), 1))  # "end of stream" is past the text
             reason = " ".join(str(getattr(err, "problem", None) or err).split())
             bad = MalformedFile(source, f"invalid YAML: {reason}", at)
             result.documents.append(DocResult(source, index, at, malformed=bad))
