@@ -40,6 +40,7 @@ from istiopy.mesh.ambient import (
 from istiopy.mesh.authz import workload_policy_names
 from istiopy.mesh.resources.core import Namespace, Pod, Service, ServicePort
 from istiopy.mesh.store import Change, ConfigStore
+from istiopy.xds.registry import Generator, GeneratorRegistry, shared
 
 __all__ = [
     "ADDRESS_TYPE_URL",
@@ -49,6 +50,7 @@ __all__ = [
     "gateway_address",
     "generate_addresses",
     "pod_workload",
+    "register_ambient_generators",
     "service_address",
 ]
 
@@ -194,5 +196,36 @@ def affected_names(
     return {ADDRESS_TYPE_URL: names} if names else {}
 
 
-def names_of(pairs: Iterable[tuple[str, Any]]) -> list[str]:
-    return [name for name, _ in pairs]
+def register_ambient_generators(
+    registry: GeneratorRegistry,
+    settings: MeshSettings = MeshSettings(),
+    proxy_kinds: Iterable[str] = ("ztunnel",),
+) -> None:
+    """Register the WDS (Address) and WADS (Authorization) generators for ztunnel proxies.
+
+    Output does not depend on the proxy (every ztunnel gets every workload, service and policy), so both
+    share one scope: the push pipeline generates once per change and fans the result out.
+    """
+    from istiopy.xds import wads
+
+    kinds = frozenset(proxy_kinds)
+    registry.register(
+        Generator(
+            type_url=ADDRESS_TYPE_URL,
+            generate=lambda store, proxy: generate_addresses(store, settings),
+            affects=lambda change, proxy: affects(change),
+            scope=shared,
+            proxy_kinds=kinds,
+            name="wds",
+        )
+    )
+    registry.register(
+        Generator(
+            type_url=wads.AUTHORIZATION_TYPE_URL,
+            generate=lambda store, proxy: wads.generate_authorizations(store, settings),
+            affects=lambda change, proxy: wads.affects(change),
+            scope=shared,
+            proxy_kinds=kinds,
+            name="wads",
+        )
+    )
