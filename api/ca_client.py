@@ -332,6 +332,7 @@ class CertificateManager:
                 delay = backoff
                 if slot.bundle is not None:  # wake up in time to drop it when it expires
                     delay = min(delay, max(0.0, slot.bundle.not_after - self._clock()))
+                cut_short = delay < backoff
                 log.warning(
                     "certificate fetch for %s failed (attempt %d), retry in %.1fs: %s",
                     identity,
@@ -340,7 +341,8 @@ class CertificateManager:
                     e,
                 )
                 await self._sleep(delay)
-                backoff = min(backoff * 2, self.max_backoff)
+                if not cut_short:  # a wait shortened to drop an expiring cert is not a backoff step
+                    backoff = min(backoff * 2, self.max_backoff)
                 continue
             slot.bundle = bundle
             slot.last_error = None
