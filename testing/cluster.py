@@ -664,6 +664,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"kubelet stand-in: node {kubelet.node_name}")
         print("Ctrl-C to stop", flush=True)
         try:
+            # Explicit handlers: a shell starts background jobs with SIGINT ignored, and `kill` sends SIGTERM.
+            signal.signal(signal.SIGINT, signal.default_int_handler)
             signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
             while True:
                 time.sleep(3600)

@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from istiopy.testing.cluster import K8S_VERSION, TestCluster
+from istiopy.testing.cluster import K8S_VERSION, ClusterStartError, MissingBinariesError, TestCluster
 from istiopy.testing.kubelet import KubeletStandIn
 
 pytestmark = [pytest.mark.k8s, pytest.mark.slow]
@@ -219,3 +219,28 @@ def test_helm(k8s_cluster: TestCluster, tmp_path: Path) -> None:
     cm = k8s_cluster.kubectl_json("get", "configmap", "demo", "-n", ns)
     assert cm["data"]["kube"] == K8S_VERSION
     k8s_cluster.helm("uninstall", "demo", "-n", ns)
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and text.encode() in (proc / "cmdline").read_bytes():
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
+def test_failed_start_cleans_up() -> None:
+    """A component dying mid-start raises with its log tail, and etcd (already running) is torn down."""
+    cluster = TestCluster(extra_apiserver_args=["--no-such-flag=1"])
+    with pytest.raises(ClusterStartError, match="no-such-flag"):
+        cluster.start()
+    assert cluster.dir is None
+    assert not _processes_mentioning(f"--listen-client-urls=http://127.0.0.1:{cluster.etcd_port}")
+
+
+def test_missing_binaries_say_how_to_build(tmp_path: Path) -> None:
+    with pytest.raises(MissingBinariesError, match="make k8s-tools"):
+        TestCluster(bin_dir=tmp_path)
