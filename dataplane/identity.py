@@ -125,6 +125,18 @@ class SecretManager:
             self._roots[identity] = bundle.roots_pem
         return ctx
 
+    def server_context_nowait(self, identity: SpiffeId) -> ssl.SSLContext | None:
+        """The server context if a certificate is already at hand (the HBONE handshake cannot wait)."""
+        ctx = self._server_ctx.get(identity)
+        if ctx is None:
+            bundle = self.current(identity)
+            if bundle is None:
+                self.manager.track(identity)  # a needed-but-missing identity is fetched right away
+                return None
+            ctx = self._server_ctx.setdefault(identity, server_context(bundle))
+            self._roots[identity] = bundle.roots_pem
+        return ctx
+
     async def client_context(self, identity: SpiffeId) -> ssl.SSLContext:
         """TLS 1.3 client context presenting ``identity``'s certificate (no SNI, peer checked by caller)."""
         ctx = self._client_ctx.get(identity)

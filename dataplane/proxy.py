@@ -1,0 +1,553 @@
+"""ztunnel-py's core: one object that owns the state, certificates, pools and per-pod listeners of a node.
+
+How the pieces meet (and why here):
+
+* WDS/WADS arrive through :class:`istiopy.api.xds_client.DeltaXdsClient`; the handlers are
+  :meth:`ProxyState.apply_addresses` / :meth:`ProxyState.apply_authorizations`, which raise to NACK and keep
+  the last good config — so when the control plane goes away, nothing here changes and traffic keeps
+  flowing on the last config.
+* Pods arrive through ZDS (or :meth:`Ztunnel.add_pod` directly in tests): for each one the proxy opens its
+  listening sockets *inside the pod's network namespace* — 15001 (captured outbound), 15006 (captured
+  plaintext inbound), 15008 (HBONE) — and prefetches the pod identity's certificate. Removing a pod closes
+  its sockets and drops the certificate once no other local pod needs it.
+* Outbound (15001): original destination -> :class:`OutboundResolver` plan -> an HBONE stream from the
+  shared :class:`HbonePool` (dialed from the source pod's netns with the proxy mark, so it leaves with the
+  pod's IP and is not re-captured) or a plain TCP connection for non-mesh destinations; then a relay.
+* Inbound (15008): :class:`HboneServer` terminates mTLS and calls :meth:`_PodProxy.on_connect`, which
+  applies :class:`InboundAuthorizer` (400/401) and dials the app inside the pod netns (503 on failure).
+  Plaintext inbound (15006) gets the same policy with no source identity; a deny resets the connection.
+* Every proxied connection is counted in Istio's TCP metrics and listed in ``/config_dump``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import os
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from istiopy.api.identity import DEFAULT_TRUST_DOMAIN, SpiffeId
+from istiopy.api.xds_client import DeltaUpdate, DeltaXdsClient
+from istiopy.dataplane import sockets
+from istiopy.dataplane.admin import AdminServer, AdminSources, LocalWorkloadInfo
+from istiopy.dataplane.hbone import (
+    Accept,
+    ConnectRequest,
+    Decision,
+    HboneError,
+    HbonePool,
+    HboneServer,
+    PoolKey,
+    Reject,
+    RelayResult,
+    TcpStream,
+    build_baggage,
+    hbone_headers,
+    relay,
+)
+from istiopy.dataplane.identity import SecretManager
+from istiopy.dataplane.inbound import InboundAuthorizer, InboundRefused
+from istiopy.dataplane.metrics import ConnectionTracker, Metrics, connection_labels
+from istiopy.dataplane.outbound import NoHealthyUpstream, OutboundPlan, OutboundResolver
+from istiopy.dataplane.state import ADDRESS_TYPE, AUTHORIZATION_TYPE, IPAddress, ProxyState, Workload
+
+log = logging.getLogger("istiopy.ztunnel.proxy")
+
+OUTBOUND_PORT = 15001
+INBOUND_PLAINTEXT_PORT = 15006
+HBONE_PORT = 15008
+
+
+@dataclass
+class ProxyConfig:
+    """Node-level settings (upstream env var in brackets where there is one)."""
+
+    node_name: str = ""  # [NODE_NAME]
+    pod_name: str = "ztunnel"  # [POD_NAME]
+    pod_namespace: str = "istio-system"  # [POD_NAMESPACE]
+    instance_ip: str = "127.0.0.1"  # [INSTANCE_IP]
+    cluster_id: str = "Kubernetes"  # [CLUSTER_ID]
+    trust_domain: str = DEFAULT_TRUST_DOMAIN
+    network: str = ""
+    outbound_port: int = OUTBOUND_PORT
+    inbound_plaintext_port: int = INBOUND_PLAINTEXT_PORT
+    hbone_port: int = HBONE_PORT
+    pool_max_streams: int = 100
+    pool_idle_timeout: float = 300.0
+    connect_timeout: float = 10.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def node_id(self) -> str:
+        """``ztunnel~<ip>~<pod>.<ns>~<ns>.svc.cluster.local``: how istiod recognises a ztunnel."""
+        ns = self.pod_namespace
+        return f"ztunnel~{self.instance_ip}~{self.pod_name}.{ns}~{ns}.svc.cluster.local"
+
+    def node_metadata(self) -> dict[str, str]:
+        return {
+            "NAME": self.pod_name,
+            "NAMESPACE": self.pod_namespace,
+            "INSTANCE_IPS": self.instance_ip,
+            "NODE_NAME": self.node_name,
+            "CLUSTER_ID": self.cluster_id,
+        }
+
+    def as_dump(self) -> dict[str, Any]:
+        return {
+            "nodeName": self.node_name,
+            "proxyMode": "Shared",
+            "clusterId": self.cluster_id,
+            "network": self.network,
+            "xdsNodeId": self.node_id,
+            "outboundAddr": f"[::]:{self.outbound_port}",
+            "inboundPlaintextAddr": f"[::]:{self.inbound_plaintext_port}",
+            "inboundAddr": f"[::]:{self.hbone_port}",
+            **self.extra,
+        }
+
+
+def build_node(config: ProxyConfig) -> Any:
+    """The xDS ``Node`` ztunnel identifies itself with (id and metadata as upstream)."""
+    from envoy.config.core.v3 import base_pb2
+
+    node = base_pb2.Node(id=config.node_id, cluster=config.cluster_id)
+    for k, v in config.node_metadata().items():
+        node.metadata.fields[k].string_value = v
+    return node
+
+
+def _addr(a: tuple[str, int] | None) -> str:
+    if not a:
+        return ""
+    ip, port = a[0], a[1]
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+# -------------------------------------------------------------------------------------------------------
+# One pod
+
+
+class _PodProxy:
+    """The listeners and handlers ztunnel-py runs inside one pod's network namespace."""
+
+    def __init__(self, zt: Ztunnel, info: LocalWorkloadInfo, netns_fd: int) -> None:
+        self.zt = zt
+        self.info = info
+        self.netns_fd = netns_fd
+        self.hbone = HboneServer(self.on_connect, self._server_ctx, trust_domain=None)
+        self._servers: list[asyncio.Server] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # ---- identity and addresses ---------------------------------------------------------------
+
+    @property
+    def workload(self) -> Workload | None:
+        return self.zt.state.workload_by_uid(self.info.uid)
+
+    @property
+    def identity(self) -> SpiffeId:
+        wl = self.workload
+        if wl is not None:
+            return wl.identity
+        return SpiffeId(
+            self.info.trust_domain or self.zt.config.trust_domain,
+            self.info.namespace,
+            self.info.service_account,
+        )
+
+    def local_ips(self) -> set[IPAddress]:
+        """The pod's addresses per WDS; empty (refuse everything) while WDS does not know the pod yet."""
+        wl = self.workload
+        return set(wl.addresses) if wl is not None else set()
+
+    def _server_ctx(self, _local_ip: str) -> Any:
+        ctx = self.zt.secrets.server_context_nowait(self.identity)
+        if ctx is None:
+            raise ConnectionRefusedError(f"no certificate for {self.identity} yet")
+        return ctx
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        cfg = self.zt.config
+        try:
+            out_sock = sockets.netns_listener(self.netns_fd, cfg.outbound_port, transparent=True)
+            self._servers.append(await asyncio.start_server(self._outbound, sock=out_sock))
+            in_sock = sockets.netns_listener(self.netns_fd, cfg.inbound_plaintext_port, transparent=True)
+            self._servers.append(await asyncio.start_server(self._plaintext, sock=in_sock))
+            hb_sock = sockets.netns_listener(self.netns_fd, cfg.hbone_port, transparent=True)
+            await self.hbone.serve(hb_sock)  # HboneServer.close() stops it
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def stop(self) -> None:
+        for s in self._servers:
+            s.close()
+        await self.hbone.close()
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for s in self._servers:
+            with contextlib.suppress(Exception):
+                await s.wait_closed()
+        self._servers.clear()
+
+    def _track_task(self) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    # ---- inbound HBONE ------------------------------------------------------------------------
+
+    async def on_connect(self, req: ConnectRequest) -> Decision:
+        peer_ip = req.peer_addr[0] if req.peer_addr else "0.0.0.0"
+        try:
+            target = self.zt.inbound.hbone(
+                req.peer_identity, req.authority, peer_ip, local_ips=self.local_ips()
+            )
+        except InboundRefused as e:
+            log.info(
+                "inbound %s -> %s from %s refused: %s",
+                _addr(req.peer_addr),
+                req.authority,
+                req.peer_identity,
+                e,
+            )
+            self.zt.tracker.failed(self._inbound_labels(req.peer_identity, None, req.peer_addr))
+            return Reject(e.status, e.reason)
+        sock = await sockets.async_connect_in_netns(
+            self.netns_fd, target.dial, connect_timeout=self.zt.config.connect_timeout
+        )  # raising here makes the server answer 503
+        upstream = await TcpStream.from_socket(sock)
+        conn = self.zt.tracker.open(
+            direction="inbound",
+            workload_uid=self.info.uid,
+            src=_addr(req.peer_addr),
+            original_dst=req.headers.get("forwarded", "").partition("host=")[2] or req.authority,
+            actual_dst=_addr(target.dial),
+            protocol="HBONE",
+            labels=self._inbound_labels(req.peer_identity, target.workload, req.peer_addr),
+        )
+        log.debug(
+            "inbound %s -> %s from %s allowed (%s)",
+            _addr(req.peer_addr),
+            req.authority,
+            req.peer_identity,
+            target.decision.reason,
+        )
+
+        def done(result: RelayResult) -> None:
+            # a_to_b: stream -> app (bytes received by the destination); b_to_a: sent back.
+            self.zt.tracker.add_bytes(conn, received=result.a_to_b, sent=result.b_to_a)
+            self.zt.tracker.close(conn)
+
+        return Accept(upstream, on_done=done)
+
+    def _inbound_labels(
+        self, peer: SpiffeId | None, dst: Workload | None, peer_addr: tuple[str, int] | None
+    ) -> dict[str, str]:
+        src_wl = self.zt.state.workload_by_ip(peer_addr[0]) if peer_addr else None
+        if src_wl is not None and peer is not None and src_wl.identity != peer:
+            src_wl = None  # the address is a waypoint or gateway in front of the real client
+        dst = dst or self.workload
+        svc = self.zt.state.services_of(dst)[0] if dst is not None and dst.services else None
+        return connection_labels(
+            reporter="destination",
+            src=src_wl,
+            src_identity=peer,
+            dst=dst,
+            dst_identity=dst.identity if dst is not None else self.identity,
+            service=svc,
+            mtls=peer is not None,
+        )
+
+    # ---- inbound plaintext --------------------------------------------------------------------
+
+    async def _plaintext(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._track_task()
+        down = TcpStream(reader, writer)
+        sock: socket.socket = writer.get_extra_info("socket")
+        peer = writer.get_extra_info("peername")
+        try:
+            dst = sockets.original_dst(sock)  # type: ignore[arg-type]
+        except OSError:
+            dst = writer.get_extra_info("sockname")
+        try:
+            target = self.zt.inbound.plaintext(
+                (peer[0], peer[1]), (dst[0], dst[1]), local_ips=self.local_ips()
+            )
+        except InboundRefused as e:
+            log.info("plaintext inbound %s -> %s refused: %s", _addr(peer), _addr(dst), e)
+            self.zt.tracker.failed(self._inbound_labels(None, None, peer))
+            down.reset()
+            return
+        try:
+            up_sock = await sockets.async_connect_in_netns(
+                self.netns_fd, target.dial, connect_timeout=self.zt.config.connect_timeout
+            )
+            upstream = await TcpStream.from_socket(up_sock)
+        except OSError as e:
+            log.info("plaintext inbound %s -> %s: app unreachable: %s", _addr(peer), _addr(dst), e)
+            down.reset()
+            return
+        conn = self.zt.tracker.open(
+            direction="inbound",
+            workload_uid=self.info.uid,
+            src=_addr(peer),
+            original_dst=_addr(dst),
+            actual_dst=_addr(target.dial),
+            protocol="TCP",
+            labels=self._inbound_labels(None, target.workload, peer),
+        )
+        result = await relay(down, upstream)
+        self.zt.tracker.add_bytes(conn, received=result.a_to_b, sent=result.b_to_a)
+        self.zt.tracker.close(conn)
+
+    # ---- outbound -----------------------------------------------------------------------------
+
+    async def _outbound(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._track_task()
+        down = TcpStream(reader, writer)
+        sock: socket.socket = writer.get_extra_info("socket")
+        peer = writer.get_extra_info("peername")
+        try:
+            dst = sockets.original_dst(sock)  # type: ignore[arg-type]
+        except OSError:
+            log.info("outbound connection from %s was not redirected; closing", _addr(peer))
+            down.reset()
+            return
+        src_wl = self.workload
+        try:
+            plan = self.zt.outbound.plan(dst, source=src_wl, network=self.zt.config.network)
+        except NoHealthyUpstream as e:
+            log.info("outbound %s -> %s: %s", _addr(peer), _addr(dst), e)
+            down.reset()
+            return
+        labels = self._outbound_labels(plan)
+        try:
+            upstream: Any
+            if plan.hbone:
+                upstream = await self._open_hbone(plan, peer)
+            else:
+                up_sock = await sockets.async_connect_in_netns(
+                    self.netns_fd, plan.dial, connect_timeout=self.zt.config.connect_timeout
+                )
+                upstream = await TcpStream.from_socket(up_sock)
+        except (OSError, HboneError, TimeoutError, ConnectionError) as e:
+            log.info("outbound %s -> %s via %s failed: %s", _addr(peer), _addr(dst), _addr(plan.dial), e)
+            self.zt.tracker.failed(labels)
+            down.reset()
+            return
+        conn = self.zt.tracker.open(
+            direction="outbound",
+            workload_uid=self.info.uid,
+            src=_addr(peer),
+            original_dst=_addr(plan.original_dst),
+            actual_dst=_addr(plan.dial),
+            protocol=plan.protocol,
+            labels=labels,
+        )
+        result = await relay(down, upstream)
+        self.zt.tracker.add_bytes(conn, sent=result.a_to_b, received=result.b_to_a)
+        self.zt.tracker.close(conn)
+
+    async def _open_hbone(self, plan: OutboundPlan, peer: tuple[str, int]) -> Any:
+        src_id = self.identity
+        ctx = await self.zt.secrets.client_context(src_id)
+        wl = self.workload
+        baggage = build_baggage(
+            cluster=wl.cluster_id or self.zt.config.cluster_id if wl else self.zt.config.cluster_id,
+            namespace=self.info.namespace,
+            workload_type=wl.workload_type if wl else "pod",
+            workload_name=(wl.workload_name or wl.name) if wl else self.info.name,
+            service=wl.canonical_name if wl else None,
+            version=wl.canonical_revision if wl else None,
+        )
+        headers = hbone_headers(
+            (peer[0], peer[1]), baggage=baggage, host=plan.service.hostname if plan.service else None
+        )
+        key = PoolKey(str(src_id), ",".join(sorted(str(i) for i in plan.expected_identities)), plan.dial[0])
+        fd = self.netns_fd
+        timeout = self.zt.config.connect_timeout
+
+        async def dial(addr: tuple[str, int]) -> socket.socket:
+            return await sockets.async_connect_in_netns(fd, addr, connect_timeout=timeout)
+
+        # Pool per source pod: the socket is born in this pod's netns, so connections are not shareable
+        # across pods even with the same identity (upstream's key also carries the source IP).
+        return await self.zt.pool_for(self.info.uid).open_stream(
+            key,
+            plan.dial,
+            plan.authority,
+            headers,
+            ctx,
+            expected_identities=set(plan.expected_identities),
+            connect=dial,
+        )
+
+    def _outbound_labels(self, plan: OutboundPlan) -> dict[str, str]:
+        dst = plan.dst_workload or plan.via_waypoint
+        return connection_labels(
+            reporter="source",
+            src=self.workload,
+            src_identity=self.identity,
+            dst=plan.dst_workload,
+            dst_identity=(dst.identity if dst is not None and plan.hbone else None),
+            service=plan.service,
+            mtls=plan.hbone,
+        )
+
+
+# -------------------------------------------------------------------------------------------------------
+# The node proxy
+
+
+class Ztunnel:
+    """A node's ztunnel-py. ``await start()``, feed pods with :meth:`add_pod`, ``await stop()``."""
+
+    def __init__(
+        self,
+        config: ProxyConfig,
+        secrets: SecretManager,
+        *,
+        xds: DeltaXdsClient | None = None,
+        admin_addr: tuple[str, int] | None = ("127.0.0.1", 15000),
+        metrics_addr: tuple[str, int] | None = ("0.0.0.0", 15020),
+        readiness_addr: tuple[str, int] | None = ("0.0.0.0", 15021),
+        on_shutdown: Callable[[], Awaitable[None] | None] | None = None,
+    ) -> None:
+        self.config = config
+        self.secrets = secrets
+        self.state = ProxyState()
+        self.metrics = Metrics()
+        self.tracker = ConnectionTracker(self.metrics)
+        self.outbound = OutboundResolver(self.state)
+        self.inbound = InboundAuthorizer(self.state)
+        self.pods: dict[str, _PodProxy] = {}
+        self._pools: dict[str, HbonePool] = {}
+        self.xds = xds
+        self.stopped = asyncio.Event()
+        self._on_shutdown = on_shutdown
+        self.admin = (
+            AdminServer(
+                AdminSources(
+                    state=self.state,
+                    metrics=self.metrics,
+                    tracker=self.tracker,
+                    certificates=self.secrets.dump,
+                    local_workloads=lambda: [p.info for p in self.pods.values()],
+                    ready=lambda: self.state.ready,
+                    shutdown=self.shutdown,
+                    config=config.as_dump(),
+                ),
+                admin_addr=admin_addr,
+                metrics_addr=metrics_addr,
+                readiness_addr=readiness_addr,
+            )
+            if admin_addr is not None
+            else None
+        )
+        self.state.subscribe(self._on_state_change)
+
+    # ---- xDS ----------------------------------------------------------------------------------
+
+    def _on_addresses(self, update: DeltaUpdate) -> None:
+        self.metrics.xds_messages.labels(ADDRESS_TYPE).inc()
+        self.state.apply_addresses({n: h.resource for n, h in update.updated.items()}, update.removed)
+
+    def _on_authorizations(self, update: DeltaUpdate) -> None:
+        self.metrics.xds_messages.labels(AUTHORIZATION_TYPE).inc()
+        self.state.apply_authorizations({n: h.resource for n, h in update.updated.items()}, update.removed)
+
+    def attach_xds(self, client: DeltaXdsClient) -> None:
+        """Subscribe the WDS/WADS handlers (wildcard, as ztunnel without on-demand does)."""
+        self.xds = client
+        client.subscribe(ADDRESS_TYPE, self._on_addresses)
+        client.subscribe(AUTHORIZATION_TYPE, self._on_authorizations)
+
+    def _on_state_change(self, type_url: str) -> None:
+        if type_url == ADDRESS_TYPE and self.pods:
+            # WDS may correct a pod's identity (trust domain, service account): keep certificates in step.
+            with contextlib.suppress(RuntimeError):
+                self.secrets.set_local([(uid, p.identity) for uid, p in self.pods.items()])
+
+    # ---- pods (ZDS) ---------------------------------------------------------------------------
+
+    async def add_pod(self, info: LocalWorkloadInfo, netns_fd: int) -> None:
+        """Start serving a pod: listeners in its netns, certificate prefetch. ``netns_fd`` is dup'ed."""
+        if info.uid in self.pods:
+            await self.remove_pod(info.uid)
+        fd = os.dup(netns_fd)
+        pod = _PodProxy(self, info, fd)
+        try:
+            await pod.start()
+        except BaseException:
+            os.close(fd)
+            raise
+        self.pods[info.uid] = pod
+        self.secrets.set_local([(uid, p.identity) for uid, p in self.pods.items()])
+        log.info("serving pod %s/%s (%s)", info.namespace, info.name, info.uid)
+
+    async def remove_pod(self, uid: str) -> None:
+        pod = self.pods.pop(uid, None)
+        if pod is None:
+            return
+        await pod.stop()
+        pool = self._pools.pop(uid, None)
+        if pool is not None:
+            await pool.close()
+        os.close(pod.netns_fd)
+        self.secrets.set_local([(u, p.identity) for u, p in self.pods.items()])
+        log.info("stopped serving pod %s/%s", pod.info.namespace, pod.info.name)
+
+    def pool_for(self, uid: str) -> HbonePool:
+        pool = self._pools.get(uid)
+        if pool is None:
+            pool = self._pools[uid] = HbonePool(
+                max_streams_per_conn=self.config.pool_max_streams,
+                idle_timeout=self.config.pool_idle_timeout,
+                connect_timeout=self.config.connect_timeout,
+            )
+        return pool
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self.admin is not None:
+            await self.admin.start()
+        if self.xds is not None:
+            await self.xds.start()
+
+    async def shutdown(self) -> None:
+        """Stop everything (``/quitquitquit`` ends up here)."""
+        if self._on_shutdown is not None:
+            res = self._on_shutdown()
+            if res is not None:
+                await res
+        await self.stop()
+
+    async def stop(self) -> None:
+        if self.stopped.is_set():
+            return
+        self.stopped.set()
+        for uid in list(self.pods):
+            await self.remove_pod(uid)
+        for pool in list(self._pools.values()):
+            await pool.close()
+        self._pools.clear()
+        if self.xds is not None:
+            await self.xds.stop()
+        await self.secrets.close()
+        if self.admin is not None:
+            await self.admin.stop()
+
+
+def parse_ip(s: str) -> IPAddress:
+    return ipaddress.ip_address(s)
