@@ -144,6 +144,7 @@ class KubeletStandIn:
         self.on_pod_stop = on_pod_stop
         self.interval = interval
         self._ips: dict[str, str] = {}  # pod uid -> IP we gave it
+        self._pods: dict[str, Pod] = {}  # pod uid -> last object seen, for on_pod_stop after a force delete
         self._free = [str(h) for h in list(self.pod_cidr.hosts())[1:]]  # .1 is the "gateway"
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -262,6 +263,7 @@ class KubeletStandIn:
             if node != self.node_name:
                 continue
             seen.add(uid)
+            self._pods[uid] = pod
             if pod["metadata"].get("deletionTimestamp"):
                 self._finish_delete(pod)
             elif pod.get("status", {}).get("phase") in (None, "Pending") or uid not in self._ips:
@@ -270,8 +272,11 @@ class KubeletStandIn:
         for uid in list(self._ips):
             if uid not in seen:
                 ip = self._ips.pop(uid)
-                self._call(self.on_pod_stop, {"metadata": {"uid": uid}}, ip)
+                self._call(self.on_pod_stop, self._pods.get(uid, {"metadata": {"uid": uid}}), ip)
                 self._release(ip)
+        for uid in list(self._pods):
+            if uid not in seen:
+                del self._pods[uid]
 
     def _bind(self, pod: Pod) -> None:
         md = pod["metadata"]

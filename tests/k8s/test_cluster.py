@@ -244,3 +244,36 @@ def test_failed_start_cleans_up() -> None:
 def test_missing_binaries_say_how_to_build(tmp_path: Path) -> None:
     with pytest.raises(MissingBinariesError, match="make k8s-tools"):
         TestCluster(bin_dir=tmp_path)
+
+
+def test_kubelet_hooks_and_second_node(k8s_cluster: TestCluster) -> None:
+    """The hook point later work uses to build a pod's network namespace: called with the pod and its IP."""
+    started: list[tuple[str, str]] = []
+    stopped: list[tuple[str, str]] = []
+
+    def on_start(pod: dict[str, Any], ip: str) -> None:
+        if not started and pod["metadata"]["name"] == "flaky":
+            started.append(("failed-once", ip))
+            raise RuntimeError("netns not ready yet")  # retried on the next poll, pod stays Pending meanwhile
+        started.append((pod["metadata"]["name"], ip))
+
+    def on_stop(pod: dict[str, Any], ip: str) -> None:
+        stopped.append((pod["metadata"]["name"], ip))
+
+    ns = new_namespace(k8s_cluster)
+    with KubeletStandIn(
+        k8s_cluster.kubeconfig, "node-1", index=1, schedule=False, on_pod_start=on_start, on_pod_stop=on_stop
+    ) as kubelet:
+        pod = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "flaky", "labels": {"app": "flaky"}},
+            "spec": {"nodeName": "node-1", "containers": [{"name": "c", "image": "example.invalid/c:1"}]},
+        }
+        k8s_cluster.kubectl("create", "-n", ns, "-f", "-", input=json.dumps(pod))
+        (running,) = kubelet.wait_running(ns, "app=flaky", 1)
+        ip = running["status"]["podIP"]
+        assert ip.startswith("10.244.1.")
+        assert started == [("failed-once", ip), ("flaky", ip)]
+        k8s_cluster.kubectl("delete", "pod", "flaky", "-n", ns, "--wait=true", "--timeout=30s")
+        eventually(lambda: stopped == [("flaky", ip)], what="on_pod_stop")
