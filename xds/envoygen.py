@@ -13,6 +13,11 @@ Layout chosen (and why):
 - **One EDS cluster per service port**, named as Istio does: ``outbound|<port>||<hostname>``. Endpoints come
   from the Service's EndpointSlices when it has any (Kubernetes), otherwise from ready Pods matched by the
   selector (standalone files), with named target ports resolved against the pod's container ports.
+- **ServiceEntry**: one cluster per (host, port), ``STATIC`` with the inline endpoints for
+  ``resolution: STATIC``, ``STRICT_DNS`` for ``DNS``/``DNS_ROUND_ROBIN`` (endpoints, else the host itself);
+  ``NONE`` and wildcard hosts get no cluster (they mean passthrough, which this minimal config lacks).
+  Virtual hosts as for Services, by host and by the entry's addresses.
+- A domain already claimed by an earlier virtual host is left out of later ones (Envoy refuses duplicates).
 
 Generators here are pure functions of (store, proxy); their ``affects`` predicates are what keeps a Pod
 change from re-sending listeners or routes.
@@ -34,6 +39,7 @@ from google.protobuf import any_pb2, duration_pb2
 
 from istiopy.mesh.meta import Resource
 from istiopy.mesh.resources.core import SERVICE_NAME_LABEL, EndpointSlice, Pod, Service, ServicePort
+from istiopy.mesh.resources.networking import Resolution, ServiceEntry
 from istiopy.mesh.store import Change, ConfigStore, selector_matches
 from istiopy.xds import types
 from istiopy.xds.proxy import Proxy
@@ -89,6 +95,56 @@ def generate_clusters(store: ConfigStore, proxy: Proxy) -> Iterable[tuple[str, A
                 eds_cluster_config=cluster_pb2.Cluster.EdsClusterConfig(eds_config=_ads(), service_name=name),
             )
             yield name, cluster
+    for se, host, port in _entry_ports(store):
+        name = f"outbound|{port.number}||{host}"
+        dns = se.spec.resolution in (Resolution.DNS, Resolution.DNS_ROUND_ROBIN)
+        targets = [
+            (ep.address, ep.ports.get(port.name) or port.target_port or port.number)
+            for ep in se.spec.endpoints
+            if ep.address and not ep.is_uds
+        ]
+        if dns and not targets:
+            targets = [(host, port.target_port or port.number)]
+        yield (
+            name,
+            cluster_pb2.Cluster(
+                name=name,
+                type=cluster_pb2.Cluster.STRICT_DNS if dns else cluster_pb2.Cluster.STATIC,
+                connect_timeout=duration_pb2.Duration(seconds=5),
+                load_assignment=_load_assignment(name, sorted(set(targets))),
+            ),
+        )
+
+
+def _entry_ports(store: ConfigStore) -> Iterable[tuple[ServiceEntry, str, Any]]:
+    """(entry, host, port) for ServiceEntries a cluster can be built for."""
+    for res in store.list(ServiceEntry.KIND):
+        if not isinstance(res, ServiceEntry) or res.spec.resolution == Resolution.NONE:
+            continue
+        if res.spec.resolution == Resolution.STATIC and not res.spec.endpoints:
+            continue
+        for host in res.spec.hosts:
+            if host.startswith("*"):
+                continue
+            for port in res.spec.ports:
+                yield res, host, port
+
+
+def _load_assignment(name: str, targets: list[tuple[str, int]]) -> Any:
+    lb = [
+        endpoint_components_pb2.LbEndpoint(
+            endpoint=endpoint_components_pb2.Endpoint(
+                address=address_pb2.Address(
+                    socket_address=address_pb2.SocketAddress(address=ip, port_value=p)
+                )
+            )
+        )
+        for ip, p in targets
+    ]
+    return endpoint_pb2.ClusterLoadAssignment(
+        cluster_name=name,
+        endpoints=[endpoint_components_pb2.LocalityLbEndpoints(lb_endpoints=lb)] if lb else [],
+    )
 
 
 # --------------------------------------------------------------------------------------------- endpoints
@@ -141,21 +197,7 @@ def generate_endpoints(store: ConfigStore, proxy: Proxy) -> Iterable[tuple[str, 
             if port.protocol != "TCP":
                 continue
             name = cluster_name(svc, port)
-            lb = [
-                endpoint_components_pb2.LbEndpoint(
-                    endpoint=endpoint_components_pb2.Endpoint(
-                        address=address_pb2.Address(
-                            socket_address=address_pb2.SocketAddress(address=ip, port_value=p)
-                        )
-                    )
-                )
-                for ip, p in service_endpoints(store, svc, port)
-            ]
-            cla = endpoint_pb2.ClusterLoadAssignment(
-                cluster_name=name,
-                endpoints=[endpoint_components_pb2.LocalityLbEndpoints(lb_endpoints=lb)] if lb else [],
-            )
-            yield name, cla
+            yield name, _load_assignment(name, service_endpoints(store, svc, port))
 
 
 # --------------------------------------------------------------------------------------------- listeners
@@ -203,29 +245,57 @@ def service_domains(svc: Service, port: ServicePort, proxy: Proxy, first: bool) 
     ]
     if proxy.namespace == svc.namespace:
         hosts.append(svc.name)
-    out = [f"{h}:{port.port}" if ":" not in h else f"[{h}]:{port.port}" for h in hosts]
+    out = [_with_port(h, port.port) for h in hosts]
     if first:
         out += hosts
     return out
 
 
+def _with_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def virtual_hosts(store: ConfigStore, proxy: Proxy) -> list[Any]:
-    vhosts = []
+    entries: list[tuple[str, list[str], str]] = []  # (vhost name, domains, cluster)
     for svc in _services(store):
         tcp_ports = [p for p in svc.spec.ports if p.protocol == "TCP"]
         for i, port in enumerate(tcp_ports):
-            vhosts.append(
-                route_components_pb2.VirtualHost(
-                    name=f"{svc.hostname(DOMAIN)}:{port.port}",
-                    domains=service_domains(svc, port, proxy, first=i == 0),
-                    routes=[
-                        route_components_pb2.Route(
-                            match=route_components_pb2.RouteMatch(prefix="/"),
-                            route=route_components_pb2.RouteAction(cluster=cluster_name(svc, port)),
-                        )
-                    ],
+            entries.append(
+                (
+                    f"{svc.hostname(DOMAIN)}:{port.port}",
+                    service_domains(svc, port, proxy, first=i == 0),
+                    cluster_name(svc, port),
                 )
             )
+    first_port: set[str] = set()
+    for se, host, port in _entry_ports(store):
+        hosts = [host, *se.spec.addresses]
+        domains = [_with_port(h, port.number) for h in hosts]
+        if host not in first_port:
+            first_port.add(host)
+            domains += hosts
+        entries.append((f"{host}:{port.number}", domains, f"outbound|{port.number}||{host}"))
+    vhosts = []
+    claimed: set[str] = set()
+    names: set[str] = set()
+    for name, domains, cluster in entries:
+        fresh = [d for d in domains if d not in claimed]
+        if name in names or not fresh:
+            continue
+        names.add(name)
+        claimed.update(fresh)
+        vhosts.append(
+            route_components_pb2.VirtualHost(
+                name=name,
+                domains=fresh,
+                routes=[
+                    route_components_pb2.Route(
+                        match=route_components_pb2.RouteMatch(prefix="/"),
+                        route=route_components_pb2.RouteAction(cluster=cluster),
+                    )
+                ],
+            )
+        )
     return vhosts
 
 
@@ -235,6 +305,8 @@ def generate_routes(store: ConfigStore, proxy: Proxy) -> Iterable[tuple[str, Any
 
 # -------------------------------------------------------------------------------------------- predicates
 def _service_changed(change: Change, proxy: Proxy) -> bool:
+    if change.key.kind == ServiceEntry.KIND:
+        return True
     return change.key.kind == Service.KIND and _routing_view(change.old) != _routing_view(change.new)
 
 

@@ -12,6 +12,7 @@ import pytest
 from envoy.config.route.v3 import route_components_pb2, route_pb2
 from xds_harness import Harness, pod, service, start_harness, stop_harness
 
+from istiopy.mesh.kinds import parse
 from istiopy.mesh.resources.core import Service
 from istiopy.mesh.store import ConfigStore
 from istiopy.testing.envoy import EnvoyProcess, HttpBackend, ads_bootstrap, free_port, http_get, wait_until
@@ -252,3 +253,28 @@ async def test_envoy_keeps_serving_across_server_restart_and_resyncs(
     finally:
         await asyncio.to_thread(mesh.envoy.stop)
         await stop_harness(h)
+
+
+async def test_service_entry_static_cluster_routes(
+    harness: Harness, mesh: Mesh, backends: tuple[HttpBackend, HttpBackend]
+) -> None:
+    one, _ = backends
+    entry = parse(
+        {
+            "apiVersion": "networking.istio.io/v1",
+            "kind": "ServiceEntry",
+            "metadata": {"name": "ext", "namespace": "default"},
+            "spec": {
+                "hosts": ["api.example.com"],
+                "addresses": ["240.0.0.1"],
+                "ports": [{"number": 80, "name": "http", "protocol": "HTTP", "targetPort": one.port}],
+                "resolution": "STATIC",
+                "endpoints": [{"address": "127.0.0.1"}],
+            },
+        }
+    )
+    harness.store.apply(entry)
+    await mesh.served_by("api.example.com", "one /probe")
+    assert await mesh.get("240.0.0.1:80", "/e") == (200, "one /e")
+    harness.store.delete(entry.key)
+    await wait_until(lambda: mesh_get_status(mesh, "api.example.com") == 404, what="entry removed")
