@@ -56,13 +56,16 @@ __all__ = [
     "pod_is_terminal",
     "pod_speaks_hbone",
     "pod_waypoint",
+    "service_entry_uid",
     "service_hostname",
     "service_resource_name",
     "service_waypoint",
     "services_for_pod",
+    "services_selecting",
     "spiffe_id",
     "typed_list",
     "waypoint_allows_namespace",
+    "workload_entry_uid",
     "workload_name",
     "workload_ports",
     "workload_uid",
@@ -114,6 +117,28 @@ def typed_list(
 def workload_uid(pod: Pod, settings: MeshSettings = MeshSettings()) -> str:
     """``<cluster>//Pod/<ns>/<name>``: the WDS resource name of a pod workload (upstream helpers.go)."""
     return f"{settings.cluster_id}//Pod/{pod.namespace}/{pod.name}"
+
+
+def workload_entry_uid(namespace: str, name: str, settings: MeshSettings = MeshSettings()) -> str:
+    """``<cluster>/networking.istio.io/WorkloadEntry/<ns>/<name>``."""
+    return f"{settings.cluster_id}/networking.istio.io/WorkloadEntry/{namespace}/{name}"
+
+
+def service_entry_uid(
+    namespace: str, name: str, address: str, settings: MeshSettings = MeshSettings()
+) -> str:
+    """``<cluster>/networking.istio.io/ServiceEntry/<ns>/<name>/<addr>``: one per inline endpoint."""
+    return f"{settings.cluster_id}/networking.istio.io/ServiceEntry/{namespace}/{name}/{address}"
+
+
+def services_selecting(store: ConfigStore, namespace: str, labels: Mapping[str, str]) -> list[Service]:
+    """Kubernetes Services in ``namespace`` whose non-empty selector matches ``labels`` (for non-pod
+    workloads such as WorkloadEntries, which only join Services by selector)."""
+    return [
+        s
+        for s in typed_list(store, Service, namespace)
+        if s.spec.type != "ExternalName" and s.spec.selector and selector_matches(s.spec.selector, labels)
+    ]
 
 
 def spiffe_id(namespace: str, service_account: str, trust_domain: str = "cluster.local") -> str:

@@ -12,11 +12,13 @@ this module only shapes them into protobuf.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import ipaddress
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from istiopy.api.gen import workload_pb2 as wl
 from istiopy.mesh.ambient import (
+    AMBIENT_REDIRECTION_ANNOTATION,
     HBONE_PORT,
     TUNNEL_LABEL,
     AmbientIndex,
@@ -28,18 +30,23 @@ from istiopy.mesh.ambient import (
     pod_is_terminal,
     pod_speaks_hbone,
     pod_waypoint,
+    service_entry_uid,
     service_hostname,
     service_resource_name,
     service_waypoint,
     services_for_pod,
+    services_selecting,
     typed_list,
+    workload_entry_uid,
     workload_name,
     workload_ports,
     workload_uid,
 )
 from istiopy.mesh.authz import workload_policy_names
+from istiopy.mesh.meta import Resource
 from istiopy.mesh.resources.core import Namespace, Pod, Service, ServicePort
-from istiopy.mesh.store import Change, ConfigStore
+from istiopy.mesh.resources.networking import Resolution, ServiceEntry, WorkloadEntry, WorkloadEntrySpec
+from istiopy.mesh.store import Change, ConfigStore, selector_matches
 from istiopy.xds.registry import Generator, GeneratorRegistry, shared
 
 __all__ = [
@@ -52,6 +59,9 @@ __all__ = [
     "pod_workload",
     "register_ambient_generators",
     "service_address",
+    "service_entry_services",
+    "service_entry_workloads",
+    "workload_entry_workload",
 ]
 
 ADDRESS_TYPE_URL = "type.googleapis.com/istio.workload.Address"
@@ -69,7 +79,7 @@ _APP_PROTOCOLS = {
 }
 _KINDS = frozenset(
     {"Pod", "Service", "Namespace", "EndpointSlice", "Gateway", "GatewayClass"}
-    | {"AuthorizationPolicy", "PeerAuthentication"}
+    | {"AuthorizationPolicy", "PeerAuthentication", "ServiceEntry", "WorkloadEntry"}
 )
 
 
@@ -132,6 +142,201 @@ def pod_workload(store: ConfigStore, pod: Pod, settings: MeshSettings = MeshSett
         ports = w.services[key].ports
         for p in workload_ports(svc, pod):
             ports.add(service_port=p.service_port, target_port=p.target_port)
+    for se in _service_entries_selecting(store, pod.namespace, pod.labels):
+        for host in _entry_hosts(store, se, settings):
+            ports = w.services[service_resource_name(se.namespace, host)].ports
+            for sp in se.spec.ports:
+                ports.add(service_port=sp.number, target_port=sp.target_port or sp.number)
+    return w
+
+
+# ---------------------------------------------------------------------------------------- ServiceEntry
+def _service_entries_selecting(
+    store: ConfigStore, namespace: str, labels: Mapping[str, str]
+) -> list[ServiceEntry]:
+    return [
+        se
+        for se in typed_list(store, ServiceEntry, namespace)
+        if se.spec.workload_selector is not None
+        and se.spec.workload_selector.labels
+        and selector_matches(se.spec.workload_selector.labels, labels)
+    ]
+
+
+def _entry_hosts(store: ConfigStore, se: ServiceEntry, settings: MeshSettings) -> list[str]:
+    """The SE's hosts that become WDS Services: a Kubernetes Service of the same name in the same
+    namespace wins (upstream prefers it), and wildcard hosts address nothing."""
+    taken = {service_hostname(s, settings) for s in typed_list(store, Service, se.namespace)}
+    return [h for h in se.spec.hosts if "*" not in h and h not in taken]
+
+
+def _network_address(value: str, network: str) -> Any | None:
+    try:
+        net = ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        return None
+    addr = wl.NetworkAddress(network=network, address=ipaddress.ip_address(value.split("/", 1)[0]).packed)
+    if "/" in value:
+        addr.length = net.prefixlen
+    return addr
+
+
+def service_entry_services(
+    store: ConfigStore, se: ServiceEntry, settings: MeshSettings = MeshSettings()
+) -> list[Any]:
+    """One Service message per host of a ServiceEntry (named ``<ns>/<host>``)."""
+    binding = service_waypoint(store, se, settings)
+    out = []
+    for host in _entry_hosts(store, se, settings):
+        s = wl.Service(name=se.name, namespace=se.namespace, hostname=host)
+        for a in se.spec.addresses:
+            if (na := _network_address(a, settings.network)) is not None:
+                s.addresses.append(na)
+        for sp in se.spec.ports:
+            proto = _APP_PROTOCOLS.get(sp.protocol.lower(), wl.UNKNOWN) if sp.protocol else wl.UNKNOWN
+            s.ports.add(service_port=sp.number, target_port=sp.target_port, app_protocol=proto)
+        s.subject_alt_names.extend(se.spec.subject_alt_names)
+        if binding.waypoint is not None:
+            s.waypoint.CopyFrom(gateway_address(binding.waypoint))
+        out.append(s)
+    return out
+
+
+def _tunnel(labels: Mapping[str, str], annotations: Mapping[str, str]) -> Any:
+    """Non-pod workloads are HBONE only when marked captured or native HBONE speakers (as upstream)."""
+    if annotations.get(AMBIENT_REDIRECTION_ANNOTATION) == "enabled" or labels.get(TUNNEL_LABEL) == "http":
+        return wl.HBONE
+    return wl.NONE
+
+
+def _locality(text: str) -> Any | None:
+    if not text:
+        return None
+    parts = [*text.split("/"), "", ""][:3]
+    return wl.Locality(region=parts[0], zone=parts[1], subzone=parts[2])
+
+
+def _entry_workload(
+    store: ConfigStore,
+    *,
+    uid: str,
+    name: str,
+    namespace: str,
+    spec: WorkloadEntrySpec,
+    labels: Mapping[str, str],
+    annotations: Mapping[str, str],
+    meta_for_waypoint: Resource | None,
+    settings: MeshSettings,
+) -> Any:
+    w = wl.Workload(
+        uid=uid,
+        name=name,
+        namespace=namespace,
+        network=spec.network or settings.network,
+        tunnel_protocol=_tunnel(labels, annotations),
+        trust_domain="" if settings.trust_domain == "cluster.local" else settings.trust_domain,
+        service_account=spec.service_account,
+        workload_type=wl.POD,  # upstream impersonates a pod here too
+        workload_name=name,
+        status=wl.HEALTHY,
+        cluster_id=settings.cluster_id,
+        authorization_policies=workload_policy_names(store, namespace, labels, settings),
+    )
+    w.canonical_name, w.canonical_revision = canonical_service(labels, name)
+    try:
+        w.addresses.append(ip_bytes(spec.address))
+    except ValueError:
+        w.hostname = spec.address
+    if labels.get(TUNNEL_LABEL) == "http":
+        w.native_tunnel = True
+    if spec.weight > 0:
+        w.capacity.value = spec.weight
+    if (loc := _locality(spec.locality)) is not None:
+        w.locality.CopyFrom(loc)
+    if meta_for_waypoint is not None:
+        binding = pod_waypoint(store, meta_for_waypoint, settings)
+        if binding.waypoint is not None:
+            w.waypoint.CopyFrom(gateway_address(binding.waypoint))
+    return w
+
+
+def service_entry_workloads(
+    store: ConfigStore, se: ServiceEntry, settings: MeshSettings = MeshSettings()
+) -> list[Any]:
+    """Workloads of a ServiceEntry's inline endpoints; a DNS entry without endpoints gets one per host."""
+    endpoints = list(se.spec.endpoints)
+    implicit = (
+        not endpoints
+        and se.spec.workload_selector is None
+        and se.spec.resolution in (Resolution.DNS, Resolution.DNS_ROUND_ROBIN)
+    )
+    hosts = _entry_hosts(store, se, settings)
+    if implicit:
+        endpoints = [WorkloadEntrySpec(address=h) for h in hosts]
+    out = []
+    for i, ep in enumerate(endpoints):
+        if not ep.address or ep.is_uds:
+            continue
+        w = _entry_workload(
+            store,
+            uid=service_entry_uid(se.namespace, se.name, ep.address, settings),
+            name=se.name,
+            namespace=se.namespace,
+            spec=ep,
+            labels=se.labels,
+            annotations=se.metadata.annotations,
+            # Endpoint labels decide the waypoint, as if the endpoint were a workload of its own.
+            meta_for_waypoint=None if implicit else _with_labels(se, ep.labels),
+            settings=settings,
+        )
+        for host in [hosts[i]] if implicit else hosts:
+            ports = w.services[service_resource_name(se.namespace, host)].ports
+            for sp in se.spec.ports:
+                target = ep.ports.get(sp.name) or sp.target_port or sp.number
+                ports.add(service_port=sp.number, target_port=target)
+        out.append(w)
+    return out
+
+
+def _with_labels(res: Resource, labels: Mapping[str, str]) -> Resource:
+    """A copy of ``res`` whose labels are ``labels`` (for waypoint resolution of inline endpoints)."""
+    meta = res.metadata.model_copy(update={"labels": dict(labels)})
+    return res.model_copy(update={"metadata": meta})
+
+
+def workload_entry_workload(
+    store: ConfigStore, we: WorkloadEntry, settings: MeshSettings = MeshSettings()
+) -> Any | None:
+    """The Workload of a WorkloadEntry (a VM or other non-Kubernetes endpoint)."""
+    if not we.spec.address or we.spec.is_uds:
+        return None
+    labels = {**we.labels, **we.spec.labels}
+    w = _entry_workload(
+        store,
+        uid=workload_entry_uid(we.namespace, we.name, settings),
+        name=we.name,
+        namespace=we.namespace,
+        spec=we.spec,
+        labels=labels,
+        annotations=we.metadata.annotations,
+        meta_for_waypoint=we,
+        settings=settings,
+    )
+    for svc in services_selecting(store, we.namespace, labels):
+        ports = w.services[service_resource_name(svc.namespace, service_hostname(svc, settings))].ports
+        for port in svc.spec.ports:
+            target = port.effective_target_port
+            if isinstance(target, str) and not target.isdigit():
+                if target not in we.spec.ports:
+                    continue  # a named port this entry does not expose
+                target = we.spec.ports[target]
+            ports.add(service_port=port.port, target_port=int(target))
+    for se in _service_entries_selecting(store, we.namespace, labels):
+        for host in _entry_hosts(store, se, settings):
+            ports = w.services[service_resource_name(se.namespace, host)].ports
+            for sp in se.spec.ports:
+                target = we.spec.ports.get(sp.name) or sp.target_port or sp.number
+                ports.add(service_port=sp.number, target_port=target)
     return w
 
 
@@ -174,6 +379,15 @@ def generate_addresses(store: ConfigStore, settings: MeshSettings = MeshSettings
         s = service_address(store, svc, settings)
         if s is not None:
             out.append((f"{s.namespace}/{s.hostname}", wl.Address(service=s)))
+    for we in typed_list(store, WorkloadEntry):
+        w = workload_entry_workload(store, we, settings)
+        if w is not None:
+            out.append((w.uid, wl.Address(workload=w)))
+    for se in typed_list(store, ServiceEntry):
+        for s in service_entry_services(store, se, settings):
+            out.append((f"{s.namespace}/{s.hostname}", wl.Address(service=s)))
+        for w in service_entry_workloads(store, se, settings):
+            out.append((w.uid, wl.Address(workload=w)))
     out.sort(key=lambda pair: pair[0])
     return out
 
