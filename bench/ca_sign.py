@@ -7,8 +7,8 @@ option), measures:
   leaf, PEM-encode the response chain: what one ``CreateCertificate`` costs minus gRPC and auth;
   Most of the gap on ECDSA CSRs is the CSR signature check (an ECDSA verify costs more than a sign),
   which proves the caller holds the key and is not optional;
-* ``raw``: ``cryptography`` building and signing an equivalent certificate from an already-parsed public key
-  (the irreducible cost); the ratio signer/raw shows our overhead.
+* ``raw``: ``cryptography`` building and signing the same certificate (same extensions) from an
+  already-parsed public key: the irreducible cost. The ratio signer/raw shows our overhead.
 
 Run: ``.venv/bin/python bench/ca_sign.py [--seconds 2]``. Figures depend on the machine; no thresholds.
 """
@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from istiopy.api.identity import SpiffeId
 from istiopy.ca.authority import CaMaterial, KeyType, SigningKey, generate_root, hash_for
-from istiopy.ca.signer import Signer
+from istiopy.ca.signer import LEAF_EKU, LEAF_KEY_USAGE, Signer
 
 IDENTITY = SpiffeId("cluster.local", "default", "bench")
 
@@ -64,6 +64,7 @@ def main() -> None:
         material = generate_root("cluster.local", ca_kind)
         signer = Signer(material)
         ca_key, algo = material.signing_key, hash_for(material.signing_key)
+        aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key())
         for csr_kind, label in (("ec", "ECDSA P-256"), ("rsa", "RSA 2048")):
             pem, csr = make_csr(csr_kind)
             pub = csr.public_key()
@@ -77,6 +78,7 @@ def main() -> None:
                 material: CaMaterial = material,
                 ca_key: SigningKey = ca_key,
                 algo: hashes.SHA256 | hashes.SHA384 = algo,
+                aki: x509.AuthorityKeyIdentifier = aki,
             ) -> object:
                 now = dt.datetime.now(dt.UTC)
                 return (
@@ -87,6 +89,10 @@ def main() -> None:
                     .serial_number(x509.random_serial_number())
                     .not_valid_before(now)
                     .not_valid_after(now + dt.timedelta(days=1))
+                    .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+                    .add_extension(aki, critical=False)
+                    .add_extension(LEAF_KEY_USAGE, critical=True)
+                    .add_extension(LEAF_EKU, critical=False)
                     .add_extension(
                         x509.SubjectAlternativeName([x509.UniformResourceIdentifier(IDENTITY.uri)]),
                         critical=True,

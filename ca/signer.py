@@ -32,7 +32,7 @@ MAX_CSR_BYTES = 16 * 1024  # a P-521 or RSA 8192 CSR is < 3 KiB; anything far bi
 PublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey
 Clock = Callable[[], float]
 
-_LEAF_KEY_USAGE = x509.KeyUsage(
+LEAF_KEY_USAGE = x509.KeyUsage(
     digital_signature=True,
     content_commitment=False,
     key_encipherment=True,
@@ -43,7 +43,7 @@ _LEAF_KEY_USAGE = x509.KeyUsage(
     encipher_only=False,
     decipher_only=False,
 )
-_LEAF_EKU = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH])
+LEAF_EKU = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH])
 
 
 class SigningError(ValueError):
@@ -186,8 +186,8 @@ class Signer:
         """A mesh workload certificate: one critical SPIFFE URI SAN, TLS client+server usages."""
         b = (
             self._builder(key, ttl, not_before)
-            .add_extension(_LEAF_KEY_USAGE, critical=True)
-            .add_extension(_LEAF_EKU, critical=False)
+            .add_extension(LEAF_KEY_USAGE, critical=True)
+            .add_extension(LEAF_EKU, critical=False)
             .add_extension(
                 x509.SubjectAlternativeName([x509.UniformResourceIdentifier(identity.uri)]), critical=True
             )
@@ -213,8 +213,8 @@ class Signer:
         )
         b = (
             self._builder(key, ttl or self.default_ttl, None, subject)
-            .add_extension(_LEAF_KEY_USAGE, critical=True)
-            .add_extension(_LEAF_EKU, critical=False)
+            .add_extension(LEAF_KEY_USAGE, critical=True)
+            .add_extension(LEAF_EKU, critical=False)
             .add_extension(x509.SubjectAlternativeName(sans), critical=not dns_names)
         )
         return b.sign(self.material.signing_key, self._hash)
@@ -236,7 +236,7 @@ class Signer:
         )
         b = (
             self._builder(key, ttl or dt.timedelta(days=365), None, subject)
-            .add_extension(_LEAF_KEY_USAGE, critical=True)
+            .add_extension(LEAF_KEY_USAGE, critical=True)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
             .add_extension(
                 x509.SubjectAlternativeName([x509.UniformResourceIdentifier(identity.uri)]), critical=False
