@@ -37,9 +37,12 @@ __all__ = [
     "is_fqdn",
     "is_ip",
     "is_ip_or_cidr",
+    "label_errors",
     "parse_duration",
     "port_errors",
+    "regex_errors",
     "selector_label_errors",
+    "string_match_errors",
     "target_ref_errors",
     "target_selection_errors",
 ]
@@ -100,6 +103,9 @@ def _check_positive_duration(value: str) -> str:
         seconds = -1.0
     if seconds < 1e-3:
         raise ValueError(f"must be a valid duration greater than 1ms ({_DURATION_EXAMPLES}), got {value!r}")
+    # Envoy takes these in whole milliseconds; istiod's webhook refuses finer values rather than round them.
+    if abs(seconds * 1000 - round(seconds * 1000)) > 1e-6:
+        raise ValueError(f"only durations to ms precision are supported, got {value!r}")
     return value
 
 
@@ -108,7 +114,7 @@ Duration = Annotated[str, AfterValidator(_check_duration)]
 """A non-negative duration such as ``5s``; ``0s`` allowed (Istio uses it to mean "disabled")."""
 
 PositiveDuration = Annotated[str, AfterValidator(_check_positive_duration)]
-"""A duration of at least 1ms, the CRD rule for timeouts, intervals and ejection times."""
+"""A duration of at least 1ms in whole milliseconds: Istio's rule for timeouts, intervals, ejection times."""
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -136,25 +142,44 @@ def check_enum(cls: type[E]) -> Callable[[Any], Any]:
 # Address and name forms
 # ---------------------------------------------------------------------------------------------------------
 
-_DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-_FQDN_LABEL = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_]*[A-Za-z0-9])?$")
+# Istio's label form (``pkg/config/labels``) accepts upper case, unlike Kubernetes object names.
+_DNS1123_LABEL = re.compile(r"^[a-zA-Z0-9]([-a-zA-Z0-9]*[a-zA-Z0-9])?$")
+_FQDN_LABEL = _DNS1123_LABEL
+_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+_LABEL_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
 
 
 def is_dns1123_label(value: str) -> bool:
-    """A Kubernetes name segment: lower-case alphanumerics and ``-``, at most 63 characters."""
+    """A DNS label as Istio checks subset, port and namespace names: alphanumerics and ``-``, <= 63."""
     return len(value) <= 63 and bool(_DNS1123_LABEL.match(value))
 
 
+def label_errors(path: str, labels: Mapping[str, str]) -> list[FieldError]:
+    """Kubernetes label syntax for label maps Istio validates (subset, endpoint, sourceLabels)."""
+    errors: list[FieldError] = []
+    for key, value in labels.items():
+        prefix, _, name = key.rpartition("/")
+        if not name or len(name) > 63 or not _LABEL_NAME.match(name) or (prefix and not is_fqdn(prefix)):
+            errors.append(FieldError(f"{path}[{key}]", f"invalid label key {key!r}"))
+        if len(value) > 63 or not _LABEL_VALUE.match(value):
+            errors.append(FieldError(f"{path}[{key}]", f"invalid label value {value!r}"))
+    return errors
+
+
 def is_fqdn(value: str, allow_wildcard: bool = False) -> bool:
-    """A DNS name (``example.com``, ``svc.ns.svc.cluster.local``); ``*.`` prefix allowed when asked."""
-    if allow_wildcard and value.startswith("*"):
-        value = value[2:] if value.startswith("*.") else value[1:]
-        if not value:
-            return True
-    value = value.removesuffix(".")
+    """A DNS name (``reviews``, ``svc.ns.svc.cluster.local``). With ``allow_wildcard``, the first label
+    may be ``*`` or start with ``*`` (``*.example.com``, ``*x``), as Istio's wildcard-domain check allows."""
     if not value or len(value) > 255:
         return False
-    return all(len(label) <= 63 and _FQDN_LABEL.match(label) for label in value.split("."))
+    labels = value.removesuffix(".").split(".")
+    if allow_wildcard and labels[0].startswith("*"):
+        rest = labels[0][1:]
+        if rest and not _FQDN_LABEL.match(rest):
+            return False
+        labels = labels[1:]
+        if not labels:
+            return True
+    return all(len(label) <= 63 and _FQDN_LABEL.match(label) for label in labels)
 
 
 def is_ip(value: str) -> bool:
@@ -205,15 +230,15 @@ class WorkloadSelectorLabels(Model):
 
 
 def selector_label_errors(path: str, labels: Mapping[str, str]) -> list[FieldError]:
-    """Selector keys must be non-empty and values may not be wildcards (Istio's CRD rules)."""
+    """Selector keys must be non-empty and neither keys nor values may hold wildcards (Istio's rules)."""
     errors: list[FieldError] = []
     for key, value in labels.items():
-        if not key or "*" in key:
-            errors.append(FieldError(f"{path}[{key}]", "wildcard or empty key is not supported in selector"))
-        if "*" in value:
-            errors.append(FieldError(f"{path}[{key}]", f"wildcard is not supported in selector ({value!r})"))
-        if len(value) > 63:
-            errors.append(FieldError(f"{path}[{key}]", "selector value must be at most 63 characters"))
+        if not key:
+            errors.append(FieldError(f"{path}[]", f"empty key is not supported in selector (={value})"))
+        if "*" in key or "*" in value:
+            errors.append(
+                FieldError(f"{path}[{key}]", f"wildcard is not supported in selector ({key}={value})")
+            )
     return errors
 
 
@@ -315,7 +340,11 @@ class Percent(Model):
 
 
 class StringMatch(Model):
-    """``networking.v1alpha3.StringMatch``: exactly one of exact, prefix or regex (RE2 syntax)."""
+    """``networking.v1alpha3.StringMatch``: at most one of exact, prefix or regex (RE2 syntax).
+
+    ``{}`` is allowed: for header matches it means "present". Regex syntax is checked where the match is
+    used (``regex_errors``), because ``withoutHeaders`` gives ``regex: "*"`` a special meaning.
+    """
 
     exact: str | None = None
     prefix: str | None = None
@@ -326,12 +355,45 @@ class StringMatch(Model):
         set_ = [n for n in ("exact", "prefix", "regex") if getattr(self, n) is not None]
         if len(set_) > 1:
             raise ValueError(f"only one of exact, prefix or regex may be set (found {', '.join(set_)})")
-        if self.regex is not None:
-            try:
-                re.compile(self.regex)
-            except re.error as err:
-                raise ValueError(f"invalid regex {self.regex!r}: {err}") from None
         return self
+
+    @property
+    def is_empty(self) -> bool:
+        return self.exact is None and self.prefix is None and self.regex is None
+
+
+# RE2 (Envoy's regex engine) has no look-around or back-references; Python's ``re`` lacks \p classes.
+_RE2_UNSUPPORTED = re.compile(r"\(\?<?[=!]|\\[1-9]|\(\?P=")
+_RE2_ONLY = re.compile(r"\\[pPCz]|\[\[:")
+
+
+def regex_errors(path: str, pattern: str) -> list[FieldError]:
+    """RE2 regex checks as istiod makes them: non-empty, at most 1024 characters, compilable."""
+    if not pattern:
+        return [FieldError(path, "regex string match should not be empty")]
+    if len(pattern) > 1024:
+        return [FieldError(path, "regex is too large, max length allowed is 1024")]
+    if _RE2_UNSUPPORTED.search(pattern):
+        return [FieldError(path, f"invalid regex {pattern!r}: look-around and back-references are not RE2")]
+    try:
+        re.compile(pattern)
+    except re.error as err:
+        if not _RE2_ONLY.search(pattern):
+            return [FieldError(path, f"invalid regex {pattern!r}: {err}; Istio uses RE2 syntax")]
+    return []
+
+
+def string_match_errors(
+    path: str, m: StringMatch | None, allow_empty_prefix: bool = False
+) -> list[FieldError]:
+    """A used StringMatch: prefixes non-empty (except for URIs, where Envoy allows ``""``), regexes valid."""
+    if m is None:
+        return []
+    if m.prefix == "" and not allow_empty_prefix:
+        return [FieldError(f"{path}.prefix", "prefix string match should not be empty")]
+    if m.regex is not None:
+        return regex_errors(f"{path}.regex", m.regex)
+    return []
 
 
 class Delegate(Model):
@@ -341,20 +403,24 @@ class Delegate(Model):
     namespace: str = ""
 
 
-def export_to_errors(path: str, export_to: list[str]) -> list[FieldError]:
-    """``exportTo`` holds ``.``, ``*``, ``~`` or namespace names, without duplicates; ``~`` stands alone."""
+def export_to_errors(path: str, export_to: list[str], namespace: str) -> list[FieldError]:
+    """``exportTo``: ``.`` (own namespace), ``*`` (all), ``~`` (none) or namespace names. No duplicates
+    (``.`` and the own namespace's name count as the same), and ``*`` or ``~`` must stand alone."""
     errors: list[FieldError] = []
     seen: set[str] = set()
     for i, value in enumerate(export_to):
-        if value in seen:
+        key = namespace if value == "." and namespace else value
+        if key in seen:
             errors.append(FieldError(f"{path}[{i}]", f'Duplicate value: "{value}"'))
-        seen.add(value)
+        seen.add(key)
         if value not in (".", "*", "~") and not is_dns1123_label(value):
             errors.append(
                 FieldError(f"{path}[{i}]", f"invalid namespace {value!r} (expected ., *, ~ or a name)")
             )
-    if "~" in seen and len(seen) > 1:
-        errors.append(FieldError(path, "exportTo '~' (none) cannot be combined with other values"))
+    if len(export_to) > 1 and "*" in export_to:
+        errors.append(FieldError(path, "cannot have both public (*) and non-public exportTo values"))
+    if len(export_to) > 1 and "~" in export_to:
+        errors.append(FieldError(path, "cannot export to no one (~) and someone"))
     return errors
 
 

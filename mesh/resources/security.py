@@ -9,6 +9,7 @@ accept is one istiod accepts and vice versa.
 from __future__ import annotations
 
 import enum
+import json
 import re
 from typing import Annotated, ClassVar
 from urllib.parse import urlparse
@@ -133,7 +134,11 @@ class Condition(Model):
 
 
 class Rule(Model):
-    """Matches when every present part matches; an empty rule ``{}`` matches every request."""
+    """Matches when every present part matches; an empty rule ``{}`` matches every request.
+
+    An empty ``from``/``to``/``when`` list means the same as an absent one ("any"): istiod reads JSON
+    ``[]`` into a nil repeated field, so its "must not be empty" checks never fire for YAML input.
+    """
 
     from_: list[Annotated[RuleFrom, NotNull]] = Field(default_factory=list, alias="from")
     to: list[Annotated[RuleTo, NotNull]] = Field(default_factory=list)
@@ -173,7 +178,8 @@ _EXACT_KEYS = frozenset(
 )
 _HEADER_KEY = re.compile(r"^request\.headers\[[^\[\]]+\]$")
 _CLAIM_KEY = re.compile(r"^request\.auth\.claims(\[[^\[\]]+\])+$")
-_ENVOY_FILTER_KEY = re.compile(r"^experimental\.envoy\.filters\.[^\[\]]+(\[[^\[\]]+\])+$")
+# Envoy dynamic-metadata attributes: any name under the prefix (upstream checks nothing more).
+_ENVOY_FILTER_KEY = re.compile(r"^experimental\.envoy\.filters\..+")
 _IP_KEYS = frozenset({"source.ip", "remote.ip", "destination.ip"})
 
 
@@ -266,6 +272,8 @@ def _operation_errors(path: str, op: Operation) -> list[FieldError]:
         errors.extend(_string_list_errors(f"{path}.{_alias(Operation, f)}", getattr(op, f)))
     errors.extend(_port_list_errors(f"{path}.ports", op.ports))
     errors.extend(_port_list_errors(f"{path}.notPorts", op.not_ports))
+    errors.extend(_path_template_errors(f"{path}.paths", op.paths))
+    errors.extend(_path_template_errors(f"{path}.notPaths", op.not_paths))
     return errors
 
 
@@ -286,6 +294,61 @@ def _condition_errors(path: str, cond: Condition) -> list[FieldError]:
             errors.extend(_port_list_errors(f"{path}.{name}", values))
         else:
             errors.extend(_string_list_errors(f"{path}.{name}", values))
+    return errors
+
+
+# Source fields and condition keys an ext-authz (CUSTOM) policy cannot use: identity is not known
+# to the external authorizer's filter position (upstream: "not supported with CUSTOM action").
+_CUSTOM_UNSUPPORTED_SOURCE = (
+    "namespaces",
+    "not_namespaces",
+    "service_accounts",
+    "not_service_accounts",
+    "principals",
+    "not_principals",
+    "request_principals",
+    "not_request_principals",
+)
+_CUSTOM_UNSUPPORTED_KEYS = ("source.namespace", "source.serviceAccount", "source.principal")
+
+
+def _custom_rule_errors(path: str, rule: Rule) -> list[FieldError]:
+    errors: list[FieldError] = []
+    for i, f in enumerate(rule.from_):
+        for attr in _CUSTOM_UNSUPPORTED_SOURCE:
+            if f.source is not None and getattr(f.source, attr):
+                name = _alias(Source, attr)
+                errors.append(
+                    FieldError(
+                        f"{path}.from[{i}].source.{name}", f"{name} is not supported with CUSTOM action"
+                    )
+                )
+    for i, c in enumerate(rule.when):
+        if c.key in _CUSTOM_UNSUPPORTED_KEYS or c.key.startswith("request.auth."):
+            errors.append(FieldError(f"{path}.when[{i}].key", f"{c.key} is not supported with CUSTOM action"))
+    return errors
+
+
+def _path_template_errors(path: str, values: list[str]) -> list[FieldError]:
+    """Path templates: whole segments ``{*}`` (one segment) and ``{**}`` (any number), ``{**}`` being the
+    last operator; no other braces, and no glob ``*`` in a path that uses templates."""
+    errors: list[FieldError] = []
+    for i, value in enumerate(values):
+        templated = "{*}" in value or "{**}" in value
+        seen_any = False
+        for seg in value.strip("/").split("/"):
+            if seg in ("{*}", "{**}"):
+                if seen_any:
+                    errors.append(FieldError(f"{path}[{i}]", f"{{**}} is not the last operator in {value!r}"))
+                    break
+                seen_any = seg == "{**}"
+                continue
+            if "{" in seg or "}" in seg:
+                errors.append(FieldError(f"{path}[{i}]", f"invalid or unsupported path template {value!r}"))
+                break
+            if "*" in seg and templated:
+                errors.append(FieldError(f"{path}[{i}]", f"path template cannot contain wildcard: {value!r}"))
+                break
     return errors
 
 
@@ -321,11 +384,7 @@ class AuthorizationPolicy(Resource):
         s = self.spec
         errors = target_selection_errors(s.selector, s.target_ref, s.target_refs, AUTHZ_TARGET_KINDS)
         if s.action is Action.CUSTOM:
-            if s.provider is None or not s.provider.name:
-                errors.append(
-                    FieldError("spec.provider.name", "a provider must be specified for action CUSTOM")
-                )
-            if not s.rules:
+            if not s.rules:  # an empty list reads as nil upstream too
                 errors.append(
                     FieldError(
                         "spec.rules",
@@ -333,13 +392,18 @@ class AuthorizationPolicy(Resource):
                         "add an empty rule `{}` if you want it be triggered for every request",
                     )
                 )
-        elif s.action in (Action.DENY, Action.AUDIT) and not s.rules:
-            # A DENY/AUDIT policy without rules never matches: almost always a mistaken deny-all.
+            elif s.provider is None or not s.provider.name:
+                errors.append(
+                    FieldError("spec.provider.name", "a provider must be specified for action CUSTOM")
+                )
+            for i, rule in enumerate(s.rules):
+                errors.extend(_custom_rule_errors(f"spec.rules[{i}]", rule))
+        elif s.action is Action.DENY and not s.rules:
             errors.append(
                 FieldError(
                     "spec.rules",
-                    f"{s.action} action without `rules` never matches; add rules (for deny-all "
-                    "use an ALLOW policy with no rules, `spec: {}`)",
+                    "DENY action without `rules` is meaningless as it will never be triggered, "
+                    "add an empty rule `{}` if you want it be triggered for every request",
                 )
             )
         if s.provider is not None and s.action is not Action.CUSTOM:
@@ -529,9 +593,40 @@ def _jwt_rule_errors(path: str, rule: JWTRule) -> list[FieldError]:
             errors.append(FieldError(f"{p}.header", "header in body should be at least 1 chars long"))
         elif not _HEADER_NAME.match(c.header):
             errors.append(FieldError(f"{p}.header", f"header in body should match {_HEADER_NAME.pattern}"))
-    if rule.output_payload_to_header and not _HEADER_NAME.match(rule.output_payload_to_header):
-        errors.append(FieldError(f"{path}.outputPayloadToHeader", f"should match {_HEADER_NAME.pattern}"))
     return errors
+
+
+def _jwks_uri_errors(path: str, uri: str) -> list[FieldError]:
+    """istiod fetches keys from here: an http(s) URL with a host and, if given, a numeric port."""
+    try:
+        url = urlparse(uri)
+        port = url.port
+    except ValueError:
+        return [FieldError(path, f"url must have scheme http:// or https:// and a valid host/port: {uri!r}")]
+    if url.scheme not in ("http", "https"):
+        return [FieldError(path, f"url must have scheme http:// or https://: {uri!r}")]
+    if not url.hostname:
+        return [FieldError(path, f"url must have a host: {uri!r}")]
+    if port is not None and not 1 <= port <= 65535:
+        return [FieldError(path, f"port must be between 1-65535: {uri!r}")]
+    return []
+
+
+def _jwks_error(text: str) -> str:
+    """Why an inline JWKS is not a JSON Web Key or key set ("" when it is)."""
+    try:
+        doc = json.loads(text)
+    except ValueError as err:
+        return f"not JSON: {err}"
+    if not isinstance(doc, dict):
+        return "must be a JSON object"
+    keys = doc.get("keys", [doc]) if "keys" in doc else [doc]
+    if not isinstance(keys, list):
+        return "`keys` must be a list"
+    for i, key in enumerate(keys):
+        if not isinstance(key, dict) or not isinstance(key.get("kty"), str):
+            return f"key {i} has no `kty`"
+    return ""
 
 
 @register

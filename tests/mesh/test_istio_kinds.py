@@ -271,19 +271,64 @@ def test_custom_without_rules() -> None:
     ]
 
 
-def test_audit_without_rules_and_empty_from() -> None:
-    errors = _errors(
+def test_audit_without_rules_and_empty_lists_are_accepted() -> None:
+    """As upstream: only DENY and CUSTOM need rules, and ``from: []`` reads like an absent list."""
+    res = _one(
         "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: a}\n"
-        "spec: {action: AUDIT}\n"
+        "spec: {action: AUDIT, rules: [{from: [], when: []}]}\n"
     )
-    assert errors[0].startswith("spec.rules: AUDIT action without `rules`")
+    assert isinstance(res, AuthorizationPolicy)
+    assert res.spec.rules[0].from_ == []
     errors = _errors(
         "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: a}\n"
         "spec: {rules: [{to: [{operation: {}}]}]}\n"
     )
     assert errors == [
-        "spec.rules[0].to[0].operation: `to.operation` must not be empty (set at least one field)",
+        "spec.rules[0].to[0].operation: `to.operation` must not be empty (set at least one field)"
     ]
+
+
+def test_custom_restrictions() -> None:
+    errors = _errors(
+        """
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: a}
+spec:
+  action: CUSTOM
+  provider: {name: ext}
+  rules:
+  - from: [{source: {principals: [a], ipBlocks: [10.0.0.0/8]}}]
+    when: [{key: "request.auth.claims[iss]", values: [x]}, {key: source.ip, values: [10.0.0.1]}]
+"""
+    )
+    assert errors == [
+        "spec.rules[0].from[0].source.principals: principals is not supported with CUSTOM action",
+        "spec.rules[0].when[0].key: request.auth.claims[iss] is not supported with CUSTOM action",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("paths", "ok"),
+    [
+        (["/a/{*}/b", "/{**}/x", "/a/{**}", "/prefix*", "*"], True),
+        (["/a/{**}/{*}"], False),
+        (["/a/{x}"], False),
+        (["/a/*/{*}"], False),
+    ],
+)
+def test_path_templates(paths: list[str], ok: bool) -> None:
+    doc = {
+        "apiVersion": "security.istio.io/v1",
+        "kind": "AuthorizationPolicy",
+        "metadata": {"name": "a", "namespace": "d"},
+        "spec": {"rules": [{"to": [{"operation": {"paths": paths}}]}]},
+    }
+    if ok:
+        parse(doc)
+    else:
+        with pytest.raises(InvalidResource, match=r"spec\.rules\[0\]\.to\[0\]\.operation\.paths\[0\]"):
+            parse(doc)
 
 
 def test_operation_ports_must_be_numbers() -> None:
@@ -456,6 +501,7 @@ spec:
     - loadBalancer: {simple: RANDOM}
     - port: {number: 80}
       tls: {mode: MUTUAL}
+    - port: {number: 81}
   subsets:
   - name: v1
     trafficPolicy: {}
@@ -463,10 +509,56 @@ spec:
     )
     pl = "spec.trafficPolicy.portLevelSettings"
     assert errors == [
-        f"{pl}[0].port: port must be specified",
+        f"{pl}[0].port: portTrafficPolicy must have valid port",
         f"{pl}[1].tls.clientCertificate: client certificate required for mutual tls",
         f"{pl}[1].tls.privateKey: private key required for mutual tls",
+        f"{pl}[2]: port traffic policy must have at least one field",
         "spec.subsets[0].trafficPolicy: traffic policy must have at least one field",
+    ]
+
+
+def test_maglev_and_tunnel() -> None:
+    errors = _errors(
+        """
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: a}
+spec:
+  host: a
+  trafficPolicy:
+    loadBalancer: {consistentHash: {useSourceIp: true, maglev: {tableSize: 1000}}}
+    connectionPool: {http: {h2UpgradePolicy: UPGRADE, useClientProtocol: true}}
+  subsets:
+  - name: v1
+    trafficPolicy: {tunnel: {protocol: CONNECT, targetHost: proxy, targetPort: 3128}, proxyProtocol: {}}
+"""
+    )
+    assert errors == [
+        "spec.trafficPolicy.connectionPool.http.useClientProtocol: use client protocol must not be true when "
+        "H2UpgradePolicy is UPGRADE",
+        "spec.trafficPolicy.loadBalancer.consistentHash.maglev.tableSize: "
+        "tableSize must be a prime number for maglev",
+        "spec.subsets[0].trafficPolicy: tunnel and proxyProtocol must not be set together",
+    ]
+
+
+def test_export_to_rules() -> None:
+    errors = _errors(
+        """
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: a, namespace: shop}
+spec:
+  host: a
+  exportTo: [".", "shop", "*"]
+  workloadSelector: {matchLabels: {app: a}}
+"""
+    )
+    assert errors == [
+        'spec.exportTo[1]: Duplicate value: "shop"',
+        "spec.exportTo: cannot have both public (*) and non-public exportTo values",
+        "spec.exportTo: destination rule with workload selector cannot have exportTo beyond current "
+        "namespace",
     ]
 
 
