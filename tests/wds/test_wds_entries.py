@@ -33,7 +33,9 @@ spec:
   addresses: [240.0.0.1]
   location: MESH_INTERNAL
   resolution: STATIC
-  ports: [{number: 443, name: https, protocol: TLS}, {number: 80, name: http, protocol: HTTP, targetPort: 8080}]
+  ports:
+  - {number: 443, name: https, protocol: TLS}
+  - {number: 80, name: http, protocol: HTTP, targetPort: 8080}
   endpoints:
   - {address: 10.1.0.1, serviceAccount: vm-sa, ports: {https: 8443}, locality: us-east/zone-a, weight: 3}
   - {address: 10.1.0.2}
@@ -106,7 +108,10 @@ def test_workload_entry_joins_services_by_selector_and_named_ports() -> None:
 apiVersion: v1
 kind: Service
 metadata: {name: billing, namespace: ext}
-spec: {clusterIP: 10.96.1.1, selector: {app: billing}, ports: [{name: http, port: 80, targetPort: web}, {name: x, port: 81, targetPort: other}]}
+spec:
+  clusterIP: 10.96.1.1
+  selector: {app: billing}
+  ports: [{name: http, port: 80, targetPort: web}, {name: x, port: 81, targetPort: other}]
 ---
 apiVersion: networking.istio.io/v1
 kind: WorkloadEntry
