@@ -301,8 +301,8 @@ class AdminServer:
                 site = web.TCPSite(runner, addr[0], addr[1], reuse_address=True)
                 await site.start()
                 server = site._server
-                assert server is not None
-                self.ports[name] = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+                assert isinstance(server, asyncio.Server)
+                self.ports[name] = server.sockets[0].getsockname()[1]
         except BaseException:
             await self.stop()
             raise

@@ -136,11 +136,11 @@ class OutboundResolver:
             wl, ep = self._pick_endpoint(svc, port)
             target = ep.ports.get(port) or svc.ports.get(port) or port
             return self._direct(wl, target, original, svc)
-        wl = self.state.workload_by_ip(ip, network)
-        if wl is not None:
-            if wl.waypoint is not None and not self._is_waypoint(source, wl.waypoint):
-                return self._via_waypoint(wl.waypoint, _fmt(ip, port), original, None, network)
-            return self._direct(wl, port, original, None, ip)
+        dst_wl = self.state.workload_by_ip(ip, network)
+        if dst_wl is not None:
+            if dst_wl.waypoint is not None and not self._is_waypoint(source, dst_wl.waypoint):
+                return self._via_waypoint(dst_wl.waypoint, _fmt(ip, port), original, None, network)
+            return self._direct(dst_wl, port, original, None, ip)
         return OutboundPlan("TCP", original, "", original)
 
     def _is_waypoint(self, source: Workload | None, gw: GatewayAddress) -> bool:

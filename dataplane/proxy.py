@@ -276,7 +276,7 @@ class _PodProxy:
         sock: socket.socket = writer.get_extra_info("socket")
         peer = writer.get_extra_info("peername")
         try:
-            dst = sockets.original_dst(sock)  # type: ignore[arg-type]
+            dst = sockets.original_dst(sock)
         except OSError:
             dst = writer.get_extra_info("sockname")
         try:
@@ -318,7 +318,7 @@ class _PodProxy:
         sock: socket.socket = writer.get_extra_info("socket")
         peer = writer.get_extra_info("peername")
         try:
-            dst = sockets.original_dst(sock)  # type: ignore[arg-type]
+            dst = sockets.original_dst(sock)
         except OSError:
             log.info("outbound connection from %s was not redirected; closing", _addr(peer))
             down.reset()
