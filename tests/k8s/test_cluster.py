@@ -89,8 +89,8 @@ def test_token_request_and_review_with_audience(k8s_cluster: TestCluster) -> Non
     rejected = token_review(k8s_cluster, other, ["istio-ca"])
     assert not rejected.get("authenticated"), rejected
 
-    # A deleted ServiceAccount invalidates its bound tokens: not instantly, the apiserver's SA lookup goes
-    # through an informer cache, so a just-deleted SA still authenticates for a moment.
+    # A deleted ServiceAccount invalidates its bound tokens, but not instantly: kube-apiserver caches
+    # successful token authentications (10 s), so a just-deleted SA's token still passes for up to ~10 s.
     k8s_cluster.kubectl("delete", "serviceaccount", "app", "-n", ns)
     eventually(
         lambda: not token_review(k8s_cluster, token, ["istio-ca"]).get("authenticated"),
