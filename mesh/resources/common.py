@@ -340,12 +340,10 @@ class Percent(Model):
 
 
 class StringMatch(Model):
-    """``networking.v1alpha3.StringMatch``: at most one of exact, prefix or regex (RE2 syntax).
+    """``networking.v1alpha3.StringMatch``: at most one of exact, prefix or regex (RE2 syntax)."""
 
-    ``{}`` is allowed: for header matches it means "present". Regex syntax is checked where the match is
-    used (``regex_errors``), because ``withoutHeaders`` gives ``regex: "*"`` a special meaning.
-    """
-
+    # ``{}`` is allowed (for header matches it means "present"). Regex syntax is checked where the match
+    # is used (``string_match_errors``), because ``withoutHeaders`` gives ``regex: "*"`` its own meaning.
     exact: str | None = None
     prefix: str | None = None
     regex: str | None = None

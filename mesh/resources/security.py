@@ -134,11 +134,10 @@ class Condition(Model):
 
 
 class Rule(Model):
-    """Matches when every present part matches; an empty rule ``{}`` matches every request.
+    """Matches when every present part matches; an empty rule ``{}`` matches every request."""
 
-    An empty ``from``/``to``/``when`` list means the same as an absent one ("any"): istiod reads JSON
-    ``[]`` into a nil repeated field, so its "must not be empty" checks never fire for YAML input.
-    """
+    # An empty ``from``/``to``/``when`` list means the same as an absent one ("any"): istiod reads JSON
+    # ``[]`` into a nil repeated field, so its "must not be empty" checks never fire for YAML input.
 
     from_: list[Annotated[RuleFrom, NotNull]] = Field(default_factory=list, alias="from")
     to: list[Annotated[RuleTo, NotNull]] = Field(default_factory=list)
