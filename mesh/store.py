@@ -7,6 +7,7 @@ without copying while the store moves on.
 
 from __future__ import annotations
 
+import builtins
 import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -168,10 +169,10 @@ class ConfigStore:
 
     def list_typed(
         self, cls: type[R], namespace: str | None = None, selector: Mapping[str, str] | None = None
-    ) -> list[R]:
+    ) -> builtins.list[R]:
         return [r for r in self.list(cls.KIND, namespace, selector) if isinstance(r, cls)]
 
-    def kinds(self) -> list[str]:
+    def kinds(self) -> builtins.list[str]:
         with self._lock:
             return sorted(k for k, v in self._by_kind.items() if v)
 
