@@ -17,16 +17,17 @@ Semantics follow upstream istiod's ambient index (reference: ambient.md 1.1-1.3 
 
 from __future__ import annotations
 
+import builtins
 import ipaddress
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal, TypeVar
+from typing import Literal, Protocol, TypeVar
 
 from istiopy.mesh.meta import Resource
 from istiopy.mesh.resources.core import EndpointSlice, Namespace, Pod, Service, ServicePort
 from istiopy.mesh.resources.gateway import WAYPOINT_FOR_LABEL, Gateway, GatewayClass, GatewayLabelSelector
-from istiopy.mesh.store import Change, ConfigStore, selector_matches
+from istiopy.mesh.store import Change, selector_matches
 
 __all__ = [
     "AMBIENT_REDIRECTION_ANNOTATION",
@@ -42,8 +43,10 @@ __all__ = [
     "WAYPOINT_FOR_LABEL",
     "Affected",
     "AmbientIndex",
+    "CachedView",
     "MeshSettings",
     "ResolvedPort",
+    "StoreReader",
     "Waypoint",
     "WaypointBinding",
     "canonical_service",
@@ -64,6 +67,7 @@ __all__ = [
     "services_selecting",
     "spiffe_id",
     "typed_list",
+    "view",
     "waypoint_allows_namespace",
     "workload_entry_uid",
     "workload_name",
@@ -106,8 +110,71 @@ class MeshSettings:
     root_namespace: str = "istio-system"
 
 
+class StoreReader(Protocol):
+    """The read side of ``ConfigStore`` the derivations use; ``CachedView`` implements it too."""
+
+    def get(self, kind: str, namespace: str, name: str) -> Resource | None: ...
+
+    def get_typed(self, cls: type[R], namespace: str, name: str) -> R | None: ...
+
+    def list(
+        self, kind: str, namespace: str | None = None, selector: Mapping[str, str] | None = None
+    ) -> builtins.list[Resource]: ...
+
+
+class CachedView:
+    """A read-through cache over a store for one generation pass.
+
+    Generators ask the same questions for every pod ("Services in this namespace", "policies in the root
+    namespace"); the store answers each by sorting a whole kind. The view lists each kind once, groups it
+    by namespace and answers from that, turning a quadratic pass into a linear one. It reflects the store
+    as it was when each kind was first read, so use a fresh view per pass.
+    """
+
+    def __init__(self, store: StoreReader) -> None:
+        self._store = store
+        self._kinds: dict[str, builtins.list[Resource]] = {}
+        self._by_ns: dict[str, dict[str, builtins.list[Resource]]] = {}
+        self._by_key: dict[str, dict[tuple[str, str], Resource]] = {}
+
+    def _load(self, kind: str) -> builtins.list[Resource]:
+        items = self._kinds.get(kind)
+        if items is None:
+            items = self._store.list(kind)
+            self._kinds[kind] = items
+            by_ns: dict[str, builtins.list[Resource]] = {}
+            for r in items:
+                by_ns.setdefault(r.key.namespace, []).append(r)
+            self._by_ns[kind] = by_ns
+            self._by_key[kind] = {(r.key.namespace, r.key.name): r for r in items}
+        return items
+
+    def get(self, kind: str, namespace: str, name: str) -> Resource | None:
+        self._load(kind)
+        return self._by_key[kind].get((namespace, name))
+
+    def get_typed(self, cls: type[R], namespace: str, name: str) -> R | None:
+        res = self.get(cls.KIND, namespace if cls.NAMESPACED else "", name)
+        return res if isinstance(res, cls) else None
+
+    def list(
+        self, kind: str, namespace: str | None = None, selector: Mapping[str, str] | None = None
+    ) -> builtins.list[Resource]:
+        items = self._load(kind)
+        if namespace is not None:
+            items = self._by_ns[kind].get(namespace, [])
+        if not selector:
+            return builtins.list(items)
+        return [r for r in items if selector_matches(selector, r.labels)]
+
+
+def view(store: StoreReader) -> StoreReader:
+    """A ``CachedView`` of ``store`` (a view is returned as is)."""
+    return store if isinstance(store, CachedView) else CachedView(store)
+
+
 def typed_list(
-    store: ConfigStore, cls: type[R], namespace: str | None = None, selector: Mapping[str, str] | None = None
+    store: StoreReader, cls: type[R], namespace: str | None = None, selector: Mapping[str, str] | None = None
 ) -> list[R]:
     """``store.list`` narrowed to one class (``ConfigStore.list_typed``'s annotation trips mypy today)."""
     return [r for r in store.list(cls.KIND, namespace, selector) if isinstance(r, cls)]
@@ -131,7 +198,7 @@ def service_entry_uid(
     return f"{settings.cluster_id}/networking.istio.io/ServiceEntry/{namespace}/{name}/{address}"
 
 
-def services_selecting(store: ConfigStore, namespace: str, labels: Mapping[str, str]) -> list[Service]:
+def services_selecting(store: StoreReader, namespace: str, labels: Mapping[str, str]) -> list[Service]:
     """Kubernetes Services in ``namespace`` whose non-empty selector matches ``labels`` (for non-pod
     workloads such as WorkloadEntries, which only join Services by selector)."""
     return [
@@ -232,7 +299,7 @@ def canonical_service(labels: Mapping[str, str], name: str) -> tuple[str, str]:
 
 
 # ------------------------------------------------------------------------------------ service membership
-def services_for_pod(store: ConfigStore, pod: Pod) -> list[Service]:
+def services_for_pod(store: StoreReader, pod: Pod) -> list[Service]:
     """Services whose endpoints include this pod, sorted by name.
 
     A Service with a non-empty selector selects pods by labels in its namespace; a selector-less Service
@@ -330,7 +397,7 @@ class WaypointBinding:
     message: str | None = None
 
 
-def _gateway_traffic_type(store: ConfigStore, gw: Gateway) -> str:
+def _gateway_traffic_type(store: StoreReader, gw: Gateway) -> str:
     """The Gateway's ``istio.io/waypoint-for`` label, else its GatewayClass's, else ``service``."""
     if WAYPOINT_FOR_LABEL in gw.labels:
         return gw.labels[WAYPOINT_FOR_LABEL]
@@ -341,7 +408,7 @@ def _gateway_traffic_type(store: ConfigStore, gw: Gateway) -> str:
 
 
 def find_waypoint(
-    store: ConfigStore, namespace: str, name: str, settings: MeshSettings = MeshSettings()
+    store: StoreReader, namespace: str, name: str, settings: MeshSettings = MeshSettings()
 ) -> Waypoint | None:
     """The waypoint ``namespace/name``, or None if no such waypoint Gateway exists.
 
@@ -377,7 +444,7 @@ def _selector_matches(sel: GatewayLabelSelector, labels: Mapping[str, str]) -> b
     return True
 
 
-def waypoint_allows_namespace(store: ConfigStore, waypoint: Waypoint, namespace: str) -> bool:
+def waypoint_allows_namespace(store: StoreReader, waypoint: Waypoint, namespace: str) -> bool:
     """Cross-namespace use needs the waypoint's HBONE listener to allow routes from that namespace."""
     if namespace == waypoint.namespace:
         return True
@@ -413,7 +480,7 @@ def _use_waypoint_label(labels: Mapping[str, str], default_namespace: str) -> tu
 
 
 def _resolve_target(
-    store: ConfigStore, namespace: str, labels: Mapping[str, str], settings: MeshSettings
+    store: StoreReader, namespace: str, labels: Mapping[str, str], settings: MeshSettings
 ) -> WaypointBinding:
     requested, opted_out = _use_waypoint_label(labels, namespace)
     source: Literal["object", "namespace"] = "object"
@@ -452,7 +519,7 @@ def _is_waypoint_or_gateway_service(labels: Mapping[str, str]) -> bool:
 
 
 def service_waypoint(
-    store: ConfigStore, service: Resource, settings: MeshSettings = MeshSettings()
+    store: StoreReader, service: Resource, settings: MeshSettings = MeshSettings()
 ) -> WaypointBinding:
     """The waypoint for traffic addressed to a Service (or ServiceEntry): needs ``service``/``all``."""
     if _is_waypoint_or_gateway_service(service.labels):
@@ -476,7 +543,7 @@ def is_waypoint_instance(obj: Resource) -> bool:
 
 
 def pod_waypoint(
-    store: ConfigStore, pod: Resource, settings: MeshSettings = MeshSettings()
+    store: StoreReader, pod: Resource, settings: MeshSettings = MeshSettings()
 ) -> WaypointBinding:
     """The waypoint for traffic addressed to a workload's own IP: needs ``workload``/``all``.
 
@@ -524,7 +591,7 @@ class Affected:
 
 
 def _selected_pods(
-    store: ConfigStore, namespace: str | None, selector: Mapping[str, str] | None
+    store: StoreReader, namespace: str | None, selector: Mapping[str, str] | None
 ) -> list[Pod]:
     """Pods matching a selector; ``None`` selector selects none, an empty one selects all."""
     if selector is None:
@@ -540,7 +607,7 @@ class AmbientIndex:
     resources, so naming a few extra names costs a little work but missing one would lose an update.
     """
 
-    def __init__(self, store: ConfigStore, settings: MeshSettings = MeshSettings()) -> None:
+    def __init__(self, store: StoreReader, settings: MeshSettings = MeshSettings()) -> None:
         self.store = store
         self.settings = settings
 

@@ -16,12 +16,14 @@ from typing import Literal
 from istiopy.mesh.ambient import (
     USE_WAYPOINT_LABEL,
     MeshSettings,
+    StoreReader,
     WaypointBinding,
     find_waypoint,
     is_waypoint_instance,
     pod_waypoint,
     service_waypoint,
     typed_list,
+    view,
 )
 from istiopy.mesh.authz import ztunnel_policy
 from istiopy.mesh.meta import Resource, ResourceKey
@@ -29,7 +31,7 @@ from istiopy.mesh.resources.core import Namespace, Pod, Service
 from istiopy.mesh.resources.gateway import Gateway
 from istiopy.mesh.resources.networking import Destination, DestinationRule, ServiceEntry, VirtualService
 from istiopy.mesh.resources.security import AuthorizationPolicy
-from istiopy.mesh.store import ConfigStore, selector_matches
+from istiopy.mesh.store import selector_matches
 
 __all__ = [
     "ANALYZERS",
@@ -64,7 +66,7 @@ class Diagnostic:
 
 
 # ----------------------------------------------------------------------------------- authorization policy
-def authorization_policy_diagnostics(store: ConfigStore, settings: MeshSettings) -> list[Diagnostic]:
+def authorization_policy_diagnostics(store: StoreReader, settings: MeshSettings) -> list[Diagnostic]:
     """The ztunnel conversion report of every policy, unmatched selectors, and unbound targetRefs."""
     out: list[Diagnostic] = []
     have_pods = bool(store.list("Pod"))
@@ -92,7 +94,7 @@ def authorization_policy_diagnostics(store: ConfigStore, settings: MeshSettings)
 
 
 def _target_ref_diagnostics(
-    store: ConfigStore, pol: AuthorizationPolicy, settings: MeshSettings
+    store: StoreReader, pol: AuthorizationPolicy, settings: MeshSettings
 ) -> list[Diagnostic]:
     """A waypoint policy binds through its targets; say when a target is missing or has no waypoint."""
     out: list[Diagnostic] = []
@@ -137,7 +139,7 @@ def _binding_diagnostic(res: Resource, binding: WaypointBinding) -> Diagnostic |
     return Diagnostic(res.key, where, binding.reason, binding.message)
 
 
-def waypoint_diagnostics(store: ConfigStore, settings: MeshSettings) -> list[Diagnostic]:
+def waypoint_diagnostics(store: StoreReader, settings: MeshSettings) -> list[Diagnostic]:
     """``istio.io/use-waypoint`` labels that bind nothing: unknown waypoint, wrong ``waypoint-for``,
     attachment refused. Reported where the label is (a namespace once, not for each of its objects)."""
     out: list[Diagnostic] = []
@@ -183,7 +185,7 @@ def _resolve_host(host: str, namespace: str, settings: MeshSettings) -> str:
     return host
 
 
-def _known_hosts(store: ConfigStore, settings: MeshSettings) -> set[str]:
+def _known_hosts(store: StoreReader, settings: MeshSettings) -> set[str]:
     hosts = {s.hostname(settings.domain_suffix) for s in typed_list(store, Service)}
     for se in typed_list(store, ServiceEntry):
         hosts.update(se.spec.hosts)
@@ -206,7 +208,7 @@ def _destinations(vs: VirtualService) -> Iterable[tuple[str, Destination]]:
             yield f"spec.tls[{i}].route[{j}].destination", rd.destination
 
 
-def _subsets_by_host(store: ConfigStore, settings: MeshSettings) -> dict[str, set[str]]:
+def _subsets_by_host(store: StoreReader, settings: MeshSettings) -> dict[str, set[str]]:
     out: dict[str, set[str]] = {}
     for dr in typed_list(store, DestinationRule):
         host = _resolve_host(dr.spec.host, dr.namespace, settings)
@@ -214,7 +216,7 @@ def _subsets_by_host(store: ConfigStore, settings: MeshSettings) -> dict[str, se
     return out
 
 
-def virtual_service_diagnostics(store: ConfigStore, settings: MeshSettings) -> list[Diagnostic]:
+def virtual_service_diagnostics(store: StoreReader, settings: MeshSettings) -> list[Diagnostic]:
     """Destinations naming an unknown host, or a subset no DestinationRule defines (IST0101)."""
     out: list[Diagnostic] = []
     hosts = _known_hosts(store, settings)
@@ -250,7 +252,7 @@ def virtual_service_diagnostics(store: ConfigStore, settings: MeshSettings) -> l
     return out
 
 
-def destination_rule_diagnostics(store: ConfigStore, settings: MeshSettings) -> list[Diagnostic]:
+def destination_rule_diagnostics(store: StoreReader, settings: MeshSettings) -> list[Diagnostic]:
     """Subsets that select no pod of their Service (IST0173), judged only when pods are known."""
     out: list[Diagnostic] = []
     if not store.list("Pod"):
@@ -281,7 +283,7 @@ def _labels(labels: Mapping[str, str]) -> str:
     return ",".join(f"{k}={v}" for k, v in sorted(labels.items())) or "no labels"
 
 
-Analyzer = Callable[[ConfigStore, MeshSettings], list[Diagnostic]]
+Analyzer = Callable[[StoreReader, MeshSettings], list[Diagnostic]]
 ANALYZERS: dict[str, Analyzer] = {
     "ambient.authorizationpolicy": authorization_policy_diagnostics,
     "ambient.waypoint": waypoint_diagnostics,
@@ -291,10 +293,11 @@ ANALYZERS: dict[str, Analyzer] = {
 
 
 def analyze(
-    store: ConfigStore, settings: MeshSettings = MeshSettings(), analyzers: Iterable[str] | None = None
+    store: StoreReader, settings: MeshSettings = MeshSettings(), analyzers: Iterable[str] | None = None
 ) -> list[Diagnostic]:
     """Every diagnostic of the chosen analyzers (all by default), sorted by resource then field."""
     names = list(ANALYZERS) if analyzers is None else list(analyzers)
+    store = view(store)
     out: list[Diagnostic] = []
     for name in names:
         out += ANALYZERS[name](store, settings)

@@ -21,7 +21,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
-from istiopy.mesh.ambient import PEER_AUTHN_PREFIX, STATIC_STRICT_POLICY, MeshSettings, typed_list
+from istiopy.mesh.ambient import (
+    PEER_AUTHN_PREFIX,
+    STATIC_STRICT_POLICY,
+    MeshSettings,
+    StoreReader,
+    typed_list,
+)
 from istiopy.mesh.resources.security import (
     Action,
     AuthorizationPolicy,
@@ -32,7 +38,7 @@ from istiopy.mesh.resources.security import (
     Rule,
     Source,
 )
-from istiopy.mesh.store import ConfigStore, selector_matches
+from istiopy.mesh.store import selector_matches
 
 __all__ = [
     "DRY_RUN_ANNOTATION",
@@ -228,7 +234,7 @@ def ztunnel_policy(
 
 
 def workload_policy_names(
-    store: ConfigStore,
+    store: StoreReader,
     namespace: str,
     labels: Mapping[str, str],
     settings: MeshSettings = MeshSettings(),
@@ -264,7 +270,7 @@ def _is_namespace_wide(pa: PeerAuthentication) -> bool:
 
 
 def _parents(
-    store: ConfigStore, namespace: str, settings: MeshSettings
+    store: StoreReader, namespace: str, settings: MeshSettings
 ) -> tuple[PeerAuthentication | None, PeerAuthentication | None]:
     """(namespace-wide policy of ``namespace``, mesh-wide policy of the root namespace)."""
     root = _oldest(
@@ -285,7 +291,7 @@ def _parent_strict(ns: PeerAuthentication | None, root: PeerAuthentication | Non
 
 
 def peer_authentication_policy_names(
-    store: ConfigStore, namespace: str, labels: Mapping[str, str], settings: MeshSettings = MeshSettings()
+    store: StoreReader, namespace: str, labels: Mapping[str, str], settings: MeshSettings = MeshSettings()
 ) -> list[str]:
     """The PeerAuthentication-derived Authorization names a workload references: the static STRICT policy
     when its effective mode is STRICT everywhere, and/or its converted port-level policy."""
@@ -397,7 +403,7 @@ def converted_peer_authentication(
 
 
 def converted_peer_authentications(
-    store: ConfigStore, settings: MeshSettings = MeshSettings()
+    store: StoreReader, settings: MeshSettings = MeshSettings()
 ) -> list[PeerAuthnPortPolicy]:
     """Every converted port-level policy in the store, in key order."""
     out: list[PeerAuthnPortPolicy] = []

@@ -22,7 +22,14 @@ from typing import Any
 from google.protobuf import empty_pb2
 
 from istiopy.api.gen import authorization_pb2 as az
-from istiopy.mesh.ambient import STATIC_STRICT_POLICY, AmbientIndex, MeshSettings, typed_list
+from istiopy.mesh.ambient import (
+    STATIC_STRICT_POLICY,
+    AmbientIndex,
+    MeshSettings,
+    StoreReader,
+    typed_list,
+    view,
+)
 from istiopy.mesh.authz import (
     L4_CONDITION_KEYS,
     PeerAuthnPortPolicy,
@@ -37,7 +44,7 @@ from istiopy.mesh.resources.security import (
     PeerAuthentication,
     Rule,
 )
-from istiopy.mesh.store import Change, ConfigStore
+from istiopy.mesh.store import Change
 
 __all__ = [
     "AUTHORIZATION_TYPE_URL",
@@ -197,9 +204,10 @@ def peer_authentication_authorization(conv: PeerAuthnPortPolicy) -> Any:
 
 
 def generate_authorizations(
-    store: ConfigStore, settings: MeshSettings = MeshSettings()
+    store: StoreReader, settings: MeshSettings = MeshSettings()
 ) -> list[tuple[str, Any]]:
     """Every Authorization resource as (name, message), sorted by name."""
+    store = view(store)
     out: list[tuple[str, Any]] = []
     for pol in typed_list(store, AuthorizationPolicy):
         zp = ztunnel_policy(pol, settings)
@@ -220,7 +228,7 @@ def affects(change: Change) -> bool:
 
 
 def affected_names(
-    change: Change, store: ConfigStore, settings: MeshSettings = MeshSettings()
+    change: Change, store: StoreReader, settings: MeshSettings = MeshSettings()
 ) -> dict[str, set[str]]:
     """{AUTHORIZATION_TYPE_URL: names that may have changed} for an applied change."""
     if not affects(change):

@@ -23,6 +23,7 @@ from istiopy.mesh.ambient import (
     TUNNEL_LABEL,
     AmbientIndex,
     MeshSettings,
+    StoreReader,
     Waypoint,
     canonical_service,
     ip_bytes,
@@ -37,6 +38,7 @@ from istiopy.mesh.ambient import (
     services_for_pod,
     services_selecting,
     typed_list,
+    view,
     workload_entry_uid,
     workload_name,
     workload_ports,
@@ -46,7 +48,7 @@ from istiopy.mesh.authz import workload_policy_names
 from istiopy.mesh.meta import Resource
 from istiopy.mesh.resources.core import Namespace, Pod, Service, ServicePort
 from istiopy.mesh.resources.networking import Resolution, ServiceEntry, WorkloadEntry, WorkloadEntrySpec
-from istiopy.mesh.store import Change, ConfigStore, selector_matches
+from istiopy.mesh.store import Change, selector_matches
 from istiopy.xds.registry import Generator, GeneratorRegistry, shared
 
 __all__ = [
@@ -99,7 +101,7 @@ def gateway_address(waypoint: Waypoint) -> Any:
     )
 
 
-def pod_workload(store: ConfigStore, pod: Pod, settings: MeshSettings = MeshSettings()) -> Any | None:
+def pod_workload(store: StoreReader, pod: Pod, settings: MeshSettings = MeshSettings()) -> Any | None:
     """The Workload message of a pod, or None when it has no IP or has terminated."""
     if pod_is_terminal(pod) or not pod.ips:
         return None
@@ -152,7 +154,7 @@ def pod_workload(store: ConfigStore, pod: Pod, settings: MeshSettings = MeshSett
 
 # ---------------------------------------------------------------------------------------- ServiceEntry
 def _service_entries_selecting(
-    store: ConfigStore, namespace: str, labels: Mapping[str, str]
+    store: StoreReader, namespace: str, labels: Mapping[str, str]
 ) -> list[ServiceEntry]:
     return [
         se
@@ -163,7 +165,7 @@ def _service_entries_selecting(
     ]
 
 
-def _entry_hosts(store: ConfigStore, se: ServiceEntry, settings: MeshSettings) -> list[str]:
+def _entry_hosts(store: StoreReader, se: ServiceEntry, settings: MeshSettings) -> list[str]:
     """The SE's hosts that become WDS Services: a Kubernetes Service of the same name in the same
     namespace wins (upstream prefers it), and wildcard hosts address nothing."""
     taken = {service_hostname(s, settings) for s in typed_list(store, Service, se.namespace)}
@@ -182,7 +184,7 @@ def _network_address(value: str, network: str) -> Any | None:
 
 
 def service_entry_services(
-    store: ConfigStore, se: ServiceEntry, settings: MeshSettings = MeshSettings()
+    store: StoreReader, se: ServiceEntry, settings: MeshSettings = MeshSettings()
 ) -> list[Any]:
     """One Service message per host of a ServiceEntry (named ``<ns>/<host>``)."""
     binding = service_waypoint(store, se, settings)
@@ -217,7 +219,7 @@ def _locality(text: str) -> Any | None:
 
 
 def _entry_workload(
-    store: ConfigStore,
+    store: StoreReader,
     *,
     uid: str,
     name: str,
@@ -261,7 +263,7 @@ def _entry_workload(
 
 
 def service_entry_workloads(
-    store: ConfigStore, se: ServiceEntry, settings: MeshSettings = MeshSettings()
+    store: StoreReader, se: ServiceEntry, settings: MeshSettings = MeshSettings()
 ) -> list[Any]:
     """Workloads of a ServiceEntry's inline endpoints; a DNS entry without endpoints gets one per host."""
     endpoints = list(se.spec.endpoints)
@@ -305,7 +307,7 @@ def _with_labels(res: Resource, labels: Mapping[str, str]) -> Resource:
 
 
 def workload_entry_workload(
-    store: ConfigStore, we: WorkloadEntry, settings: MeshSettings = MeshSettings()
+    store: StoreReader, we: WorkloadEntry, settings: MeshSettings = MeshSettings()
 ) -> Any | None:
     """The Workload of a WorkloadEntry (a VM or other non-Kubernetes endpoint)."""
     if not we.spec.address or we.spec.is_uds:
@@ -340,7 +342,7 @@ def workload_entry_workload(
     return w
 
 
-def service_address(store: ConfigStore, svc: Service, settings: MeshSettings = MeshSettings()) -> Any | None:
+def service_address(store: StoreReader, svc: Service, settings: MeshSettings = MeshSettings()) -> Any | None:
     """The Service message, or None for ExternalName services (ambient leaves those to DNS)."""
     if svc.spec.type == "ExternalName":
         return None
@@ -368,8 +370,9 @@ def service_address(store: ConfigStore, svc: Service, settings: MeshSettings = M
     return s
 
 
-def generate_addresses(store: ConfigStore, settings: MeshSettings = MeshSettings()) -> list[tuple[str, Any]]:
+def generate_addresses(store: StoreReader, settings: MeshSettings = MeshSettings()) -> list[tuple[str, Any]]:
     """Every Address resource as (name, message), sorted by name."""
+    store = view(store)
     out: list[tuple[str, Any]] = []
     for pod in typed_list(store, Pod):
         w = pod_workload(store, pod, settings)
@@ -398,7 +401,7 @@ def affects(change: Change) -> bool:
 
 
 def affected_names(
-    change: Change, store: ConfigStore, settings: MeshSettings = MeshSettings()
+    change: Change, store: StoreReader, settings: MeshSettings = MeshSettings()
 ) -> dict[str, set[str]]:
     """{ADDRESS_TYPE_URL: names that may have changed} for an applied change; ``{"*"}`` means all."""
     if not affects(change):
