@@ -239,12 +239,12 @@ def selector_label_errors(path: str, labels: Mapping[str, str]) -> list[FieldErr
             errors.append(
                 FieldError(f"{path}[{key}]", f"wildcard is not supported in selector ({key}={value})")
             )
+        elif len(value) > 63:
+            errors.append(FieldError(f"{path}[{key}]", "selector value may not be longer than 63 characters"))
     return errors
 
 
-_GROUP_RE = re.compile(
-    r"^$|^[a-zA-Z0-9]([-a-zA-Z0-9]*[a-zA-Z0-9])?(\.[a-zA-Z0-9]([-a-zA-Z0-9]*[a-zA-Z0-9])?)*$"
-)
+_GROUP_RE = re.compile(r"^$|^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _KIND_RE = re.compile(r"^[a-zA-Z]([-a-zA-Z0-9]*[a-zA-Z0-9])?$")
 
 
