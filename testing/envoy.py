@@ -34,7 +34,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 T = TypeVar("T")
 
@@ -314,6 +314,7 @@ async def wait_until(
     last: Any = None
     while True:
         try:
+            value: Any
             if asyncio.iscoroutinefunction(predicate):
                 value = await predicate()
             else:
@@ -321,7 +322,7 @@ async def wait_until(
                 if asyncio.iscoroutine(value):
                     value = await value
             if value:
-                return value  # type: ignore[return-value]
+                return cast(T, value)
             last = value
         except Exception as e:
             last = e

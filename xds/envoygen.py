@@ -38,7 +38,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import http_con
 from google.protobuf import any_pb2, duration_pb2
 
 from istiopy.mesh.meta import Resource
-from istiopy.mesh.resources.core import SERVICE_NAME_LABEL, EndpointSlice, Pod, Service, ServicePort
+from istiopy.mesh.resources.core import EndpointSlice, Pod, Service, ServicePort
 from istiopy.mesh.resources.networking import Resolution, ServiceEntry
 from istiopy.mesh.store import Change, ConfigStore, selector_matches
 from istiopy.xds import types
@@ -158,46 +158,65 @@ def _pod_port(pod: Pod, target: int | str) -> int | None:
     return None
 
 
-def service_endpoints(store: ConfigStore, svc: Service, port: ServicePort) -> list[tuple[str, int]]:
-    """(ip, port) backends of one service port, sorted, without duplicates."""
-    found: set[tuple[str, int]] = set()
-    slices = [
-        s
-        for s in store.list(EndpointSlice.KIND, svc.namespace, {SERVICE_NAME_LABEL: svc.name})
-        if isinstance(s, EndpointSlice) and s.address_type != "FQDN"
-    ]
-    if slices:
-        for sl in slices:
-            slice_ports = [p for p in sl.ports if (p.name or "") == port.name or len(svc.spec.ports) == 1]
-            for sp in slice_ports:
-                if sp.port is None:
-                    continue
-                for ep in sl.endpoints:
-                    if ep.conditions.ready is False:
+class EndpointIndex:
+    """Pods by (namespace, label pair) and EndpointSlices by (namespace, service), built once per generation.
+
+    Why: matching every Service's selector against every Pod is O(services x pods); intersecting the
+    per-label sets is proportional to the matches instead (1000 services: milliseconds, not seconds).
+    """
+
+    def __init__(self, store: ConfigStore) -> None:
+        self.pods: dict[tuple[str, str, str], list[Pod]] = {}
+        for res in store.list(Pod.KIND):
+            if isinstance(res, Pod) and res.ready and res.ips:
+                for k, v in res.labels.items():
+                    self.pods.setdefault((res.namespace, k, v), []).append(res)
+        self.slices: dict[tuple[str, str], list[EndpointSlice]] = {}
+        for res in store.list(EndpointSlice.KIND):
+            if isinstance(res, EndpointSlice) and res.address_type != "FQDN" and res.service_name:
+                self.slices.setdefault((res.namespace, res.service_name), []).append(res)
+
+    def selected_pods(self, namespace: str, selector: dict[str, str]) -> list[Pod]:
+        groups = [self.pods.get((namespace, k, v), []) for k, v in sorted(selector.items())]
+        if not groups:
+            return []
+        smallest = min(groups, key=len)
+        return [p for p in smallest if selector_matches(selector, p.labels)]
+
+    def endpoints(self, svc: Service, port: ServicePort) -> list[tuple[str, int]]:
+        """(ip, port) backends of one service port, sorted, without duplicates."""
+        found: set[tuple[str, int]] = set()
+        slices = self.slices.get((svc.namespace, svc.name), [])
+        if slices:
+            for sl in slices:
+                slice_ports = [p for p in sl.ports if (p.name or "") == port.name or len(svc.spec.ports) == 1]
+                for sp in slice_ports:
+                    if sp.port is None:
                         continue
-                    found.update((addr, sp.port) for addr in ep.addresses)
-    elif svc.spec.selector:
-        for res in store.list(Pod.KIND, svc.namespace):
-            if (
-                not isinstance(res, Pod)
-                or not res.ready
-                or not selector_matches(svc.spec.selector, res.labels)
-            ):
-                continue
-            target = _pod_port(res, port.effective_target_port)
-            if target is None:
-                continue
-            found.update((ip, target) for ip in res.ips)
-    return sorted(found)
+                    for ep in sl.endpoints:
+                        if ep.conditions.ready is not False:
+                            found.update((addr, sp.port) for addr in ep.addresses)
+        elif svc.spec.selector:
+            for p in self.selected_pods(svc.namespace, svc.spec.selector):
+                target = _pod_port(p, port.effective_target_port)
+                if target is not None:
+                    found.update((ip, target) for ip in p.ips)
+        return sorted(found)
+
+
+def service_endpoints(store: ConfigStore, svc: Service, port: ServicePort) -> list[tuple[str, int]]:
+    """(ip, port) backends of one service port (builds an index: use ``EndpointIndex`` for many)."""
+    return EndpointIndex(store).endpoints(svc, port)
 
 
 def generate_endpoints(store: ConfigStore, proxy: Proxy) -> Iterable[tuple[str, Any]]:
+    index = EndpointIndex(store)
     for svc in _services(store):
         for port in svc.spec.ports:
             if port.protocol != "TCP":
                 continue
             name = cluster_name(svc, port)
-            yield name, _load_assignment(name, service_endpoints(store, svc, port))
+            yield name, _load_assignment(name, index.endpoints(svc, port))
 
 
 # --------------------------------------------------------------------------------------------- listeners

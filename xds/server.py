@@ -237,6 +237,8 @@ class Connection:
         )
 
     def _record(self, outcome: RequestOutcome, now: float) -> None:
+        for listener in self.server.request_listeners:
+            listener(self, outcome, now)
         m = self.server.metrics
         label = m.label(outcome.type_url)
         if outcome.kind is Kind.NACK:
@@ -304,6 +306,9 @@ class XdsServer:
         self.options = options or ServerOptions()
         self.authenticate = authenticate
         self.connections: dict[int, Connection] = {}
+        # Called with (connection, outcome, monotonic now) for every request: ACK/NACK tracking for status
+        # writers and benchmarks. Must not block.
+        self.request_listeners: list[Callable[[Connection, RequestOutcome, float], None]] = []
         self.instance = os.urandom(3).hex()
         self.ports: dict[str, int] = {}
         self._server: aio.Server | None = None

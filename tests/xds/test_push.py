@@ -228,3 +228,43 @@ def test_resource_versions_are_content_hashes() -> None:
     assert other.version != one.version
     with pytest.raises(ValueError, match="duplicate cds resource name 'a'"):
         TypedResources.build(types.CLUSTER, [("a", cluster_pb2.Cluster()), ("a", cluster_pb2.Cluster())])
+
+
+def test_endpoints_from_slices_win_over_pods_and_named_ports_resolve() -> None:
+    from istiopy.mesh.kinds import parse
+    from istiopy.xds.envoygen import generate_endpoints
+
+    store = ConfigStore()
+    store.apply(service("web", 80, "http"))  # named target port: the pod's container port 8080
+    store.apply(pod("web-1", "10.1.0.1", {"app": "web"}))
+    p = proxy("a")
+
+    def endpoints() -> list[tuple[str, int]]:
+        [(_, cla)] = list(generate_endpoints(store, p))
+        return [
+            (e.endpoint.address.socket_address.address, e.endpoint.address.socket_address.port_value)
+            for loc in cla.endpoints
+            for e in loc.lb_endpoints
+        ]
+
+    assert endpoints() == [("10.1.0.1", 8080)]
+    store.apply(
+        parse(
+            {
+                "apiVersion": "discovery.k8s.io/v1",
+                "kind": "EndpointSlice",
+                "addressType": "IPv4",
+                "metadata": {
+                    "name": "web-abc",
+                    "namespace": "default",
+                    "labels": {"kubernetes.io/service-name": "web"},
+                },
+                "ports": [{"name": "http", "port": 9090}],
+                "endpoints": [
+                    {"addresses": ["10.2.0.1"]},
+                    {"addresses": ["10.2.0.2"], "conditions": {"ready": False}},
+                ],
+            }
+        )
+    )
+    assert endpoints() == [("10.2.0.1", 9090)]
