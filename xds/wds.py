@@ -19,6 +19,7 @@ from typing import Any
 from istiopy.api.gen import workload_pb2 as wl
 from istiopy.mesh.ambient import (
     AMBIENT_REDIRECTION_ANNOTATION,
+    GATEWAY_NAME_LABEL,
     HBONE_PORT,
     TUNNEL_LABEL,
     AmbientIndex,
@@ -26,6 +27,7 @@ from istiopy.mesh.ambient import (
     StoreReader,
     Waypoint,
     canonical_service,
+    find_waypoint,
     ip_bytes,
     numeric_target_port,
     pod_is_terminal,
@@ -101,6 +103,13 @@ def gateway_address(waypoint: Waypoint) -> Any:
     )
 
 
+def _is_waypoint_pod(store: StoreReader, pod: Pod) -> bool:
+    """A waypoint's own pod terminates HBONE itself (it is not captured: upstream labels it
+    ``istio.io/dataplane-mode: none``), so ztunnel must still reach it over HBONE."""
+    name = pod.labels.get(GATEWAY_NAME_LABEL)
+    return name is not None and find_waypoint(store, pod.namespace, name) is not None
+
+
 def pod_workload(store: StoreReader, pod: Pod, settings: MeshSettings = MeshSettings()) -> Any | None:
     """The Workload message of a pod, or None when it has no IP or has terminated."""
     if pod_is_terminal(pod) or not pod.ips:
@@ -118,7 +127,9 @@ def pod_workload(store: StoreReader, pod: Pod, settings: MeshSettings = MeshSett
         namespace=pod.namespace,
         addresses=addresses,
         network=settings.network,
-        tunnel_protocol=wl.HBONE if pod_speaks_hbone(pod, namespace) else wl.NONE,
+        tunnel_protocol=wl.HBONE
+        if pod_speaks_hbone(pod, namespace) or _is_waypoint_pod(store, pod)
+        else wl.NONE,
         # Upstream leaves the default trust domain out; ztunnel fills it in.
         trust_domain="" if settings.trust_domain == "cluster.local" else settings.trust_domain,
         service_account=pod.service_account,

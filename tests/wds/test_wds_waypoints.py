@@ -185,3 +185,28 @@ spec: {controllerName: istio.io/mesh-controller}
         + pod("p", "a", "10.0.0.1", {"istio.io/use-waypoint": "wp"})
     )
     assert workload_wp(store, "a", "p") == hostname_address("a", "wp")
+
+
+def test_waypoint_pods_are_hbone_even_when_not_captured() -> None:
+    store = store_from(
+        ns("a")
+        + gw("wp", "a")
+        + pod(
+            "wp-abc",
+            "a",
+            "10.0.0.9",
+            {"gateway.networking.k8s.io/gateway-name": "wp", "istio.io/dataplane-mode": "none"},
+        )
+        + pod(
+            "gw-of-nothing",
+            "a",
+            "10.0.0.8",
+            {"gateway.networking.k8s.io/gateway-name": "x", "istio.io/dataplane-mode": "none"},
+        )
+    )
+    got = {
+        a.workload.name: a.workload.tunnel_protocol
+        for _, a in generate_addresses(store)
+        if a.HasField("workload")
+    }
+    assert got == {"wp-abc": wl.HBONE, "gw-of-nothing": wl.NONE}
