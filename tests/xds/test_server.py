@@ -272,3 +272,40 @@ async def test_envoy_over_mutual_tls() -> None:
         finally:
             await asyncio.to_thread(envoy.stop)
             await stop_harness(h)
+
+
+async def test_xds_service_component_runs_until_cancelled() -> None:
+    """The shape istiod uses: ``XdsService.run`` as a control-plane component."""
+    import urllib.request
+
+    from istiopy.mesh.store import ConfigStore
+    from istiopy.xds.service import XdsService
+
+    store = ConfigStore()
+    store.apply(service("a", 80, 8080))
+    xds = XdsService(
+        store,
+        options=ServerOptions(plaintext_address="127.0.0.1:0"),
+        monitoring_host="127.0.0.1",
+        monitoring_port=0,
+    )
+    task = asyncio.create_task(xds.run())
+    client: DeltaXdsClient | None = None
+    try:
+        await wait_until(lambda: "monitoring" in xds.ports, what="service started")
+        client = DeltaXdsClient(f"127.0.0.1:{xds.ports['plaintext']}", NODE)
+        client.subscribe(types.CLUSTER)
+        await client.start()
+        async with asyncio.timeout(10):
+            await client.wait_for(lambda c: bool(c.resources(types.CLUSTER)))
+        url = f"http://127.0.0.1:{xds.ports['monitoring']}/metrics"
+        text = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read().decode())
+        assert "pilot_xds 1.0" in text
+        assert 'pilot_xds_pushes_total{type="cds"}' in text
+    finally:
+        if client is not None:
+            await client.stop()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert xds.server.connections == {}
