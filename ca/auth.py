@@ -24,7 +24,7 @@ import datetime as dt
 import hmac
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -274,3 +274,46 @@ class KubeJwtAuthenticator:
         except InvalidSpiffeId as e:
             raise AuthenticationError(str(e)) from None
         return Caller(ident, self.name, pod_name=review.pod_name, pod_uid=review.pod_uid)
+
+
+# ----------------------------------------------------------------------------------- xDS stream adapter
+class StreamAuthRequest(Protocol):
+    """The fields of ``istiopy.xds.server.AuthRequest`` the adapter reads (``ca`` does not import ``xds``)."""
+
+    @property
+    def peer(self) -> str: ...
+
+    @property
+    def peer_cert_pem(self) -> bytes | None: ...
+
+    @property
+    def metadata(self) -> Mapping[str, str]: ...
+
+
+def stream_authenticator(
+    authenticators: Sequence[Authenticator], error: Callable[[str], Exception], *, required: bool = True
+) -> Callable[[StreamAuthRequest], Awaitable[str | None]]:
+    """The CA's authenticators as an xDS server ``authenticate`` hook: returns the caller's SPIFFE id.
+
+    istiod passes ``error=istiopy.xds.server.AuthenticationError`` so a refusal closes the stream with
+    UNAUTHENTICATED. With ``required=False`` a stream with no credential at all gets no identity (it
+    still gets config, but SDS returns no secrets for it).
+    """
+
+    async def authenticate(req: StreamAuthRequest) -> str | None:
+        creds = RequestCredentials(
+            {k.lower(): v for k, v in req.metadata.items()}, req.peer_cert_pem, req.peer
+        )
+        for auth in authenticators:
+            try:
+                caller = await auth.authenticate(creds)
+            except AuthenticationError as e:
+                log.warning("xDS stream from %s refused by %s: %s", req.peer, auth.name, e)
+                raise error(f"{auth.name}: {e}") from None
+            if caller is not None:
+                return str(caller.identity)
+        if required:
+            raise error("no credential presented (client certificate or bearer token)")
+        return None
+
+    return authenticate

@@ -119,14 +119,32 @@ class WaypointSecrets:
         return None
 
     def bundle_for(self, identity: SpiffeId) -> CertBundle:
-        """The current bundle, issuing one when there is none or it is due for rotation."""
+        """The current bundle, issuing one when there is none or it has expired.
+
+        Rotation before expiry happens only in :meth:`rotate_due` / :meth:`rotate`, which tell the
+        listeners: a generator that rotated silently would change its output without a push.
+        """
         b = self._bundles.get(identity)
-        if b is None or self._clock() >= b.refresh_at:
-            b = self.ca.issue_workload(identity, self.ttl)
-            self._bundles[identity] = b
-            self._generation[identity] = self._generation.get(identity, 0) + 1
-            self._wake.set()
-            log.info("SDS: issued certificate for %s valid until %s", identity, b.leaf.not_valid_after_utc)
+        if b is None or b.expired(self._clock()):
+            b = self._issue(identity)
+        return b
+
+    def _issue(self, identity: SpiffeId) -> CertBundle:
+        b = self.ca.issue_workload(identity, self.ttl)
+        self._bundles[identity] = b
+        self._generation[identity] = self._generation.get(identity, 0) + 1
+        self._wake.set()
+        log.info("SDS: issued certificate for %s valid until %s", identity, b.leaf.not_valid_after_utc)
+        return b
+
+    def rotate(self, identity: SpiffeId) -> CertBundle:
+        """Re-issue now (e.g. after a root change) and tell the listeners."""
+        b = self._issue(identity)
+        for listener in list(self._listeners):
+            try:
+                listener(identity)
+            except Exception:
+                log.exception("SDS rotation listener failed for %s", identity)
         return b
 
     def generate(self, store: object, proxy: ProxyLike) -> list[tuple[str, Any]]:
@@ -154,16 +172,11 @@ class WaypointSecrets:
         )
 
     def rotate_due(self) -> list[SpiffeId]:
-        """Re-issue every bundle past its refresh time; returns the identities rotated."""
+        """Re-issue every bundle past its refresh time (half its lifetime); returns the identities rotated."""
         now = self._clock()
         due = [i for i, b in self._bundles.items() if now >= b.refresh_at]
         for ident in due:
-            self.bundle_for(ident)
-            for listener in list(self._listeners):
-                try:
-                    listener(ident)
-                except Exception:
-                    log.exception("SDS rotation listener failed for %s", ident)
+            self.rotate(ident)
         return due
 
     def next_refresh(self) -> float | None:
