@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import json
+import random
 from pathlib import Path
 from typing import Any
 
@@ -615,3 +617,48 @@ def test_workload_entry_fields() -> None:
 )
 def test_fqdn(host: str, ok: bool) -> None:
     assert is_fqdn(host, allow_wildcard=True) is ok
+
+
+# --- robustness --------------------------------------------------------------------------------------------
+
+_ODD_VALUES: list[Any] = [None, 0, -1, 70000, "", "*", "5x", "1.2.3.4/99", [], {}, [None], {"a": None}, True]
+_ODD_VALUES += [1.5, "unix://", ":authority", "{**}", "a" * 2000, {"": ""}, ["*"], "0s"]
+
+
+def _paths(obj: Any, prefix: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+    out = [prefix]
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            out += _paths(v, (*prefix, k))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            out += _paths(v, (*prefix, i))
+    return out
+
+
+def test_mutated_documents_never_crash_the_parser() -> None:
+    """Random damage to real documents yields InvalidResource (never another exception), and whatever
+    is accepted still round-trips: the validators cope with every shape pydantic lets through."""
+    rng = random.Random(20261130)
+    docs = [d.values[0] for d in VALID + INVALID]
+    for _ in range(3000):
+        doc = copy.deepcopy(rng.choice(docs))
+        spec_paths = [p for p in _paths(doc.get("spec") or {}, ("spec",)) if len(p) > 1]
+        if not spec_paths:
+            continue
+        path = rng.choice(spec_paths)
+        parent = doc
+        for key in path[:-1]:
+            parent = parent[key]
+        if rng.random() < 0.3 and isinstance(parent, dict):
+            del parent[path[-1]]
+        else:
+            parent[path[-1]] = copy.deepcopy(rng.choice(_ODD_VALUES))
+        try:
+            res = parse(doc)
+        except InvalidResource as err:
+            unnamed = [str(e) for e in err.errors if not e.path]
+        else:
+            unnamed = []
+            assert parse(res.to_dict()) == res
+        assert not unnamed, unnamed

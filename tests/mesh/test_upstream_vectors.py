@@ -62,7 +62,7 @@ def _require_vectors(doc: Any) -> dict[str, Any]:
 
 def test_vector_counts() -> None:
     assert VECTORS.is_dir(), f"upstream validation vectors not found at {VECTORS}"
-    # As of the snapshot in /work/shared: 19 valid and 44 invalid documents across 6 kinds.
+    # As of the snapshot in /work/shared: 19 valid and 50 invalid documents across 6 kinds.
     assert len(VALID) >= 19
     assert len(INVALID) >= 40
 
