@@ -7,8 +7,16 @@ exactly what istiod's generators send, so tests of the node proxy read like the 
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 from istiopy.api.gen import authorization_pb2, workload_pb2
 
@@ -222,3 +230,217 @@ def capture_rules(
 def install_capture(pod: object) -> None:
     """Install :func:`capture_rules` inside a ``testing.netns.Pod`` (anything with ``run``)."""
     pod.run(["iptables-restore", "--noflush"], input=capture_rules())  # type: ignore[attr-defined]
+
+
+# ---- a real control plane and real ztunnel-py processes ----------------------------------------------
+
+
+class TestControlPlane:
+    """istiod's ambient half for tests: config store -> WDS/WADS generators -> delta ADS (TLS) + the CA.
+
+    Everything is the real code (``istiopy.xds`` server and generators, ``istiopy.ca`` servicer with node
+    impersonation checks); only the sources of config (YAML documents applied to the store) stand in for
+    Kubernetes. Listens on loopback free ports. Use as ``async with``.
+    """
+
+    __test__ = False  # not a pytest test class despite the name
+
+    def __init__(self, documents: str = "", *, trust_domain: str = "cluster.local") -> None:
+        import istiopy.mesh.resources  # noqa: F401  (registers every kind)
+        from istiopy.ca.authority import generate_root
+        from istiopy.ca.service import CaConfig, CertificateAuthority
+        from istiopy.mesh.store import ConfigStore
+
+        self.store = ConfigStore()
+        self.authority = CertificateAuthority(
+            CaConfig(trust_domain=trust_domain), generate_root(trust_domain)
+        )
+        self.serving = self.authority.issue_serving(["istiod.istio-system.svc"], ["127.0.0.1"])
+        self.xds_port = 0
+        self.ca_port = 0
+        self._xds: Any = None
+        self._pipeline: Any = None
+        self._ca: Any = None
+        if documents:
+            self.apply(documents)
+
+    @property
+    def roots_pem(self) -> str:
+        return str(self.authority.roots_pem)
+
+    def apply(self, documents: str) -> None:
+        """Apply YAML documents (Kubernetes/Istio kinds) to the store; pushes follow."""
+        import yaml
+
+        from istiopy.mesh.kinds import parse
+
+        for doc in yaml.safe_load_all(documents):
+            if doc:
+                self.store.apply(parse(doc, source="test"), source="test")
+
+    def delete(self, kind: str, namespace: str, name: str) -> None:
+        res = self.store.get(kind, namespace, name)
+        if res is not None:
+            self.store.delete(res.key)
+
+    async def start_xds(self) -> None:
+        from istiopy.xds.push import PushPipeline
+        from istiopy.xds.registry import GeneratorRegistry
+        from istiopy.xds.server import ServerOptions, TlsConfig, XdsServer
+        from istiopy.xds.wds import register_ambient_generators
+
+        if self._pipeline is None:
+            registry = GeneratorRegistry()
+            register_ambient_generators(registry)
+            self._pipeline = PushPipeline(self.store, registry, debounce_after=0.02, debounce_max=0.5)
+            await self._pipeline.start()
+        tls = TlsConfig(
+            cert_pem=self.serving.served_chain_pem.encode(),
+            key_pem=self.serving.key_pem.encode(),
+            client_ca_pem=self.roots_pem.encode(),
+            require_client_cert=False,
+        )
+        address = f"127.0.0.1:{self.xds_port}"
+        self._xds = XdsServer(self._pipeline, ServerOptions(tls=tls, tls_address=address))
+        self.xds_port = (await self._xds.start())["tls"]
+
+    async def start_ca(self) -> None:
+        from istiopy.ca.server import serve
+
+        servicer = self.authority.servicer([self.authority.client_cert_authenticator()], self.store)
+        self._ca, self.ca_port = await serve(
+            servicer,
+            self.serving.served_chain_pem,
+            self.serving.key_pem,
+            self.roots_pem,
+            port=self.ca_port,
+            require_client_cert=True,  # node proxies authenticate with their bootstrap certificate
+        )
+
+    async def start(self) -> TestControlPlane:
+        await self.start_xds()
+        await self.start_ca()
+        return self
+
+    async def stop(self) -> None:
+        """Stop serving (xDS and CA); clients keep their last config. ``start`` again on the same ports."""
+        if self._xds is not None:
+            await self._xds.stop(0.1)
+            self._xds = None
+        if self._ca is not None:
+            await self._ca.stop(0.1)
+            self._ca = None
+
+    async def close(self) -> None:
+        await self.stop()
+        if self._pipeline is not None:
+            await self._pipeline.stop()
+            self._pipeline = None
+
+    async def __aenter__(self) -> TestControlPlane:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def bootstrap_files(self, node: str, directory: str) -> tuple[str, str, str]:
+        """(root, chain, key) PEM files for a ztunnel on ``node`` (identity istio-system/ztunnel)."""
+        from istiopy.api.identity import SpiffeId
+
+        bundle = self.authority.issue_bootstrap(SpiffeId("cluster.local", "istio-system", "ztunnel"), node)
+        paths = []
+        for name, text in (
+            ("root.pem", self.roots_pem),
+            ("chain.pem", bundle.full_chain_pem),
+            ("key.pem", bundle.key_pem),
+        ):
+            path = os.path.join(directory, name)
+            with open(path, "w") as f:
+                f.write(text)
+            os.chmod(path, 0o600)
+            paths.append(path)
+        return paths[0], paths[1], paths[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ZtunnelProcess:
+    """A real ``ztunnel-py`` process serving the given pods (``--pod``), for one node of a topology."""
+
+    def __init__(
+        self,
+        plane: TestControlPlane,
+        node: str,
+        node_ip: str,
+        pods: Sequence[tuple[str, str, str, str, str]],
+        workdir: str,
+    ) -> None:
+        self.node = node
+        self.workdir = os.path.join(workdir, node)
+        os.makedirs(self.workdir, exist_ok=True)
+        root, chain, key = plane.bootstrap_files(node, self.workdir)
+        self.admin_port, self.metrics_port, self.readiness_port = free_port(), free_port(), free_port()
+        self.log_path = os.path.join(self.workdir, "ztunnel.log")
+        argv = [
+            sys.executable, "-m", "istiopy.dataplane.cli",
+            "--xds-address", f"127.0.0.1:{plane.xds_port}",
+            "--ca-address", f"127.0.0.1:{plane.ca_port}",
+            "--root-cert", root, "--ca-client-cert", chain, "--ca-client-key", key,
+            "--token-file", os.path.join(self.workdir, "no-token"),
+            "--node-name", node, "--pod-name", f"ztunnel-{node}", "--instance-ip", node_ip,
+            "--admin-port", str(self.admin_port), "--metrics-address", "127.0.0.1",
+            "--metrics-port", str(self.metrics_port), "--readiness-port", str(self.readiness_port),
+            "--no-zds", "--log-level", "debug",
+        ]  # fmt: skip
+        for uid, name, ns, sa, netns in pods:
+            argv += ["--pod", f"{uid},{name},{ns},{sa},{netns}"]
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - lives as long as the process
+        # cwd: the repository root has folders (``xds/``) that would shadow third-party packages on sys.path.
+        self.popen = subprocess.Popen(
+            argv, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.workdir
+        )
+
+    def get(self, port: int, path: str, timeout: float = 5.0) -> tuple[int, str]:
+        import urllib.error
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=timeout) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.popen.poll() is not None:
+                raise RuntimeError(f"ztunnel-py on {self.node} exited: {self.logs()[-3000:]}")
+            with contextlib.suppress(OSError):
+                if self.get(self.readiness_port, "/healthz/ready", 1.0)[0] == 200:
+                    return
+            time.sleep(0.05)
+        raise TimeoutError(f"ztunnel-py on {self.node} not ready: {self.logs()[-3000:]}")
+
+    def config_dump(self) -> dict[str, Any]:
+        return json.loads(self.get(self.admin_port, "/config_dump")[1])  # type: ignore[no-any-return]
+
+    def metrics(self) -> str:
+        return self.get(self.metrics_port, "/stats/prometheus")[1]
+
+    def logs(self) -> str:
+        with open(self.log_path, "rb") as f:
+            return f.read().decode(errors="replace")
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.terminate()
+            try:
+                self.popen.wait(10)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(5)
+        self._log.close()
