@@ -17,7 +17,7 @@ import shutil
 import subprocess
 import tempfile
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 
 import pytest
@@ -83,9 +83,10 @@ class Cluster:
     zts: dict[str, ZtunnelProcess]
     pods: dict[str, Pod]
 
-    async def until(self, cond: object, what: str, timeout: float = 15.0) -> None:
-        async with asyncio.timeout(timeout):
-            while not await asyncio.to_thread(cond):  # type: ignore[arg-type]
+    async def until(self, cond: Callable[[], bool]) -> None:
+        """Poll another process's admin API (no event to wait on) until ``cond`` holds."""
+        async with asyncio.timeout(15):
+            while not await asyncio.to_thread(cond):  # noqa: ASYNC110
                 await asyncio.sleep(0.05)
 
     def policies_everywhere(self, names: set[str]) -> bool:
@@ -232,18 +233,18 @@ async def test_round_robin_and_l4_policy_from_authorization_policies(cluster: Cl
             {"rules": [{"from": [{"source": {"principals": ["cluster.local/ns/cli/sa/sleep"]}}]}]},
         )
     )
-    await cluster.until(lambda: cluster.policies_everywhere({"srv/only-sleep"}), "policy")
+    await cluster.until(lambda: cluster.policies_everywhere({"srv/only-sleep"}))
     assert (await _get(sleep, VIP, 80))["pod"].startswith("echo-")
     assert await _denied(other, VIP, 80)
     # DENY by port beats the ALLOW.
     cluster.plane.apply(
         _policy("no-http", "srv", {"action": "DENY", "rules": [{"to": [{"operation": {"ports": ["8080"]}}]}]})
     )
-    await cluster.until(lambda: cluster.policies_everywhere({"srv/only-sleep", "srv/no-http"}), "policy")
+    await cluster.until(lambda: cluster.policies_everywhere({"srv/only-sleep", "srv/no-http"}))
     assert await _denied(sleep, VIP, 80)
     cluster.plane.delete("AuthorizationPolicy", "srv", "no-http")
     cluster.plane.delete("AuthorizationPolicy", "srv", "only-sleep")
-    await cluster.until(lambda: cluster.policies_everywhere(set()), "policy removal")
+    await cluster.until(lambda: cluster.policies_everywhere(set()))
     assert (await _get(other, VIP, 80))["pod"].startswith("echo-")
 
 
