@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import datetime as dt
+import logging
+import os
+import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import grpc
 import pytest
@@ -359,3 +363,37 @@ def test_bootstrap_cert_subject_binds_node(ca: CertificateAuthority) -> None:
     cns = b.leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     assert [a.value for a in cns] == ["node-a"]
     assert b.identity == ZTUNNEL
+
+
+async def test_token_file_is_reread_when_it_changes(tmp_path: Path) -> None:
+    path = tmp_path / "tokens.yaml"
+    path.write_text(f"tokens:\n  - token: {'a' * 20}\n    identity: {ZTUNNEL}\n    node: node-a\n")
+    auth = StaticTokenAuthenticator(path=path)
+    caller = await auth.authenticate(RequestCredentials({"authorization": f"Bearer {'a' * 20}"}))
+    assert caller == Caller(ZTUNNEL, "token", node="node-a")
+    path.write_text(f"tokens:\n  - token: {'b' * 20}\n    identity: {APP}\n")
+    os.utime(path, (time.time() + 5, time.time() + 5))  # a distinct mtime even on coarse file systems
+    with pytest.raises(AuthenticationError, match="unknown bearer token"):
+        await auth.authenticate(RequestCredentials({"authorization": f"Bearer {'a' * 20}"}))
+    caller = await auth.authenticate(RequestCredentials({"authorization": f"Bearer {'b' * 20}"}))
+    assert caller is not None
+    assert caller.identity == APP
+    # A broken edit keeps the previous tokens rather than locking everyone out.
+    path.write_text("tokens: [{token: short, identity: nope}]\n")
+    os.utime(path, (time.time() + 10, time.time() + 10))
+    assert await auth.authenticate(RequestCredentials({"authorization": f"Bearer {'b' * 20}"})) is not None
+
+
+async def test_issuance_and_refusal_are_logged(harness: CaHarness, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="istiopy.ca.server")
+    zt = harness.bootstrap_client(ZTUNNEL, "node-a")
+    await zt.fetch(APP, impersonate=True)
+    with pytest.raises(CaClientError):
+        await zt.fetch(OTHER, impersonate=True)
+    issued = [r.getMessage() for r in caplog.records if "certificate issued" in r.getMessage()]
+    refused = [r.getMessage() for r in caplog.records if "CSR refused" in r.getMessage()]
+    who = f"caller={ZTUNNEL} via client-cert (node=node-a)"
+    assert issued == [f"certificate issued: {who} identity={APP} ttl=86400s (impersonated)"]
+    assert len(refused) == 1
+    assert f"{who} identity={OTHER}" in refused[0]
+    assert "reason=impersonation-no-pod-on-node" in refused[0]
