@@ -1067,8 +1067,6 @@ def _locality_errors(path: str, loc: LocalityLoadBalancerSetting) -> list[FieldE
     errors: list[FieldError] = []
     if loc.distribute and loc.failover:
         errors.append(FieldError(path, "can not simultaneously set 'distribute' and 'failover'"))
-    if loc.failover and loc.failover_priority:
-        pass  # both allowed: failover applies within the priority tiers
     srcs: set[str] = set()
     for i, d in enumerate(loc.distribute):
         p = f"{path}.distribute[{i}]"

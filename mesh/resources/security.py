@@ -58,14 +58,8 @@ __all__ = [
 _SECURITY = "security.istio.io"
 _VERSIONS = ("v1", "v1beta1")
 
-# Kinds a policy's targetRef(s) may name (Istio's CRD CEL rules), as (group, kind); core group is "".
-AUTHZ_TARGET_KINDS: tuple[tuple[str, str], ...] = (
-    ("", "Service"),
-    ("networking.istio.io", "ServiceEntry"),
-    ("gateway.networking.k8s.io", "Gateway"),
-    ("gateway.networking.k8s.io", "GatewayClass"),
-)
-REQUEST_AUTHN_TARGET_KINDS: tuple[tuple[str, str], ...] = (
+# Kinds a policy's targetRef(s) may name (istiod's webhook list), as (group, kind); core group is "".
+POLICY_TARGET_KINDS: tuple[tuple[str, str], ...] = (
     ("", "Service"),
     ("networking.istio.io", "ServiceEntry"),
     ("gateway.networking.k8s.io", "Gateway"),
@@ -381,7 +375,7 @@ class AuthorizationPolicy(Resource):
 
     def semantic_errors(self) -> list[FieldError]:
         s = self.spec
-        errors = target_selection_errors(s.selector, s.target_ref, s.target_refs, AUTHZ_TARGET_KINDS)
+        errors = target_selection_errors(s.selector, s.target_ref, s.target_refs, POLICY_TARGET_KINDS)
         if s.action is Action.CUSTOM:
             if not s.rules:  # an empty list reads as nil upstream too
                 errors.append(
@@ -641,7 +635,7 @@ class RequestAuthentication(Resource):
 
     def semantic_errors(self) -> list[FieldError]:
         s = self.spec
-        errors = target_selection_errors(s.selector, s.target_ref, s.target_refs, REQUEST_AUTHN_TARGET_KINDS)
+        errors = target_selection_errors(s.selector, s.target_ref, s.target_refs, POLICY_TARGET_KINDS)
         for i, rule in enumerate(s.jwt_rules):
             errors.extend(_jwt_rule_errors(f"spec.jwtRules[{i}]", rule))
         return errors
