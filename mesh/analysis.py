@@ -40,6 +40,7 @@ __all__ = [
     "analyze",
     "authorization_policy_diagnostics",
     "destination_rule_diagnostics",
+    "diagnostics_for",
     "virtual_service_diagnostics",
     "waypoint_diagnostics",
 ]
@@ -290,6 +291,13 @@ ANALYZERS: dict[str, Analyzer] = {
     "virtualservice.destinations": virtual_service_diagnostics,
     "destinationrule.subsets": destination_rule_diagnostics,
 }
+
+
+def diagnostics_for(
+    store: StoreReader, key: ResourceKey, settings: MeshSettings = MeshSettings()
+) -> list[Diagnostic]:
+    """The diagnostics of one resource (what the operator puts in its status)."""
+    return [d for d in analyze(store, settings) if d.resource == key]
 
 
 def analyze(

@@ -45,6 +45,7 @@ __all__ = [
     "HTTP_RULES_MESSAGE",
     "L4_CONDITION_KEYS",
     "PeerAuthnPortPolicy",
+    "PolicyCondition",
     "ZtunnelPolicy",
     "converted_peer_authentication",
     "converted_peer_authentications",
@@ -52,6 +53,7 @@ __all__ = [
     "rule_http_fields",
     "rule_is_effective",
     "workload_policy_names",
+    "ztunnel_condition",
     "ztunnel_policy",
 ]
 
@@ -231,6 +233,29 @@ def ztunnel_policy(
         message=HTTP_RULES_MESSAGE.format(found=", ".join(sorted(http))) + " " + tail,
         field_path=paths[0] if len(paths) == 1 else "spec.rules",
     )
+
+
+@dataclass(frozen=True)
+class PolicyCondition:
+    """A status condition in upstream's ambient shape (``ZtunnelAccepted`` on AuthorizationPolicy)."""
+
+    type: str
+    status: Literal["True", "False"]
+    reason: str
+    message: str
+
+
+def ztunnel_condition(zp: ZtunnelPolicy) -> PolicyCondition | None:
+    """The ``ZtunnelAccepted`` condition the operator writes on a policy, or None for waypoint policies
+    (``targetRefs``), which ztunnel never sees. Accepted-with-warning (HTTP fields) is still ``True``:
+    ztunnel enforces the policy, more strictly than written."""
+    if zp.policy.uses_target_refs:
+        return None
+    if not zp.sent:
+        return PolicyCondition("ZtunnelAccepted", "False", zp.reason or "UnsupportedValue", zp.message or "")
+    if zp.message:
+        return PolicyCondition("ZtunnelAccepted", "True", zp.reason or "UnsupportedValue", zp.message)
+    return PolicyCondition("ZtunnelAccepted", "True", "Accepted", "attached to ztunnel")
 
 
 def workload_policy_names(

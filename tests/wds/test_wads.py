@@ -9,7 +9,7 @@ from google.protobuf import empty_pb2
 from wds_helpers import pod, store_from
 
 from istiopy.api.gen import authorization_pb2 as az
-from istiopy.mesh.authz import ztunnel_policy
+from istiopy.mesh.authz import PolicyCondition, ztunnel_condition, ztunnel_policy
 from istiopy.mesh.resources.security import AuthorizationPolicy
 from istiopy.mesh.store import ConfigStore
 from istiopy.xds.wads import AUTHORIZATION_TYPE_URL, generate_authorizations
@@ -294,3 +294,27 @@ def test_generation_is_deterministic() -> None:
         return [(n, m.SerializeToString(deterministic=True)) for n, m in generate_authorizations(store)]
 
     assert ser(one) == ser(two)
+
+
+def test_ztunnel_accepted_conditions_for_the_operator() -> None:
+    store = store_from(
+        policy("clean", "a", "{rules: [{}]}")
+        + policy("l7", "a", "{rules: [{to: [{operation: {paths: [/x]}}]}]}")
+        + policy("custom", "a", "{action: CUSTOM, provider: {name: x}, rules: [{}]}")
+        + policy("wp", "a", "{targetRefs: [{kind: Service, group: '', name: web}]}")
+    )
+
+    def cond(name: str) -> PolicyCondition | None:
+        pol = store.get_typed(AuthorizationPolicy, "a", name)
+        assert pol is not None
+        return ztunnel_condition(ztunnel_policy(pol))
+
+    assert cond("clean") == PolicyCondition("ZtunnelAccepted", "True", "Accepted", "attached to ztunnel")
+    l7 = cond("l7")
+    assert l7 is not None
+    assert (l7.status, l7.reason) == ("True", "UnsupportedValue")
+    assert l7.message.startswith("ztunnel does not support HTTP attributes (found: paths).")
+    assert cond("custom") == PolicyCondition(
+        "ZtunnelAccepted", "False", "UnsupportedValue", "ztunnel does not support the CUSTOM action"
+    )
+    assert cond("wp") is None
