@@ -687,7 +687,18 @@ class AmbientIndex:
                     out.policies.add(f"{r.namespace}/{PEER_AUTHN_PREFIX}{r.name}")
         elif kind in ("ServiceEntry", "WorkloadEntry"):
             out.everything = True
+        # ServiceEntry/WorkloadEntry workloads depend on the same Services, namespace labels and policies
+        # as pods do; they are rare, so any such change near them regenerates everything.
+        if kind in ("Service", "Namespace", "AuthorizationPolicy", "PeerAuthentication"):
+            ns = change.key.name if kind == "Namespace" else change.key.namespace
+            if kind != "Namespace" and ns == self.settings.root_namespace:
+                ns = None
+            if self._has_entries(ns):
+                out.everything = True
         return out
+
+    def _has_entries(self, namespace: str | None) -> bool:
+        return bool(self.store.list("WorkloadEntry", namespace) or self.store.list("ServiceEntry", namespace))
 
     def _has_cross_namespace_waypoints(self) -> bool:
         for ns in typed_list(self.store, Namespace):

@@ -49,6 +49,23 @@ spec: {selector: {matchLabels: {app: web}}, rules: [{from: [{source: {namespaces
     + pod("web-2", "a", "10.0.0.2", {"app": "web"})
     + pod("db-1", "b", "10.0.1.1", {"app": "db"})
 )
+ENTRIES = """
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: vm, namespace: a, labels: {app: web}}
+spec: {address: 10.2.0.1}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: ext, namespace: a}
+spec:
+  hosts: [api.example.com]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports: [{number: 80, name: http}]
+  endpoints: [{address: 10.3.0.1}]
+"""
 
 
 def snapshot(store: ConfigStore) -> dict[str, bytes]:
@@ -161,9 +178,10 @@ spec: {mtls: {mode: STRICT}}
 }
 
 
+@pytest.mark.parametrize("entries", [False, True], ids=["pods", "pods+entries"])
 @pytest.mark.parametrize("what", sorted(CHANGES))
-def test_every_changed_resource_is_reported(what: str) -> None:
-    store = store_from(BASE)
+def test_every_changed_resource_is_reported(what: str, entries: bool) -> None:
+    store = store_from(BASE + (ENTRIES if entries else ""))
     before = snapshot(store)
     changes = CHANGES[what](store)
     after = snapshot(store)
