@@ -145,3 +145,40 @@ async def test_ztunnel_receives_exactly_the_generated_resources_and_label_update
         plane.store.delete(plane.store.get("Pod", "shop", "web-2").key)  # type: ignore[union-attr]
         async with asyncio.timeout(10):
             await client.wait_for(lambda c: "Kubernetes//Pod/shop/web-2" not in c.resources(ADDRESS_TYPE_URL))
+
+
+async def test_policy_changes_reach_ztunnel(plane: Plane) -> None:
+    client = DeltaXdsClient(f"127.0.0.1:{plane.port}", base_pb2.Node(id=ZTUNNEL_ID), backoff_initial=0.05)
+    client.subscribe(ADDRESS_TYPE_URL)
+    client.subscribe(AUTHORIZATION_TYPE_URL)
+    async with client:
+        async with asyncio.timeout(10):
+            await client.wait_for(
+                lambda c: set(c.resources(AUTHORIZATION_TYPE_URL)) == {"shop/l7", "shop/web-allow"}
+            )
+        # Mesh-wide STRICT: the static policy appears and every workload references it.
+        for d in docs(
+            """
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: default, namespace: istio-system}
+spec: {mtls: {mode: STRICT}}
+"""
+        ):
+            plane.store.apply(parse(d))
+        plane.store.delete(plane.store.get("AuthorizationPolicy", "shop", "l7").key)  # type: ignore[union-attr]
+
+        def converged(c: DeltaXdsClient) -> bool:
+            pols = set(c.resources(AUTHORIZATION_TYPE_URL))
+            if pols != {"istio-system/istio_converted_static_strict", "shop/web-allow"}:
+                return False
+            w = c.resources(ADDRESS_TYPE_URL)["Kubernetes//Pod/shop/web-2"].unpack(wl.Address).workload
+            return list(w.authorization_policies) == [
+                "shop/web-allow",
+                "istio-system/istio_converted_static_strict",
+            ]
+
+        async with asyncio.timeout(10):
+            await client.wait_for(converged)
+        static = client.resources(AUTHORIZATION_TYPE_URL)["istio-system/istio_converted_static_strict"]
+        assert static.unpack(az.Authorization).action == az.DENY
