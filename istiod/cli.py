@@ -13,6 +13,7 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import NoReturn
 
 import istiopy
@@ -80,7 +81,16 @@ async def _serve(plane: ControlPlane) -> None:
     log.info("control plane stopped")
 
 
+def _missing(path: str) -> bool:
+    if Path(path).exists():
+        return False
+    print(f"istiod-py: error: --config-dir {path}: no such file or directory", file=sys.stderr)
+    return True
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
+    if _missing(args.config_dir):
+        return 2
     plane = standalone(args.config_dir, default_namespace=args.namespace)
     assert plane.file_source is not None
     result = plane.file_source.load()
@@ -92,6 +102,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    if _missing(args.config_dir):
+        return 2
     logging.getLogger("istiopy.mesh.filesource").setLevel(logging.ERROR)  # the tables show the problems
     plane = standalone(args.config_dir, default_namespace=args.namespace)
     assert plane.file_source is not None

@@ -507,6 +507,19 @@ class HTTPRoute(Resource):
 
     def semantic_errors(self) -> list[FieldError]:
         errors: list[FieldError] = []
+        parents: set[tuple[object, ...]] = set()
+        for i, ref in enumerate(self.spec.parent_refs):
+            ident = (
+                ref.group,
+                ref.kind,
+                ref.namespace or self.namespace,
+                ref.name,
+                ref.section_name,
+                ref.port,
+            )
+            if ident in parents:
+                errors.append(FieldError(f"spec.parentRefs[{i}]", "duplicate parent reference"))
+            parents.add(ident)
         for i, host in enumerate(self.spec.hostnames):
             if not re.fullmatch(_HOSTNAME, host):
                 errors.append(FieldError(f"spec.hostnames[{i}]", f"{host!r} is not a valid hostname"))

@@ -29,7 +29,15 @@ def test_help_version_and_bad_flags() -> None:
     assert "serve" in out.stdout
     assert "demo" in out.stdout
     assert run("--version").stdout.strip() == f"istiod-py {istiopy.__version__}"
-    for args in (["--bogus"], [], ["serve"], ["demo", "--what"], ["--log-level", "loud", "demo"]):
+    for args in (
+        ["--bogus"],
+        [],
+        ["serve"],
+        ["demo", "--what"],
+        ["--log-level", "loud", "demo"],
+        ["--config-dir", "no/such/dir"],
+        ["demo", "--config-dir", "no/such/dir"],
+    ):
         out = run(*args)
         assert out.returncode == 2, args
         lines = out.stderr.strip().splitlines()

@@ -16,7 +16,7 @@ from istiopy.mesh.store import Change, ConfigStore
 SVC = "apiVersion: v1\nkind: Service\nmetadata: {name: %s, namespace: default}\nspec: {ports: [{port: %d}]}\n"
 
 
-async def eventually(check: Callable[[], bool], within: float = 10.0) -> None:
+async def eventually(check: Callable[[], bool], within: float = 20.0) -> None:
     """Poll ``check`` until it holds: file events arrive asynchronously, after the watcher's debounce."""
     deadline = asyncio.get_running_loop().time() + within
     while not check():
