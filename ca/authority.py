@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import enum
+import fcntl
 import itertools
 import os
 import tempfile
@@ -284,7 +285,7 @@ def _write_private(path: Path, data: bytes, mode: int) -> None:
 class DirectoryRootStore:
     """Standalone mode: the root in a directory (same four file names as ``istio-ca-secret``).
 
-    Creation is guarded by an exclusive lock file so two processes started together agree on one root.
+    Creation holds an exclusive ``flock`` so processes (or tasks) starting together agree on one root.
     """
 
     def __init__(self, directory: str | Path) -> None:
@@ -303,22 +304,17 @@ class DirectoryRootStore:
 
     async def create(self, material: CaMaterial) -> CaMaterial:
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        lock = self.directory / ".create.lock"
+        # flock, not an O_EXCL marker file: the kernel drops the lock if a start crashes half way.
+        fd = os.open(self.directory / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            # Someone else is creating (or created) it; their files are authoritative.
-            for _ in range(100):
-                existing = await self.load()
-                if existing is not None:
-                    return existing
-                await asyncio.sleep(0.05)
-            raise CaMaterialError(
-                f"{lock} exists but no CA was written; remove it if a start crashed"
-            ) from None
-        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    await asyncio.sleep(0.02)
             existing = await self.load()
-            if existing is not None:
+            if existing is not None:  # another process (or task) won the race: use its root
                 return existing
             files = material_to_files(material)
             # The certificate is written last: its presence is what ``load`` treats as "stored".
@@ -326,8 +322,7 @@ class DirectoryRootStore:
                 _write_private(self.directory / name, files[name], 0o600 if name == CA_KEY_FILE else 0o644)
             return material
         finally:
-            os.close(fd)
-            lock.unlink(missing_ok=True)
+            os.close(fd)  # releases the lock
 
 
 def load_plugin_cacerts(directory: str | Path) -> CaMaterial:

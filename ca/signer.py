@@ -126,6 +126,18 @@ class Signer:
         else:
             raise SigningError("csr-key", f"unsupported key type {type(key).__name__}")
         try:
+            bc: x509.BasicConstraints | None = csr.extensions.get_extension_for_class(
+                x509.BasicConstraints
+            ).value
+        except x509.ExtensionNotFound:
+            bc = None
+        except ValueError as e:
+            raise SigningError("csr-parse", f"CSR extensions unreadable: {e}") from None
+        if bc is not None and bc.ca:
+            raise SigningError(
+                "csr-extension", "CSR asks for a CA certificate; only leaf certificates are issued"
+            )
+        try:
             san_ext = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName)
         except x509.ExtensionNotFound:
             return key  # no SAN: the identity comes from the caller alone, as upstream does

@@ -160,6 +160,7 @@ def csr_with_sans(sans: Sequence[x509.GeneralName], key: ec.EllipticCurvePrivate
         ("empty", 3600, grpc.StatusCode.INVALID_ARGUMENT, "csr-parse", "empty CSR"),
         ("extra-uri", 3600, grpc.StatusCode.INVALID_ARGUMENT, "csr-san", "CSR asks for 2 URI SANs"),
         ("dns", 3600, grpc.StatusCode.INVALID_ARGUMENT, "csr-san", "CSR asks for DNSName SANs"),
+        ("ca-flag", 3600, grpc.StatusCode.INVALID_ARGUMENT, "csr-extension", "CSR asks for a CA certificate"),
         ("small-rsa", 3600, grpc.StatusCode.INVALID_ARGUMENT, "csr-key", "RSA key of 1024 bits is too small"),
         (
             "good",
@@ -192,6 +193,10 @@ async def test_bad_input_gets_clear_error_and_nothing_issued(
         )
     elif csr_kind == "dns":
         csr = csr_with_sans([x509.UniformResourceIdentifier(APP.uri), x509.DNSName("app.default.svc")])
+    elif csr_kind == "ca-flag":
+        b = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([]))
+        b = b.add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        csr = b.sign(generate_key(), hashes.SHA256()).public_bytes(serialization.Encoding.PEM).decode()
     elif csr_kind == "small-rsa":
         k = rsa.generate_private_key(65537, 1024)
         b = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([]))
