@@ -96,8 +96,6 @@ PEER_AUTHN_PREFIX = "converted_peer_authentication_"
 
 R = TypeVar("R", bound=Resource)
 
-TrafficType = Literal["service", "workload", "all", "none"]
-
 
 @dataclass(frozen=True)
 class MeshSettings:
@@ -176,7 +174,7 @@ def view(store: StoreReader) -> StoreReader:
 def typed_list(
     store: StoreReader, cls: type[R], namespace: str | None = None, selector: Mapping[str, str] | None = None
 ) -> list[R]:
-    """``store.list`` narrowed to one class (``ConfigStore.list_typed``'s annotation trips mypy today)."""
+    """``store.list`` narrowed to one class, for any ``StoreReader`` (a store or a ``CachedView``)."""
     return [r for r in store.list(cls.KIND, namespace, selector) if isinstance(r, cls)]
 
 
@@ -665,9 +663,9 @@ class AmbientIndex:
         elif kind == "Namespace":
             name = change.key.name
             out.workloads |= self._pods_in(name)
+            # Its labels decide enrollment and waypoints of what is in it, and cross-namespace attachment
+            # (allowedRoutes selectors) of what is in it too: the namespace's own objects cover both.
             out.services |= self._services_in(name)
-            # Cross-namespace waypoint attachment may depend on namespace labels.
-            out.everything = self._has_cross_namespace_waypoints()
         elif kind in ("Gateway", "GatewayClass"):
             # Waypoints are referenced by label from anywhere; they change rarely.
             out.everything = True
@@ -699,13 +697,3 @@ class AmbientIndex:
 
     def _has_entries(self, namespace: str | None) -> bool:
         return bool(self.store.list("WorkloadEntry", namespace) or self.store.list("ServiceEntry", namespace))
-
-    def _has_cross_namespace_waypoints(self) -> bool:
-        for ns in typed_list(self.store, Namespace):
-            if USE_WAYPOINT_NAMESPACE_LABEL in ns.labels:
-                return True
-        return any(
-            USE_WAYPOINT_NAMESPACE_LABEL in r.labels
-            for kind in ("Pod", "Service")
-            for r in self.store.list(kind)
-        )

@@ -210,3 +210,43 @@ metadata: {name: robot, namespace: a}
 """,
     )
     assert reported(changes, store) == set()
+
+
+def test_namespace_label_that_opens_cross_namespace_attachment_is_reported() -> None:
+    store = store_from(
+        BASE
+        + """
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: shared, namespace: a}
+spec:
+  gatewayClassName: istio-waypoint
+  listeners:
+  - name: mesh
+    port: 15008
+    protocol: HBONE
+    allowedRoutes: {namespaces: {from: Selector, selector: {matchLabels: {waypoints: allowed}}}}
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: db
+  namespace: b
+  labels: {istio.io/use-waypoint: shared, istio.io/use-waypoint-namespace: a}
+spec: {clusterIP: 10.96.0.20, selector: {app: db}, ports: [{port: 5432}]}
+"""
+    )
+    before = snapshot(store)
+    changes = apply_yaml(
+        store,
+        """
+apiVersion: v1
+kind: Namespace
+metadata: {name: b, labels: {waypoints: allowed}}
+""",
+    )
+    after = snapshot(store)
+    changed = {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
+    assert changed == {f"{wds.ADDRESS_TYPE_URL}|b/db.b.svc.cluster.local"}
+    assert changed <= reported(changes, store)
