@@ -1,0 +1,96 @@
+"""Kubernetes-mode root persistence and trust-bundle publication over two tiny API protocols.
+
+The semantics live here (create-once race handling for the root Secret, one ConfigMap per mesh namespace);
+the I/O is a few calls the Kubernetes engineer wires to ``kubernetes_asyncio``:
+
+* :class:`SecretApi` - read / create a Secret (``create`` reports AlreadyExists as False);
+* :class:`ConfigMapApi` - server-side apply (or create-or-update) of a ConfigMap's data.
+
+:class:`SecretRootStore` is the :class:`~istiopy.ca.authority.RootStore` for Secret ``istio-ca-secret``;
+:class:`ConfigMapTrustBundlePublisher` is the :class:`~istiopy.ca.bundle.TrustBundlePublisher` for
+ConfigMap ``istio-ca-root-cert``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from typing import Protocol
+
+from istiopy.ca.authority import CaMaterial, CaMaterialError, material_from_files, material_to_files
+from istiopy.ca.bundle import CONFIGMAP_KEY, CONFIGMAP_NAME
+
+log = logging.getLogger(__name__)
+
+CA_SECRET_NAME = "istio-ca-secret"
+
+
+class SecretApi(Protocol):
+    async def read(self, namespace: str, name: str) -> Mapping[str, bytes] | None:
+        """The Secret's decoded ``data``, or None when it does not exist."""
+        ...
+
+    async def create(self, namespace: str, name: str, data: Mapping[str, bytes]) -> bool:
+        """Create it; False when it already exists (HTTP 409), so a racing replica can read the winner."""
+        ...
+
+
+class ConfigMapApi(Protocol):
+    async def apply(self, namespace: str, name: str, data: Mapping[str, str]) -> None:
+        """Create the ConfigMap or make its ``data`` equal to ``data``."""
+        ...
+
+
+class SecretRootStore:
+    """The self-signed root in Secret ``istio-ca-secret`` of the control-plane namespace.
+
+    Replicas starting together each generate a root and try to create the Secret; exactly one create
+    succeeds and everyone, the losers included, uses what the Secret holds afterwards.
+    """
+
+    def __init__(self, api: SecretApi, namespace: str, name: str = CA_SECRET_NAME) -> None:
+        self.api = api
+        self.namespace = namespace
+        self.name = name
+
+    async def load(self) -> CaMaterial | None:
+        data = await self.api.read(self.namespace, self.name)
+        if data is None:
+            return None
+        try:
+            return material_from_files(dict(data))
+        except CaMaterialError as e:
+            raise CaMaterialError(f"Secret {self.namespace}/{self.name} is unusable: {e}") from e
+
+    async def create(self, material: CaMaterial) -> CaMaterial:
+        if await self.api.create(self.namespace, self.name, material_to_files(material)):
+            log.info("CA: created Secret %s/%s with a new self-signed root", self.namespace, self.name)
+            return material
+        stored = await self.load()
+        if stored is None:
+            raise CaMaterialError(f"Secret {self.namespace}/{self.name} exists but cannot be read")
+        log.info("CA: another replica created Secret %s/%s first; using its root", self.namespace, self.name)
+        return stored
+
+
+class ConfigMapTrustBundlePublisher:
+    """Writes ConfigMap ``istio-ca-root-cert`` (key ``root-cert.pem``) into every mesh namespace.
+
+    ``namespaces`` is called on every publish, so namespaces created later get the bundle on the next
+    publish (istiod calls ``publish`` again on namespace add events).
+    """
+
+    def __init__(self, api: ConfigMapApi, namespaces: Callable[[], Iterable[str]]) -> None:
+        self.api = api
+        self.namespaces = namespaces
+
+    async def publish(self, roots_pem: str) -> None:
+        failed: list[str] = []
+        for ns in sorted(set(self.namespaces())):
+            try:
+                await self.api.apply(ns, CONFIGMAP_NAME, {CONFIGMAP_KEY: roots_pem})
+            except Exception as e:  # one broken namespace must not keep the others from their bundle
+                log.error("CA: publishing %s to namespace %s failed: %s", CONFIGMAP_NAME, ns, e)
+                failed.append(ns)
+        if failed:
+            raise RuntimeError(f"trust bundle not published to: {', '.join(failed)}")
