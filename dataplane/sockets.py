@@ -135,7 +135,7 @@ def set_mark(sock: socket.socket, mark: int = PROXY_MARK) -> None:
 def set_transparent(sock: socket.socket) -> None:
     """Allow binding to a non-local address (source IP spoofing toward the app, TPROXY listeners)."""
     if sock.family == socket.AF_INET6:
-        sock.setsockopt(socket.SOL_IPV6, IPV6_TRANSPARENT, 1)
+        sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
     else:
         sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
 
@@ -143,7 +143,7 @@ def set_transparent(sock: socket.socket) -> None:
 def set_freebind(sock: socket.socket) -> None:
     """Allow binding to an address not (yet) configured on any interface."""
     if sock.family == socket.AF_INET6:
-        sock.setsockopt(socket.SOL_IPV6, IPV6_FREEBIND, 1)
+        sock.setsockopt(socket.IPPROTO_IPV6, IPV6_FREEBIND, 1)
     else:
         sock.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
 
@@ -166,7 +166,7 @@ def original_dst(sock: socket.socket) -> tuple[str, int]:
     Raises OSError (ENOENT) for a connection that was not redirected.
     """
     if sock.family == socket.AF_INET6:
-        raw = sock.getsockopt(socket.SOL_IPV6, IP6T_SO_ORIGINAL_DST, 28)
+        raw = sock.getsockopt(socket.IPPROTO_IPV6, IP6T_SO_ORIGINAL_DST, 28)
         port = struct.unpack_from("!H", raw, 2)[0]
         ip6 = ipaddress.IPv6Address(raw[8:24])
         mapped = ip6.ipv4_mapped

@@ -7,67 +7,55 @@ HBONE code paths under test see exactly what production gives them.
 Public API::
 
     ca = TestCA()
-    cert = ca.issue("spiffe://cluster.local/ns/default/sa/a")   # -> WorkloadCert (PEM paths on disk)
-    server_ctx = cert.server_context()    # TLS 1.3, ALPN h2, client cert required, trusts ca
-    client_ctx = cert.client_context()    # TLS 1.3, ALPN h2, no hostname check (SAN checked by HBONE)
+    cert = ca.issue("spiffe://cluster.local/ns/default/sa/a")   # -> WorkloadCert (PEM in memory)
+    cert.bundle                           # istiopy.api.tls.CertBundle (key, chain leaf..root, roots)
+    server_ctx = cert.server_context()    # istiopy.api.tls.server_context: TLS 1.3, ALPN h2, client cert
+    client_ctx = cert.client_context()    # istiopy.api.tls.client_context: no SNI/hostname check
 """
 
 from __future__ import annotations
 
 import datetime
 import ssl
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-__all__ = ["TestCA", "WorkloadCert", "mtls_context"]
+from istiopy.api import tls
+
+__all__ = ["TestCA", "WorkloadCert"]
 
 
-def mtls_context(cert_file: str, key_file: str, ca_file: str, *, server: bool) -> ssl.SSLContext:
-    """An HBONE-style context: TLS 1.3 only, ALPN h2, peer certificate required, no hostname matching."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-    ctx.set_alpn_protocols(["h2"])
-    ctx.load_cert_chain(cert_file, key_file)
-    ctx.load_verify_locations(ca_file)
-    ctx.verify_mode = ssl.CERT_REQUIRED
-    if not server:
-        ctx.check_hostname = False
-    return ctx
+def _pem(cert: x509.Certificate) -> str:
+    return cert.public_bytes(serialization.Encoding.PEM).decode()
 
 
-@dataclass
+@dataclass(frozen=True)
 class WorkloadCert:
-    """One issued identity: PEM files on disk plus context factories."""
+    """One issued identity, in memory, with context factories from ``istiopy.api.tls``."""
 
     identity: str
-    cert_file: str
-    key_file: str
-    ca_file: str
+    bundle: tls.CertBundle
 
     def server_context(self) -> ssl.SSLContext:
         """Context for the HBONE listener side."""
-        return mtls_context(self.cert_file, self.key_file, self.ca_file, server=True)
+        return tls.server_context(self.bundle)
 
     def client_context(self) -> ssl.SSLContext:
         """Context for the HBONE dialer side."""
-        return mtls_context(self.cert_file, self.key_file, self.ca_file, server=False)
+        return tls.client_context(self.bundle)
 
 
 class TestCA:
-    """A self-signed root that issues workload certificates; files live in a private temp directory."""
+    """A self-signed root that issues workload certificates (nothing is written to disk)."""
 
     __test__ = False  # not a pytest test class
 
     def __init__(self, trust_domain: str = "cluster.local") -> None:
         self.trust_domain = trust_domain
-        self._dir = tempfile.TemporaryDirectory(prefix="istiopy-ca-")
-        self.dir = Path(self._dir.name)
         self.key = ec.generate_private_key(ec.SECP256R1())
         name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, f"istiopy test {trust_domain}")])
         now = datetime.datetime.now(datetime.UTC)
@@ -85,13 +73,10 @@ class TestCA:
             )
             .sign(self.key, hashes.SHA256())
         )
-        self.ca_file = str(self.dir / "root.pem")
-        Path(self.ca_file).write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
-        self._n = 0
+        self.root_pem = _pem(self.cert)
 
     def issue(self, identity: str) -> WorkloadCert:
         """A leaf for ``identity`` (a SPIFFE URI) signed by this root, usable as client and server."""
-        self._n += 1
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.UTC)
         cert = (
@@ -114,12 +99,5 @@ class TestCA:
             )
             .sign(self.key, hashes.SHA256())
         )
-        cert_file = self.dir / f"w{self._n}.pem"
-        key_file = self.dir / f"w{self._n}.key"
-        cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        key_file.write_bytes(
-            key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-            )
-        )
-        return WorkloadCert(identity, str(cert_file), str(key_file), self.ca_file)
+        bundle = tls.CertBundle(tls.private_key_pem(key), (_pem(cert), self.root_pem), self.root_pem)
+        return WorkloadCert(identity, bundle)

@@ -233,7 +233,7 @@ class _Netns:
         proc.port = int(line.split()[1])
         return proc
 
-    def socket(
+    def new_socket(
         self, family: socket.AddressFamily = socket.AF_INET, type: socket.SocketKind = socket.SOCK_STREAM
     ) -> socket.socket:
         """A socket that lives in this namespace (created by a helper thread that entered it)."""
@@ -253,7 +253,7 @@ class _Netns:
 
     def connect(self, addr: tuple[str, int], timeout: float = 5.0) -> socket.socket:
         """A blocking TCP connection made from inside this namespace, like an app in the pod would."""
-        s = self.socket()
+        s = self.new_socket()
         try:
             s.settimeout(timeout)
             s.connect(addr)
@@ -443,11 +443,10 @@ class Topology:
         if node is None:
             node = self.nodes[0] if self.nodes else self.add_node("node-0")
         if ip is None:
+            base = self.pod_net.network_address
             if self.pod_net.prefixlen <= 24:
-                subnet = next(itertools.islice(self.pod_net.subnets(new_prefix=24), node.index, None))
-            else:
-                subnet = self.pod_net
-            ip = str(subnet.network_address + next(node._next_host))
+                base = base + node.index * 256  # the node's /24, like a podCIDR
+            ip = str(base + next(node._next_host))
         netns = f"{self.tag}-p{len(self.pods)}"
         self._add_netns(netns)
         self._attach(netns, ip)
