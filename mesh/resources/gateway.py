@@ -508,14 +508,14 @@ class HTTPRoute(Resource):
     def semantic_errors(self) -> list[FieldError]:
         errors: list[FieldError] = []
         parents: set[tuple[object, ...]] = set()
-        for i, ref in enumerate(self.spec.parent_refs):
+        for i, parent in enumerate(self.spec.parent_refs):
             ident = (
-                ref.group,
-                ref.kind,
-                ref.namespace or self.namespace,
-                ref.name,
-                ref.section_name,
-                ref.port,
+                parent.group,
+                parent.kind,
+                parent.namespace or self.namespace,
+                parent.name,
+                parent.section_name,
+                parent.port,
             )
             if ident in parents:
                 errors.append(FieldError(f"spec.parentRefs[{i}]", "duplicate parent reference"))
