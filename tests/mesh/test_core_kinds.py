@@ -172,3 +172,27 @@ def test_indexes() -> None:
     store.apply(moved)
     assert store.by_index(POD_IP, "10.244.1.12") == []
     assert [r.name for r in store.by_index(POD_IP, "10.0.0.9")] == ["reviews-v1-5b7f9c6d4-x2x9q"]
+
+
+def test_serviceentry_hosts_are_indexed_with_services() -> None:
+    store = ConfigStore()
+    install_indexes(store)
+    store.apply(
+        parse(
+            {
+                "apiVersion": "networking.istio.io/v1",
+                "kind": "ServiceEntry",
+                "metadata": {"name": "api", "namespace": "backend"},
+                "spec": {
+                    "hosts": ["api.example.com"],
+                    "ports": [{"number": 443, "name": "https", "protocol": "TLS"}],
+                    "resolution": "DNS",
+                    "location": "MESH_EXTERNAL",
+                },
+            }
+        )
+    )
+    (svc, _, _) = _load("k8s-service.yaml")
+    store.apply(svc)
+    assert [r.key.kind for r in services_by_host(store, "api.example.com")] == ["ServiceEntry"]
+    assert [r.key.kind for r in services_by_host(store, "reviews.bookinfo.svc.cluster.local")] == ["Service"]
