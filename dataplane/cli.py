@@ -13,13 +13,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib
 import logging
 import os
 import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import NoReturn, Protocol
 
 import grpc
 
@@ -235,21 +236,31 @@ async def run(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _start_zds(zt: Ztunnel, args: argparse.Namespace) -> object | None:
-    """Listen for the node agent when the ZDS server module is available and not disabled."""
+class _Service(Protocol):
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+async def _start_zds(zt: Ztunnel, args: argparse.Namespace) -> _Service | None:
+    """Listen for the node agent when the ZDS server module is available and not disabled.
+
+    The ZDS server (``istiopy.dataplane.zds.ZdsServer(socket_path, ztunnel)``) calls
+    :meth:`Ztunnel.add_pod`, :meth:`Ztunnel.remove_pod` and :meth:`Ztunnel.reconcile_pods`.
+    """
     if args.no_zds:
         return None
     try:
-        from istiopy.dataplane import zds  # the transport layer's ZDS server
+        zds = importlib.import_module("istiopy.dataplane.zds")  # the transport layer's ZDS server
     except ImportError:
         log.warning("no ZDS support in this build; serving only --pod pods")
         return None
     server_cls = getattr(zds, "ZdsServer", None)
     if server_cls is None:
         return None
-    server = server_cls(args.zds_socket, zt)
+    server: _Service = server_cls(args.zds_socket, zt)
     await server.start()
-    return server  # type: ignore[no-any-return]
+    return server
 
 
 def main(argv: Sequence[str] | None = None) -> int:

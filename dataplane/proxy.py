@@ -27,7 +27,7 @@ import ipaddress
 import logging
 import os
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -506,6 +506,12 @@ class Ztunnel:
         os.close(pod.netns_fd)
         self.secrets.set_local([(u, p.identity) for u, p in self.pods.items()])
         log.info("stopped serving pod %s/%s", pod.info.namespace, pod.info.name)
+
+    async def reconcile_pods(self, keep: Iterable[str]) -> None:
+        """After the node agent's snapshot (ZDS ``SnapshotSent``): stop serving pods it no longer lists."""
+        wanted = set(keep)
+        for uid in [u for u in self.pods if u not in wanted]:
+            await self.remove_pod(uid)
 
     def pool_for(self, uid: str) -> HbonePool:
         pool = self._pools.get(uid)

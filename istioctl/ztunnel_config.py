@@ -336,6 +336,7 @@ def register(subparsers: Any) -> None:
         p.set_defaults(func=_run, section=section)
 
     def _missing(args: argparse.Namespace) -> int:
-        zc.error("a section is required: " + ", ".join(ALIASES))
+        zc.error("a section is required: " + ", ".join(ALIASES))  # exits with status 2
+        return 2
 
     zc.set_defaults(func=_missing)

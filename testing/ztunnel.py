@@ -163,7 +163,7 @@ def match(**fields: object) -> authorization_pb2.Match:
                 ns, sa = v if isinstance(v, tuple) else str(v).split("/")
                 target.append(authorization_pb2.ServiceAccountMatch(namespace=ns, serviceAccount=sa))
             elif key.endswith("ports"):
-                target.append(int(v))  # type: ignore[call-overload]
+                target.append(int(str(v)))
             else:
                 target.append(exact(v) if isinstance(v, str) else v)
     return m
@@ -182,8 +182,8 @@ def policy(
     return authorization_pb2.Authorization(
         name=name,
         namespace=namespace,
-        scope=authorization_pb2.Scope.Value(scope),
-        action=authorization_pb2.Action.Value(action),
+        scope=scope,  # protobuf accepts enum value names
+        action=action,
         dry_run=dry_run,
         rules=[
             authorization_pb2.Rule(clauses=[authorization_pb2.Clause(matches=list(cl)) for cl in rule])
