@@ -212,11 +212,16 @@ async def push_bench(n: int, m: int, iterations: int, debounce: float) -> list[t
             all_acked: list[float] = []
             pushes: list[float] = []
             base: list[float] = []
+            server_push: list[float] = []
+            server_cpu: list[float] = []
             for it in range(iterations):
                 change = make(it)
+                c0 = cpu()
                 t = time.monotonic()
                 store.apply(change)
                 acks = await wait_synced(t)
+                server_cpu.append(cpu() - c0)
+                server_push.append(pipeline.last_push.duration)
                 lat = [a - t for a in acks.values()]
                 per_proxy += lat
                 all_acked.append(max(lat))
@@ -257,6 +262,13 @@ async def push_bench(n: int, m: int, iterations: int, debounce: float) -> list[t
                     f"{pct(all_acked, 50) * 1000:.0f} / {pct(all_acked, 99) * 1000:.0f} ms "
                     f"(minus {debounce * 1000:.0f} ms debounce: {pct(pushes, 50) * 1000:.0f} / "
                     f"{pct(pushes, 99) * 1000:.0f} ms)",
+                )
+            )
+            rows.append(
+                (
+                    f"  server: generate + hand to {n} writers / server CPU",
+                    f"{statistics.median(server_push) * 1000:.0f} ms / "
+                    f"{statistics.median(server_cpu) * 1000:.0f} ms",
                 )
             )
             rows.append(

@@ -47,12 +47,27 @@ class CachedResource:
     needed for delta and for the collection version.
     """
 
-    __slots__ = ("__dict__", "message", "name", "type_url")
+    __slots__ = ("__dict__", "name", "type_url")
 
     def __init__(self, name: str, message: Message, type_url: str | None = None) -> None:
         self.name = name
-        self.message = message
+        self.__dict__["message"] = message
         self.type_url = type_url or types.PREFIX + message.DESCRIPTOR.full_name
+
+    @classmethod
+    def from_serialized(cls, name: str, message_class: Any, data: bytes) -> CachedResource:
+        """From bytes a generator assembled itself (deterministically, e.g. by concatenating cached
+        sub-message encodings); the message is parsed only if someone asks for it."""
+        res = cls.__new__(cls)
+        res.name = name
+        res.type_url = types.PREFIX + message_class.DESCRIPTOR.full_name
+        res.__dict__["serialized"] = data
+        res.__dict__["_message_class"] = message_class
+        return res
+
+    @cached_property
+    def message(self) -> Message:
+        return self.__dict__["_message_class"].FromString(self.serialized)
 
     @cached_property
     def serialized(self) -> bytes:
@@ -105,6 +120,9 @@ class TypedResources:
     type_url: str
     items: Mapping[str, CachedResource]
     version: str
+    _diffs: dict[int, tuple[TypedResources, tuple[str, ...], tuple[str, ...]]] = field(
+        default_factory=dict, compare=False, repr=False
+    )
 
     @classmethod
     def build(
@@ -126,6 +144,28 @@ class TypedResources:
 
     def names(self) -> frozenset[str]:
         return frozenset(self.items)
+
+    def diff_from(self, old: TypedResources) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(changed or added names, removed names) going from ``old`` to this, computed once per pair.
+
+        Why: after a push most proxies move from the same old collection to the same new one; the diff is
+        then one pass shared by all of them instead of one per proxy. Unchanged resources are usually the
+        very same objects (generators memoize), so the identity test avoids even the version lookup.
+        """
+        hit = self._diffs.get(id(old))
+        if hit is not None and hit[0] is old:
+            return hit[1], hit[2]
+        olds = old.items
+        changed = tuple(
+            n
+            for n, r in self.items.items()
+            if (o := olds.get(n)) is None or (o is not r and o.version != r.version)
+        )
+        removed = tuple(n for n in olds if n not in self.items)
+        if len(self._diffs) >= 4:
+            self._diffs.clear()
+        self._diffs[id(old)] = (old, changed, removed)
+        return changed, removed
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,8 @@ change from re-sending listeners or routes.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from envoy.config.cluster.v3 import cluster_pb2
@@ -42,6 +43,7 @@ from istiopy.mesh.resources.core import EndpointSlice, Pod, Service, ServicePort
 from istiopy.mesh.resources.networking import Resolution, ServiceEntry
 from istiopy.mesh.store import Change, ConfigStore, selector_matches
 from istiopy.xds import types
+from istiopy.xds.cache import CachedResource
 from istiopy.xds.proxy import Proxy
 from istiopy.xds.registry import Generator, GeneratorRegistry, shared
 
@@ -81,20 +83,78 @@ def _pack(msg: Any) -> Any:
     return out
 
 
+class _Memo:
+    """Content-keyed resources: an equal key gives the same ``CachedResource`` object back.
+
+    Why: a push regenerates a whole type (e.g. 1000 endpoint sets for one changed pod); building,
+    serializing and hashing the 999 unchanged ones again would dominate. The key holds every input of the
+    resource, so a hit is exactly what a rebuild would produce (generators stay pure functions). Bounded:
+    cleared when full, which only costs rebuilds.
+    """
+
+    def __init__(self, limit: int = 200_000) -> None:
+        self.limit = limit
+        self._items: dict[Hashable, Any] = {}
+
+    def get(self, key: Hashable, build: Callable[[], Any]) -> Any:
+        hit = self._items.get(key)
+        if hit is None:
+            if len(self._items) >= self.limit:
+                self._items.clear()
+            hit = self._items[key] = build()
+        return hit
+
+
+_CLUSTERS = _Memo()
+_ENDPOINTS = _Memo()
+_VHOSTS = _Memo()
+_POD_FACTS: dict[Any, tuple[Pod, _PodFacts]] = {}
+
+
+@dataclass(frozen=True)
+class _PodFacts:
+    ready: bool
+    ips: tuple[str, ...]
+    labels: tuple[tuple[str, str], ...]
+    ports: dict[str, int]
+
+
+def _facts(pod: Pod) -> _PodFacts:
+    """What endpoint generation reads of a pod, computed once per pod object (pods are immutable)."""
+    key = (pod.metadata.namespace, pod.metadata.name)
+    hit = _POD_FACTS.get(key)
+    if hit is not None and hit[0] is pod:
+        return hit[1]
+    facts = _PodFacts(
+        pod.ready,
+        tuple(pod.ips),
+        tuple(pod.labels.items()),
+        {cp.name: cp.container_port for c in pod.spec.containers for cp in c.ports if cp.name},
+    )
+    if len(_POD_FACTS) > 500_000:
+        _POD_FACTS.clear()
+    _POD_FACTS[key] = (pod, facts)
+    return facts
+
+
 # ---------------------------------------------------------------------------------------------- clusters
-def generate_clusters(store: ConfigStore, proxy: Proxy) -> Iterable[tuple[str, Any]]:
+def _eds_cluster(name: str) -> CachedResource:
+    cluster = cluster_pb2.Cluster(
+        name=name,
+        type=cluster_pb2.Cluster.EDS,
+        connect_timeout=duration_pb2.Duration(seconds=5),
+        eds_cluster_config=cluster_pb2.Cluster.EdsClusterConfig(eds_config=_ads(), service_name=name),
+    )
+    return CachedResource(name, cluster, types.CLUSTER)
+
+
+def generate_clusters(store: ConfigStore, proxy: Proxy) -> Iterable[CachedResource]:
     for svc in _services(store):
         for port in svc.spec.ports:
             if port.protocol != "TCP":
                 continue
             name = cluster_name(svc, port)
-            cluster = cluster_pb2.Cluster(
-                name=name,
-                type=cluster_pb2.Cluster.EDS,
-                connect_timeout=duration_pb2.Duration(seconds=5),
-                eds_cluster_config=cluster_pb2.Cluster.EdsClusterConfig(eds_config=_ads(), service_name=name),
-            )
-            yield name, cluster
+            yield _CLUSTERS.get(("eds", name), lambda name=name: _eds_cluster(name))
     for se, host, port in _entry_ports(store):
         name = f"outbound|{port.number}||{host}"
         dns = se.spec.resolution in (Resolution.DNS, Resolution.DNS_ROUND_ROBIN)
@@ -105,15 +165,18 @@ def generate_clusters(store: ConfigStore, proxy: Proxy) -> Iterable[tuple[str, A
         ]
         if dns and not targets:
             targets = [(host, port.target_port or port.number)]
-        yield (
-            name,
-            cluster_pb2.Cluster(
+        ordered = tuple(sorted(set(targets)))
+
+        def build(name: str = name, dns: bool = dns, ordered: tuple[tuple[str, int], ...] = ordered) -> Any:
+            cluster = cluster_pb2.Cluster(
                 name=name,
                 type=cluster_pb2.Cluster.STRICT_DNS if dns else cluster_pb2.Cluster.STATIC,
                 connect_timeout=duration_pb2.Duration(seconds=5),
-                load_assignment=_load_assignment(name, sorted(set(targets))),
-            ),
-        )
+                load_assignment=_load_assignment(name, list(ordered)),
+            )
+            return CachedResource(name, cluster, types.CLUSTER)
+
+        yield _CLUSTERS.get(("entry", name, dns, ordered), build)
 
 
 def _entry_ports(store: ConfigStore) -> Iterable[tuple[ServiceEntry, str, Any]]:
@@ -148,16 +211,6 @@ def _load_assignment(name: str, targets: list[tuple[str, int]]) -> Any:
 
 
 # --------------------------------------------------------------------------------------------- endpoints
-def _pod_port(pod: Pod, target: int | str) -> int | None:
-    if isinstance(target, int):
-        return target
-    for container in pod.spec.containers:
-        for cp in container.ports:
-            if cp.name == target:
-                return cp.container_port
-    return None
-
-
 class EndpointIndex:
     """Pods by (namespace, label pair) and EndpointSlices by (namespace, service), built once per generation.
 
@@ -166,22 +219,26 @@ class EndpointIndex:
     """
 
     def __init__(self, store: ConfigStore) -> None:
-        self.pods: dict[tuple[str, str, str], list[Pod]] = {}
+        self.pods: dict[tuple[str, str, str], list[_PodFacts]] = {}
         for res in store.list(Pod.KIND):
-            if isinstance(res, Pod) and res.ready and res.ips:
-                for k, v in res.labels.items():
-                    self.pods.setdefault((res.namespace, k, v), []).append(res)
+            if not isinstance(res, Pod):
+                continue
+            facts = _facts(res)
+            if facts.ready and facts.ips:
+                ns = res.metadata.namespace
+                for k, v in facts.labels:
+                    self.pods.setdefault((ns, k, v), []).append(facts)
         self.slices: dict[tuple[str, str], list[EndpointSlice]] = {}
         for res in store.list(EndpointSlice.KIND):
             if isinstance(res, EndpointSlice) and res.address_type != "FQDN" and res.service_name:
                 self.slices.setdefault((res.namespace, res.service_name), []).append(res)
 
-    def selected_pods(self, namespace: str, selector: dict[str, str]) -> list[Pod]:
+    def selected_pods(self, namespace: str, selector: dict[str, str]) -> list[_PodFacts]:
         groups = [self.pods.get((namespace, k, v), []) for k, v in sorted(selector.items())]
         if not groups:
             return []
         smallest = min(groups, key=len)
-        return [p for p in smallest if selector_matches(selector, p.labels)]
+        return [p for p in smallest if selector_matches(selector, dict(p.labels))]
 
     def endpoints(self, svc: Service, port: ServicePort) -> list[tuple[str, int]]:
         """(ip, port) backends of one service port, sorted, without duplicates."""
@@ -197,8 +254,9 @@ class EndpointIndex:
                         if ep.conditions.ready is not False:
                             found.update((addr, sp.port) for addr in ep.addresses)
         elif svc.spec.selector:
+            wanted = port.effective_target_port
             for p in self.selected_pods(svc.namespace, svc.spec.selector):
-                target = _pod_port(p, port.effective_target_port)
+                target = wanted if isinstance(wanted, int) else p.ports.get(wanted)
                 if target is not None:
                     found.update((ip, target) for ip in p.ips)
         return sorted(found)
@@ -209,14 +267,20 @@ def service_endpoints(store: ConfigStore, svc: Service, port: ServicePort) -> li
     return EndpointIndex(store).endpoints(svc, port)
 
 
-def generate_endpoints(store: ConfigStore, proxy: Proxy) -> Iterable[tuple[str, Any]]:
+def generate_endpoints(store: ConfigStore, proxy: Proxy) -> Iterable[CachedResource]:
     index = EndpointIndex(store)
     for svc in _services(store):
         for port in svc.spec.ports:
             if port.protocol != "TCP":
                 continue
             name = cluster_name(svc, port)
-            yield name, _load_assignment(name, index.endpoints(svc, port))
+            eps = tuple(index.endpoints(svc, port))
+            yield _ENDPOINTS.get(
+                (name, eps),
+                lambda name=name, eps=eps: CachedResource(
+                    name, _load_assignment(name, list(eps)), types.ENDPOINT
+                ),
+            )
 
 
 # --------------------------------------------------------------------------------------------- listeners
@@ -274,8 +338,9 @@ def _with_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def virtual_hosts(store: ConfigStore, proxy: Proxy) -> list[Any]:
-    entries: list[tuple[str, list[str], str]] = []  # (vhost name, domains, cluster)
+def virtual_host_specs(store: ConfigStore, proxy: Proxy) -> list[tuple[str, tuple[str, ...], str]]:
+    """(virtual host name, domains, cluster) in route order, duplicates already dropped."""
+    entries: list[tuple[str, list[str], str]] = []
     for svc in _services(store):
         tcp_ports = [p for p in svc.spec.ports if p.protocol == "TCP"]
         for i, port in enumerate(tcp_ports):
@@ -294,32 +359,53 @@ def virtual_hosts(store: ConfigStore, proxy: Proxy) -> list[Any]:
             first_port.add(host)
             domains += hosts
         entries.append((f"{host}:{port.number}", domains, f"outbound|{port.number}||{host}"))
-    vhosts = []
+    specs = []
     claimed: set[str] = set()
     names: set[str] = set()
     for name, domains, cluster in entries:
-        fresh = [d for d in domains if d not in claimed]
+        fresh = tuple(d for d in domains if d not in claimed)
         if name in names or not fresh:
             continue
         names.add(name)
         claimed.update(fresh)
-        vhosts.append(
-            route_components_pb2.VirtualHost(
-                name=name,
-                domains=fresh,
-                routes=[
-                    route_components_pb2.Route(
-                        match=route_components_pb2.RouteMatch(prefix="/"),
-                        route=route_components_pb2.RouteAction(cluster=cluster),
-                    )
-                ],
+        specs.append((name, fresh, cluster))
+    return specs
+
+
+def _virtual_host(name: str, domains: tuple[str, ...], cluster: str) -> Any:
+    return route_components_pb2.VirtualHost(
+        name=name,
+        domains=list(domains),
+        routes=[
+            route_components_pb2.Route(
+                match=route_components_pb2.RouteMatch(prefix="/"),
+                route=route_components_pb2.RouteAction(cluster=cluster),
             )
-        )
-    return vhosts
+        ],
+    )
 
 
-def generate_routes(store: ConfigStore, proxy: Proxy) -> Iterable[tuple[str, Any]]:
-    yield ROUTE_NAME, route_pb2.RouteConfiguration(name=ROUTE_NAME, virtual_hosts=virtual_hosts(store, proxy))
+def virtual_hosts(store: ConfigStore, proxy: Proxy) -> list[Any]:
+    """The virtual host messages of the route configuration (for generators building on this one)."""
+    return [_virtual_host(*spec) for spec in virtual_host_specs(store, proxy)]
+
+
+def _vhost_entry(spec: tuple[str, tuple[str, ...], str]) -> bytes:
+    """The encoding of field ``virtual_hosts`` of a RouteConfiguration holding just this virtual host."""
+    data: bytes = route_pb2.RouteConfiguration(virtual_hosts=[_virtual_host(*spec)]).SerializeToString(
+        deterministic=True
+    )
+    return data
+
+
+def generate_routes(store: ConfigStore, proxy: Proxy) -> Iterable[CachedResource]:
+    """One RouteConfiguration, assembled from cached per-virtual-host encodings: a message is its fields
+    concatenated, so this is byte for byte what serializing the whole message would give."""
+    head: bytes = route_pb2.RouteConfiguration(name=ROUTE_NAME).SerializeToString(deterministic=True)
+    parts = [head] + [
+        _VHOSTS.get(spec, lambda spec=spec: _vhost_entry(spec)) for spec in virtual_host_specs(store, proxy)
+    ]
+    yield CachedResource.from_serialized(ROUTE_NAME, route_pb2.RouteConfiguration, b"".join(parts))
 
 
 # -------------------------------------------------------------------------------------------- predicates

@@ -32,9 +32,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from istiopy.mesh.store import Change, ConfigStore
+from istiopy.xds.cache import CachedResource
 from istiopy.xds.proxy import Proxy
 
-GenerateFn = Callable[[ConfigStore, Proxy], Iterable[tuple[str, Any]]]
+# A generator yields (name, message) pairs, or ``CachedResource`` objects when it memoizes its output.
+GenerateFn = Callable[[ConfigStore, Proxy], Iterable[tuple[str, Any] | CachedResource]]
 AffectsFn = Callable[[Change, Proxy], bool]
 ScopeFn = Callable[[Proxy], Hashable]
 

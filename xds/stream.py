@@ -32,7 +32,7 @@ from enum import StrEnum
 from typing import Any
 
 from istiopy.xds import types
-from istiopy.xds.cache import CachedResource, Snapshot, _discovery
+from istiopy.xds.cache import CachedResource, Snapshot, TypedResources, _discovery
 
 Message = Any
 
@@ -80,6 +80,10 @@ class TypeStatus:
     acked_base: dict[str, str] = field(default_factory=dict)
     pending: list[_Pending] = field(default_factory=list)
     reported_absent: set[str] = field(default_factory=set)
+    # The collection last looked at for this stream, and (delta, wildcard) the one ``known`` equals exactly:
+    # fast paths that skip per-resource comparisons when nothing or a shared diff applies.
+    last_typed: TypedResources | None = None
+    synced_typed: TypedResources | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -366,6 +370,8 @@ class DeltaStream(_StreamBase):
                 st.reported_absent.discard(name)
         if req.resource_names_subscribe and "*" in req.resource_names_subscribe and not first:
             st.must_respond = True
+        if kind is Kind.NACK or req.resource_names_subscribe or req.resource_names_unsubscribe:
+            st.synced_typed = None  # ``known`` no longer equals a collection we sent
         if not st.wildcard:
             # The client forgets what it unsubscribed from; so do we, or a resubscribe would send nothing.
             for view in (st.known, st.acked_base):
@@ -377,16 +383,25 @@ class DeltaStream(_StreamBase):
         held = self.snapshot.get(st.type_url)
         if held is None:
             return None
+        if held is st.last_typed and not st.must_respond:
+            return None  # nothing new for this type since we last looked
+        st.last_typed = held
         if held.version == st.nacked_version and not st.must_respond:
             return None  # the client rejected exactly this content; wait for a change
-        if st.wildcard:
-            wanted = held.items
-            absent: Iterable[str] = ()
+        if st.wildcard and st.synced_typed is not None:
+            changed, gone = held.diff_from(st.synced_typed)
+            updates = tuple(held.items[n] for n in changed)
+            removed = sorted(gone)
         else:
-            wanted = {n: held.items[n] for n in st.names if n in held.items}
-            absent = sorted(n for n in st.names if n not in held.items and n not in st.reported_absent)
-        updates = tuple(res for name, res in wanted.items() if st.known.get(name) != res.version)
-        removed = sorted({n for n in st.known if n not in wanted} | set(absent))
+            if st.wildcard:
+                wanted = held.items
+                absent: Iterable[str] = ()
+            else:
+                wanted = {n: held.items[n] for n in st.names if n in held.items}
+                absent = sorted(n for n in st.names if n not in held.items and n not in st.reported_absent)
+            updates = tuple(res for name, res in wanted.items() if st.known.get(name) != res.version)
+            removed = sorted({n for n in st.known if n not in wanted} | set(absent))
+        st.synced_typed = held if st.wildcard else None
         if not updates and not removed and not st.must_respond:
             return None
         nonce = self._next_nonce()

@@ -240,7 +240,8 @@ def test_endpoints_from_slices_win_over_pods_and_named_ports_resolve() -> None:
     p = proxy("a")
 
     def endpoints() -> list[tuple[str, int]]:
-        [(_, cla)] = list(generate_endpoints(store, p))
+        [res] = list(generate_endpoints(store, p))
+        cla = res.message
         return [
             (e.endpoint.address.socket_address.address, e.endpoint.address.socket_address.port_value)
             for loc in cla.endpoints
