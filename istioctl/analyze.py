@@ -147,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
     elif shown:
         for d in shown:
             print(d)
-    else:
+    elif not result.problems:
         namespaces = sorted({r.namespace for r in result.resources if r.namespace}) or [args.namespace]
         print(f"\u2714 No validation issues found when analyzing namespace: {', '.join(namespaces)}.")
     if result.problems:

@@ -516,11 +516,20 @@ def _is_waypoint_or_gateway_service(labels: Mapping[str, str]) -> bool:
     return labels.get(MANAGED_LABEL) in (MANAGED_MESH, MANAGED_EAST_WEST)
 
 
+def _fronts_gateway_pods(service: Resource) -> bool:
+    """A Service of a Gateway's own pods (labelled or selecting by the gateway-name label): sending its
+    traffic to a waypoint would loop, whoever wrote it (upstream only trusts the managed label)."""
+    if GATEWAY_NAME_LABEL in service.labels:
+        return True
+    selector = service.spec.selector if isinstance(service, Service) else None
+    return bool(selector) and GATEWAY_NAME_LABEL in (selector or {})
+
+
 def service_waypoint(
     store: StoreReader, service: Resource, settings: MeshSettings = MeshSettings()
 ) -> WaypointBinding:
     """The waypoint for traffic addressed to a Service (or ServiceEntry): needs ``service``/``all``."""
-    if _is_waypoint_or_gateway_service(service.labels):
+    if _is_waypoint_or_gateway_service(service.labels) or _fronts_gateway_pods(service):
         return WaypointBinding()
     binding = _resolve_target(store, service.namespace, service.labels, settings)
     wp = binding.waypoint

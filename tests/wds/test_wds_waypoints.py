@@ -210,3 +210,29 @@ def test_waypoint_pods_are_hbone_even_when_not_captured() -> None:
         if a.HasField("workload")
     }
     assert got == {"wp-abc": wl.HBONE, "gw-of-nothing": wl.NONE}
+
+
+def test_the_waypoints_own_service_never_uses_a_waypoint() -> None:
+    store = store_from(
+        ns("a", "istio.io/use-waypoint: waypoint")
+        + gw("waypoint", "a")
+        + """
+---
+apiVersion: v1
+kind: Service
+metadata: {name: waypoint, namespace: a}
+spec:
+  clusterIP: 10.96.0.40
+  selector: {gateway.networking.k8s.io/gateway-name: waypoint}
+  ports: [{name: mesh, port: 15008}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: managed, namespace: a, labels: {gateway.istio.io/managed: istio.io-mesh-controller}}
+spec: {clusterIP: 10.96.0.41, ports: [{port: 15008}]}
+"""
+        + svc("web", "a", ip="10.96.0.42")
+    )
+    assert service_wp(store, "a", "waypoint") is None
+    assert service_wp(store, "a", "managed") is None
+    assert service_wp(store, "a", "web") == hostname_address("a", "waypoint")
