@@ -229,9 +229,13 @@ def pod_enrolled(pod: Pod, namespace: Namespace | None) -> bool:
     """Whether the node agent captures this pod into ztunnel (so it is an HBONE workload).
 
     The pod's own label wins over its namespace's; ``none`` opts out; a pod with a sidecar is never
-    captured (the sidecar already owns its traffic), nor is a host-network pod (it has no netns of its own).
+    captured (the sidecar already owns its traffic), nor is a host-network pod (it has no netns of its own),
+    nor a waypoint's pod (label ``gateway.istio.io/managed: istio.io-mesh-controller``).
     """
     if SIDECAR_STATUS_ANNOTATION in pod.metadata.annotations or pod.spec.host_network:
+        return False
+    if pod.labels.get(MANAGED_LABEL) == MANAGED_MESH:
+        # A waypoint terminates HBONE itself; upstream's template labels it ``none`` for this reason.
         return False
     mode = pod.labels.get(DATAPLANE_MODE_LABEL)
     if mode is not None:

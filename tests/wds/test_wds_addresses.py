@@ -7,7 +7,8 @@ import ipaddress
 from wds_helpers import apply, pod, store_from
 
 from istiopy.api.gen import workload_pb2 as wl
-from istiopy.mesh.ambient import MeshSettings
+from istiopy.mesh.ambient import AmbientIndex, MeshSettings, typed_list
+from istiopy.mesh.resources.core import Pod
 from istiopy.mesh.store import ConfigStore
 from istiopy.xds.wds import ADDRESS_TYPE_URL, generate_addresses
 
@@ -158,7 +159,18 @@ def test_enrollment_combinations() -> None:
         + pod("sidecar", "amb", "10.0.0.3", annotations={"sidecar.istio.io/status": "{}"})
         + pod("opted-in", "plain", "10.0.0.4", {"istio.io/dataplane-mode": "ambient"})
         + pod("plain", "plain", "10.0.0.5")
+        + pod("waypoint-x", "amb", "10.0.0.6", {"gateway.istio.io/managed": "istio.io-mesh-controller"})
     )
+    index = AmbientIndex(store)
+    enrolled = {p.name: index.pod_enrolled(p) for p in typed_list(store, Pod)}
+    assert enrolled == {
+        "in-ambient-ns": True,
+        "opted-out": False,
+        "sidecar": False,
+        "opted-in": True,
+        "plain": False,
+        "waypoint-x": False,  # never captured: it terminates HBONE itself
+    }
     protocols = {w.workload.name: w.workload.tunnel_protocol for w in addresses(store).values()}
     assert protocols == {
         "in-ambient-ns": wl.HBONE,
@@ -166,6 +178,7 @@ def test_enrollment_combinations() -> None:
         "sidecar": wl.NONE,
         "opted-in": wl.HBONE,
         "plain": wl.NONE,  # still sent: ztunnel reaches non-mesh pods in plaintext
+        "waypoint-x": wl.NONE,  # no Gateway of that name here, so not a known waypoint either
     }
 
 
