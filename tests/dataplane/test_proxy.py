@@ -12,6 +12,8 @@ import contextlib
 import json
 import os
 import shutil
+import socket
+import ssl
 import subprocess
 import tempfile
 from collections import Counter
@@ -21,10 +23,12 @@ from dataclasses import dataclass
 import pytest
 
 from istiopy.api.identity import SpiffeId
-from istiopy.api.tls import CertBundle
+from istiopy.api.tls import CertBundle, client_context
 from istiopy.ca.authority import generate_root
 from istiopy.ca.service import CaConfig, CertificateAuthority
+from istiopy.dataplane import sockets
 from istiopy.dataplane.admin import LocalWorkloadInfo
+from istiopy.dataplane.hbone import HboneError, HbonePool, hbone_headers
 from istiopy.dataplane.identity import SecretManager
 from istiopy.dataplane.proxy import ProxyConfig, Ztunnel
 from istiopy.testing import ztunnel as b
@@ -41,6 +45,7 @@ class Mesh:
     topo: Topology
     zts: list[Ztunnel]
     pods: dict[str, Pod]
+    authority: CertificateAuthority
 
     def apply(self, *addrs: object, removed: tuple[str, ...] = ()) -> None:
         for zt in self.zts:
@@ -118,7 +123,7 @@ async def mesh(topology: Topology) -> AsyncIterator[Mesh]:
             )
             await zt.start()
             zts.append(zt)
-        mesh = Mesh(topology, zts, pods)
+        mesh = Mesh(topology, zts, pods, authority)
         mesh.apply(
             b.service("echo", "srv", SVC_VIP, {80: 8080}),
             *(
@@ -265,3 +270,69 @@ async def test_plaintext_inbound_has_no_identity_and_non_mesh_passes_through(mes
     assert body["peer"].split(":")[0] == sleep.ip
     dump = mesh.zts[0].tracker.metrics.render().decode()
     assert 'destination_workload="unknown"' in dump
+
+
+async def _hbone_from(
+    mesh: Mesh, pod: Pod, dst_ip: str, authority: str, bundle: CertBundle
+) -> tuple[int | None, str]:
+    """Open one CONNECT from inside ``pod`` (marked socket: not captured) with ``bundle``'s identity."""
+    pool = HbonePool(connect_timeout=5, response_timeout=5)
+    fd = pod.open_netns()
+
+    async def dial(addr: tuple[str, int]) -> socket.socket:
+        return await sockets.async_connect_in_netns(fd, addr)
+
+    try:
+        stream = await pool.open_stream(
+            ("test", dst_ip), (dst_ip, 15008), authority, hbone_headers(("10.0.0.1", 1)),
+            client_context(bundle), connect=dial,
+        )  # fmt: skip
+        stream.reset()
+        return 200, ""
+    except HboneError as e:
+        return e.status, str(e)
+    except (ssl.SSLError, ConnectionError, OSError, TimeoutError) as e:
+        return None, f"{type(e).__name__}: {e}"
+    finally:
+        await pool.close()
+        os.close(fd)
+
+
+async def test_bad_hbone_requests_are_refused_and_the_proxy_keeps_serving(mesh: Mesh) -> None:
+    sleep, srv1 = mesh.pods["sleep"], mesh.pods["srv-1"]
+    good = mesh.authority.issue_workload(SpiffeId("cluster.local", "cli", "sleep"))
+    assert (await _hbone_from(mesh, sleep, srv1.ip, f"{srv1.ip}:8080", good))[0] == 200
+    # A CONNECT to an address that is not the pod behind this listener (here: outside the mesh) -> 400.
+    assert (await _hbone_from(mesh, sleep, srv1.ip, "192.0.2.10:80", good))[0] == 400
+    assert (await _hbone_from(mesh, sleep, srv1.ip, f"{mesh.pods['srv-2'].ip}:8080", good))[0] == 400
+    # A client certificate from a foreign root never gets past the handshake.
+    foreign = CertificateAuthority(CaConfig(), generate_root("cluster.local"))
+    status, why = await _hbone_from(
+        mesh,
+        sleep,
+        srv1.ip,
+        f"{srv1.ip}:8080",
+        foreign.issue_workload(SpiffeId("cluster.local", "cli", "sleep")),
+    )
+    assert status is None, why
+    # Garbage instead of TLS: the connection is dropped.
+    fd = sleep.open_netns()
+    try:
+        s = await sockets.async_connect_in_netns(fd, (srv1.ip, 15008))
+    finally:
+        os.close(fd)
+    r, w = await asyncio.open_connection(sock=s)
+    w.write(b"GET / HTTP/1.1\r\n\r\n" + bytes(range(256)) * 8)
+    await w.drain()
+    assert await asyncio.wait_for(r.read(), 15) == b""
+    w.close()
+    # The proxy still serves real traffic afterwards.
+    assert (await _http_get(sleep, srv1.ip, 8080))["pod"] == "srv-1"
+
+
+async def test_outbound_connections_share_one_pooled_hbone_connection(mesh: Mesh) -> None:
+    sleep, srv1 = mesh.pods["sleep"], mesh.pods["srv-1"]
+    for _ in range(5):
+        assert (await _http_get(sleep, srv1.ip, 8080))["pod"] == "srv-1"
+    assert mesh.zts[0].pool_for(sleep.uid).connection_count() == 1
+    assert mesh.zts[1].pods[srv1.uid].hbone.handshake_failures == 0
