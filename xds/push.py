@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from istiopy.mesh.store import Change, ConfigStore
-from istiopy.xds.cache import TypedResources
+from istiopy.xds.cache import SnapshotCache, TypedResources
 from istiopy.xds.monitoring import XdsMetrics
 from istiopy.xds.proxy import Proxy
 from istiopy.xds.registry import GeneratorRegistry
@@ -120,6 +120,9 @@ class PushPipeline:
         self.debouncer = Debouncer(debounce_after, debounce_max)
         self.push_semaphore = asyncio.Semaphore(concurrency)
         self.targets: dict[int, PushTarget] = {}
+        # Per-proxy snapshots by node id (go-control-plane's SnapshotCache): connections watch their entry,
+        # so a snapshot set here from outside reaches them as well.
+        self.cache = SnapshotCache()
         self.last_push = PushStats()
         self.pushes = 0
         self._cache: dict[tuple[str, Hashable], tuple[int, TypedResources]] = {}

@@ -34,7 +34,7 @@ import grpc
 from grpc import aio
 
 from istiopy.xds import types
-from istiopy.xds.cache import TypedResources
+from istiopy.xds.cache import Snapshot, TypedResources
 from istiopy.xds.proxy import Proxy
 from istiopy.xds.push import PushPipeline
 from istiopy.xds.registry import UnknownType
@@ -144,18 +144,43 @@ class Connection:
         self.connected_at = time.time()
         self._wake = asyncio.Event()
         self._update_times: dict[str, float] = {}
+        self._unwatch: Callable[[], None] | None = None
 
     # ------------------------------------------------------------------------------ PushTarget
     def watched_types(self) -> list[str]:
         return self.stream.subscribed_types()
 
     def update(self, typed: list[TypedResources], trigger_time: float | None) -> None:
-        """Take new resources from the pipeline and wake the writer (never blocks)."""
-        self.stream.set_snapshot(self.stream.snapshot.with_types(typed, trigger_time))
+        """Take new resources from the pipeline (never blocks).
+
+        The proxy's snapshot lives in the pipeline's ``SnapshotCache`` under its node id; setting it there
+        reaches this connection (and any other stream of the same proxy) through the cache watch.
+        """
         now = time.perf_counter()
         for t in typed:
             self._update_times.setdefault(t.type_url, now)
+        cache = self.server.pipeline.cache
+        if self.proxy is None:
+            self._on_snapshot("", self.stream.snapshot.with_types(typed, trigger_time))
+            return
+        base = cache.get_snapshot(self.proxy.id) or self.stream.snapshot
+        cache.set_snapshot(self.proxy.id, base.with_types(typed, trigger_time))
+
+    def _on_snapshot(self, key: str, snapshot: Snapshot) -> None:
+        self.stream.set_snapshot(snapshot)
         self._wake.set()
+
+    def close(self) -> None:
+        """Stop watching the cache; the last stream of a proxy drops its snapshot (bounded memory)."""
+        if self._unwatch is not None:
+            self._unwatch()
+            self._unwatch = None
+        if self.proxy is not None and not any(
+            c.proxy is not None and c.proxy.id == self.proxy.id
+            for c in self.server.connections.values()
+            if c is not self
+        ):
+            self.server.pipeline.cache.clear_snapshot(self.proxy.id)
 
     # ---------------------------------------------------------------------------------- driving
     async def serve(self, requests: Any) -> None:
@@ -231,6 +256,11 @@ class Connection:
         except AuthenticationError as e:
             raise StreamClosed(grpc.StatusCode.UNAUTHENTICATED, f"authentication failed: {e}") from None
         self.proxy = Proxy.from_node(node, identity)
+        cache = self.server.pipeline.cache
+        existing = cache.get_snapshot(self.proxy.id)
+        if existing is not None:  # another stream of this proxy, or a snapshot set from outside
+            self.stream.set_snapshot(existing)
+        self._unwatch = cache.watch(self.proxy.id, self._on_snapshot)
         self.server.pipeline.attach(self)
         log.info(
             "xDS %s stream %s connected: %s", "delta" if self.delta else "sotw", self.id, self.describe()
@@ -360,6 +390,7 @@ class XdsServer:
             await conn.serve(requests)
         finally:
             self.pipeline.detach(conn)
+            conn.close()
             self.connections.pop(conn.id, None)
             self.metrics.connected.dec()
             log.info("xDS stream %s closed: %s", conn.id, conn.describe())

@@ -309,3 +309,40 @@ async def test_xds_service_component_runs_until_cancelled() -> None:
         with pytest.raises(asyncio.CancelledError):
             await task
     assert xds.server.connections == {}
+
+
+async def test_snapshot_set_in_cache_reaches_the_proxy_and_is_dropped_on_disconnect(harness: Harness) -> None:
+    """The go-control-plane usage: ``cache.set_snapshot(node_id, snapshot)`` without any store change."""
+    from envoy.config.cluster.v3 import cluster_pb2
+
+    from istiopy.xds.cache import Snapshot, TypedResources
+
+    harness.store.apply(service("a", 80, 8080))
+    client = await healthy_client(harness)
+    try:
+        cache = harness.pipeline.cache
+        assert cache.keys() == [NODE.id]
+        manual = TypedResources.build(types.CLUSTER, [("manual", cluster_pb2.Cluster(name="manual"))])
+        current = cache.get_snapshot(NODE.id)
+        assert current is not None
+        cache.set_snapshot(NODE.id, current.with_types([manual]))
+        async with asyncio.timeout(10):
+            await client.wait_for(lambda c: sorted(c.resources(types.CLUSTER)) == ["manual"])
+        with pytest.raises(Exception, match="missing"):
+            cache.set_snapshot(
+                NODE.id,
+                Snapshot.of(
+                    [
+                        TypedResources.build(
+                            types.CLUSTER,
+                            [("x", cluster_pb2.Cluster(name="x", type=cluster_pb2.Cluster.EDS))],
+                        )
+                    ]
+                ),
+                check=True,
+            )
+    finally:
+        await client.stop()
+    await wait_until(
+        lambda: harness.pipeline.cache.keys() == [], what="snapshot dropped with the last stream"
+    )
