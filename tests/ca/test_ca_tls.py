@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import ssl
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -18,6 +19,7 @@ from istiopy.api.tls import (
     PeerIdentityError,
     client_context,
     peer_identity,
+    private_key_pem,
     server_context,
     verify_peer_identity,
 )
@@ -97,8 +99,6 @@ def foreign_bundle(identity: SpiffeId) -> CertBundle:
     signer = Signer(other)
     key = ec.generate_private_key(ec.SECP256R1())
     leaf = signer.issue_workload(key.public_key(), identity, dt.timedelta(hours=1))
-    from istiopy.api.tls import private_key_pem
-
     return CertBundle(private_key_pem(key), (cert_to_pem(leaf), cert_to_pem(other.root)), other.roots_pem)
 
 
@@ -123,14 +123,12 @@ async def test_server_from_foreign_root_is_refused(ca: CertificateAuthority) -> 
 
 
 async def test_expired_certificate_is_refused(ca: CertificateAuthority) -> None:
+    # The same CA, issuing as if it were two hours ago: a one-hour certificate that expired an hour ago.
+    two_hours_ago = time.time() - 7200
+    past_signer = Signer(ca.material, clock=lambda: two_hours_ago)
     key = ec.generate_private_key(ec.SECP256R1())
-    past = dt.datetime.now(dt.UTC) - dt.timedelta(hours=2)
-    leaf = ca.signer.issue_workload(key.public_key(), APP, dt.timedelta(seconds=1), not_before=past)
-    # not_after = now + 1s with not_before in the past: wait it out, then it is expired.
-    from istiopy.api.tls import private_key_pem
-
+    leaf = past_signer.issue_workload(key.public_key(), APP, dt.timedelta(hours=1))
     expired = CertBundle(private_key_pem(key), (cert_to_pem(leaf), *ca.signer.chain_pem), ca.roots_pem)
-    await asyncio.sleep(2.1)
     assert expired.expired(dt.datetime.now(dt.UTC).timestamp())
     seen: list[SpiffeId] = []
     async with echo_server(server_context(expired), seen) as port:
