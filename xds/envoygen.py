@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from envoy.config.cluster.v3 import cluster_pb2
@@ -154,7 +155,7 @@ def generate_clusters(store: ConfigStore, proxy: Proxy) -> Iterable[CachedResour
             if port.protocol != "TCP":
                 continue
             name = cluster_name(svc, port)
-            yield _CLUSTERS.get(("eds", name), lambda name=name: _eds_cluster(name))
+            yield _CLUSTERS.get(("eds", name), partial(_eds_cluster, name))
     for se, host, port in _entry_ports(store):
         name = f"outbound|{port.number}||{host}"
         dns = se.spec.resolution in (Resolution.DNS, Resolution.DNS_ROUND_ROBIN)
@@ -267,6 +268,10 @@ def service_endpoints(store: ConfigStore, svc: Service, port: ServicePort) -> li
     return EndpointIndex(store).endpoints(svc, port)
 
 
+def _cla_resource(name: str, eps: tuple[tuple[str, int], ...]) -> CachedResource:
+    return CachedResource(name, _load_assignment(name, list(eps)), types.ENDPOINT)
+
+
 def generate_endpoints(store: ConfigStore, proxy: Proxy) -> Iterable[CachedResource]:
     index = EndpointIndex(store)
     for svc in _services(store):
@@ -275,12 +280,7 @@ def generate_endpoints(store: ConfigStore, proxy: Proxy) -> Iterable[CachedResou
                 continue
             name = cluster_name(svc, port)
             eps = tuple(index.endpoints(svc, port))
-            yield _ENDPOINTS.get(
-                (name, eps),
-                lambda name=name, eps=eps: CachedResource(
-                    name, _load_assignment(name, list(eps)), types.ENDPOINT
-                ),
-            )
+            yield _ENDPOINTS.get((name, eps), partial(_cla_resource, name, eps))
 
 
 # --------------------------------------------------------------------------------------------- listeners
@@ -403,7 +403,7 @@ def generate_routes(store: ConfigStore, proxy: Proxy) -> Iterable[CachedResource
     concatenated, so this is byte for byte what serializing the whole message would give."""
     head: bytes = route_pb2.RouteConfiguration(name=ROUTE_NAME).SerializeToString(deterministic=True)
     parts = [head] + [
-        _VHOSTS.get(spec, lambda spec=spec: _vhost_entry(spec)) for spec in virtual_host_specs(store, proxy)
+        _VHOSTS.get(spec, partial(_vhost_entry, spec)) for spec in virtual_host_specs(store, proxy)
     ]
     yield CachedResource.from_serialized(ROUTE_NAME, route_pb2.RouteConfiguration, b"".join(parts))
 
