@@ -224,6 +224,16 @@ def openapi_schema(cls: type[Resource]) -> Schema:
     return schema
 
 
+# Groups under k8s.io / kubernetes.io are protected: the API server refuses their CRDs without a link to the
+# API review that approved them. The Gateway API's own bundle links its approval PR; so do we.
+_APPROVAL_ANNOTATION = "api-approved.kubernetes.io"
+_GATEWAY_API_APPROVAL = "https://github.com/kubernetes-sigs/gateway-api/pull/3328"
+
+
+def _protected(group: str) -> bool:
+    return group in ("k8s.io", "kubernetes.io") or group.endswith((".k8s.io", ".kubernetes.io"))
+
+
 def crd_for(cls: type[Resource]) -> dict[str, Any]:
     plural = cls.PLURAL or cls.KIND.lower() + "s"
     schema = openapi_schema(cls)
@@ -243,6 +253,11 @@ def crd_for(cls: type[Resource]) -> dict[str, Any]:
         "metadata": {
             "name": f"{plural}.{cls.GROUP}",
             "labels": {"app.kubernetes.io/part-of": "istiopy"},
+            **(
+                {"annotations": {_APPROVAL_ANNOTATION: _GATEWAY_API_APPROVAL}}
+                if _protected(cls.GROUP)
+                else {}
+            ),
         },
         "spec": {
             "group": cls.GROUP,
@@ -388,6 +403,11 @@ def structural_errors(crd: Mapping[str, Any]) -> list[str]:
         errors.append("spec.names: plural and singular must be lower case")
     if (crd.get("metadata") or {}).get("name") != f"{plural}.{group}":
         errors.append("metadata.name: must be <plural>.<group>")
+    approval = ((crd.get("metadata") or {}).get("annotations") or {}).get(_APPROVAL_ANNOTATION, "")
+    if _protected(group) and not approval.startswith(("https://", "http://", "unapproved")):
+        errors.append(
+            f"metadata.annotations[{_APPROVAL_ANNOTATION}]: required for the protected group {group}"
+        )
     if spec.get("scope") not in ("Namespaced", "Cluster"):
         errors.append("spec.scope: must be Namespaced or Cluster")
     versions = spec.get("versions") or []
