@@ -52,6 +52,7 @@ from istiopy.dataplane.hbone import (
 )
 from istiopy.dataplane.identity import SecretManager
 from istiopy.dataplane.inbound import InboundAuthorizer, InboundRefused
+from istiopy.dataplane.inpod import PodNetns
 from istiopy.dataplane.metrics import ConnectionTracker, Metrics, connection_labels
 from istiopy.dataplane.outbound import NoHealthyUpstream, OutboundPlan, OutboundResolver
 from istiopy.dataplane.state import ADDRESS_TYPE, AUTHORIZATION_TYPE, IPAddress, ProxyState, Workload
@@ -80,6 +81,7 @@ class ProxyConfig:
     pool_max_streams: int = 100
     pool_idle_timeout: float = 300.0
     connect_timeout: float = 10.0
+    preserve_source_ip: bool = True  # [ENABLE_ORIG_SRC]: the app sees the client's IP, not the pod's
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -135,10 +137,11 @@ def _addr(a: tuple[str, int] | None) -> str:
 class _PodProxy:
     """The listeners and handlers ztunnel-py runs inside one pod's network namespace."""
 
-    def __init__(self, zt: Ztunnel, info: LocalWorkloadInfo, netns_fd: int) -> None:
+    def __init__(self, zt: Ztunnel, info: LocalWorkloadInfo, netns: PodNetns) -> None:
         self.zt = zt
         self.info = info
-        self.netns_fd = netns_fd
+        self.netns = netns
+        self.netns_fd = netns.fd
         self.hbone = HboneServer(self.on_connect, self._server_ctx, trust_domain=None)
         self._servers: list[asyncio.Server] = []
         self._tasks: set[asyncio.Task[None]] = set()
@@ -176,12 +179,14 @@ class _PodProxy:
     async def start(self) -> None:
         cfg = self.zt.config
         try:
-            out_sock = sockets.netns_listener(self.netns_fd, cfg.outbound_port, transparent=True)
-            self._servers.append(await asyncio.start_server(self._outbound, sock=out_sock))
-            in_sock = sockets.netns_listener(self.netns_fd, cfg.inbound_plaintext_port, transparent=True)
-            self._servers.append(await asyncio.start_server(self._plaintext, sock=in_sock))
-            hb_sock = sockets.netns_listener(self.netns_fd, cfg.hbone_port, transparent=True)
-            await self.hbone.serve(hb_sock)  # HboneServer.close() stops it
+            ls = self.netns.open_listeners(
+                outbound_port=cfg.outbound_port,
+                inbound_port=cfg.inbound_plaintext_port,
+                hbone_port=cfg.hbone_port,
+            )
+            self._servers.append(await asyncio.start_server(self._outbound, sock=ls.outbound))
+            self._servers.append(await asyncio.start_server(self._plaintext, sock=ls.inbound))
+            await self.hbone.serve(ls.hbone)  # HboneServer.close() stops it
         except BaseException:
             await self.stop()
             raise
@@ -222,9 +227,7 @@ class _PodProxy:
             )
             self.zt.tracker.failed(self._inbound_labels(req.peer_identity, None, req.peer_addr))
             return Reject(e.status, e.reason)
-        sock = await sockets.async_connect_in_netns(
-            self.netns_fd, target.dial, connect_timeout=self.zt.config.connect_timeout
-        )  # raising here makes the server answer 503
+        sock = await self._dial_app(target.dial, peer_ip)  # raising here makes the server answer 503
         upstream = await TcpStream.from_socket(sock)
         conn = self.zt.tracker.open(
             direction="inbound",
@@ -268,6 +271,21 @@ class _PodProxy:
             mtls=peer is not None,
         )
 
+    async def _dial_app(self, dst: tuple[str, int], client_ip: str) -> socket.socket:
+        """Connect to the app inside the pod, from the original client's IP when configured (as upstream's
+        ``ENABLE_ORIG_SRC``; needs the capture's transparent return routing), else from the pod itself."""
+        timeout = self.zt.config.connect_timeout
+        if self.zt.config.preserve_source_ip and client_ip and client_ip != dst[0]:
+            try:
+                return await self.netns.connect(
+                    dst, source=(client_ip, 0), transparent=True, connect_timeout=timeout
+                )
+            except PermissionError as e:
+                log.debug(
+                    "cannot spoof %s toward the app (%s); connecting from the pod address", client_ip, e
+                )
+        return await self.netns.connect(dst, connect_timeout=timeout)
+
     # ---- inbound plaintext --------------------------------------------------------------------
 
     async def _plaintext(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -289,9 +307,7 @@ class _PodProxy:
             down.reset()
             return
         try:
-            up_sock = await sockets.async_connect_in_netns(
-                self.netns_fd, target.dial, connect_timeout=self.zt.config.connect_timeout
-            )
+            up_sock = await self._dial_app(target.dial, peer[0])
             upstream = await TcpStream.from_socket(up_sock)
         except OSError as e:
             log.info("plaintext inbound %s -> %s: app unreachable: %s", _addr(peer), _addr(dst), e)
@@ -336,9 +352,7 @@ class _PodProxy:
             if plan.hbone:
                 upstream = await self._open_hbone(plan, peer)
             else:
-                up_sock = await sockets.async_connect_in_netns(
-                    self.netns_fd, plan.dial, connect_timeout=self.zt.config.connect_timeout
-                )
+                up_sock = await self.netns.connect(plan.dial, connect_timeout=self.zt.config.connect_timeout)
                 upstream = await TcpStream.from_socket(up_sock)
         except (OSError, HboneError, TimeoutError, ConnectionError) as e:
             log.info("outbound %s -> %s via %s failed: %s", _addr(peer), _addr(dst), _addr(plan.dial), e)
@@ -374,11 +388,11 @@ class _PodProxy:
             (peer[0], peer[1]), baggage=baggage, host=plan.service.hostname if plan.service else None
         )
         key = PoolKey(str(src_id), ",".join(sorted(str(i) for i in plan.expected_identities)), plan.dial[0])
-        fd = self.netns_fd
+        netns = self.netns
         timeout = self.zt.config.connect_timeout
 
         async def dial(addr: tuple[str, int]) -> socket.socket:
-            return await sockets.async_connect_in_netns(fd, addr, connect_timeout=timeout)
+            return await netns.connect(addr, connect_timeout=timeout)
 
         # Pool per source pod: the socket is born in this pod's netns, so connections are not shareable
         # across pods even with the same identity (upstream's key also carries the source IP).
@@ -484,12 +498,12 @@ class Ztunnel:
         """Start serving a pod: listeners in its netns, certificate prefetch. ``netns_fd`` is dup'ed."""
         if info.uid in self.pods:
             await self.remove_pod(info.uid)
-        fd = os.dup(netns_fd)
-        pod = _PodProxy(self, info, fd)
+        netns = PodNetns(os.dup(netns_fd), info.uid)
+        pod = _PodProxy(self, info, netns)
         try:
             await pod.start()
         except BaseException:
-            os.close(fd)
+            netns.close()
             raise
         self.pods[info.uid] = pod
         self.secrets.set_local([(uid, p.identity) for uid, p in self.pods.items()])
@@ -503,7 +517,7 @@ class Ztunnel:
         pool = self._pools.pop(uid, None)
         if pool is not None:
             await pool.close()
-        os.close(pod.netns_fd)
+        pod.netns.close()
         self.secrets.set_local([(u, p.identity) for u, p in self.pods.items()])
         log.info("stopped serving pod %s/%s", pod.info.namespace, pod.info.name)
 

@@ -194,42 +194,16 @@ def policy(
 
 # ---- capture ---------------------------------------------------------------------------------------
 
-PROXY_MARK = 0x539
-
-
-def capture_rules(
-    outbound_port: int = 15001, inbound_plaintext_port: int = 15006, hbone_port: int = 15008
-) -> str:
-    """``iptables-restore`` input for in-pod capture, the shape upstream's node agent installs.
-
-    Outbound TCP from the app goes to 15001, inbound TCP (except HBONE on 15008) to 15006; the proxy's own
-    sockets carry ``PROXY_MARK`` and are left alone, as is loopback traffic. Used by tests until (and
-    besides) the node agent, which owns the production version of these rules.
-    """
-    mark = f"{PROXY_MARK:#x}/0xfff"
-    return "\n".join(
-        [
-            "*nat",
-            ":ISTIO_PRERT - [0:0]",
-            ":ISTIO_OUTPUT - [0:0]",
-            "-A PREROUTING -j ISTIO_PRERT",
-            "-A OUTPUT -j ISTIO_OUTPUT",
-            f"-A ISTIO_PRERT -m mark --mark {mark} -j RETURN",
-            f"-A ISTIO_PRERT -p tcp --dport {hbone_port} -j RETURN",
-            "-A ISTIO_PRERT -i lo -j RETURN",
-            f"-A ISTIO_PRERT -p tcp -j REDIRECT --to-ports {inbound_plaintext_port}",
-            f"-A ISTIO_OUTPUT -m mark --mark {mark} -j RETURN",
-            "-A ISTIO_OUTPUT -o lo -j RETURN",
-            f"-A ISTIO_OUTPUT -p tcp -j REDIRECT --to-ports {outbound_port}",
-            "COMMIT",
-            "",
-        ]
-    )
-
 
 def install_capture(pod: object) -> None:
-    """Install :func:`capture_rules` inside a ``testing.netns.Pod`` (anything with ``run``)."""
-    pod.run(["iptables-restore", "--noflush"], input=capture_rules())  # type: ignore[attr-defined]
+    """In-pod capture for a ``testing.netns.Pod`` with the node agent's own rules (``dataplane.capture``)."""
+    from istiopy.dataplane.capture import install_capture as _install
+
+    fd = pod.open_netns()  # type: ignore[attr-defined]
+    try:
+        _install(fd)
+    finally:
+        os.close(fd)
 
 
 # ---- a real control plane and real ztunnel-py processes ----------------------------------------------

@@ -209,6 +209,9 @@ async def test_cross_node_hbone_mtls_carries_identity(mesh: Mesh) -> None:
     body = json.loads(raw.partition(b"\r\n\r\n")[2])
     assert body["pod"] == "srv-1"
     assert body["path"] == f"/{marker}"
+    assert (
+        body["peer"].split(":")[0] == sleep.ip
+    )  # the app sees the client's IP (IP_TRANSPARENT), not the pod's
     text = cap["text"]  # type: ignore[index]
     assert f"{srv1.ip}.15008" in text  # the tunnel went to the destination pod's HBONE port
     assert f"{srv1.ip}.8080" not in text  # and never as plaintext to the app port
@@ -260,6 +263,7 @@ async def test_plaintext_inbound_has_no_identity_and_non_mesh_passes_through(mes
     # A client outside the mesh reaches a mesh pod in plaintext (captured on 15006) while no policy says no.
     body = await _http_get(legacy, srv1.ip, 8080)
     assert body["pod"] == "srv-1"
+    assert body["peer"].split(":")[0] == legacy.ip
     mesh.policies(b.policy("mtls-only", "srv", [[[b.match(principals=[b.presence()])]]]))
     assert await _refused(legacy, srv1.ip, 8080)
     assert (await _http_get(sleep, srv1.ip, 8080))["pod"] == "srv-1"

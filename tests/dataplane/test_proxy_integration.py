@@ -204,6 +204,7 @@ async def test_pod_to_pod_is_hbone_mtls_and_identity_reaches_the_destination(clu
         await asyncio.sleep(0.3)
     assert body["pod"] == "echo-1"
     assert body["path"] == marker
+    assert body["peer"].split(":")[0] == sleep.ip  # source IP preserved toward the app
     text = cap["text"]
     assert f"{sleep.ip}." in text
     assert f"> {echo1.ip}.15008:" in text  # to the destination pod's HBONE port
