@@ -188,3 +188,13 @@ def test_real_api_server_accepts_the_crds_and_our_valid_documents() -> None:
             if out.returncode != 0:
                 refused.append(f"{d['kind']}/{d['metadata']['name']}: {out.stderr.strip()}")
         assert refused == []
+        # Limits that live on model fields reach the server too.
+        invalid = Path(__file__).resolve().parents[1] / "data" / "invalid"
+        for name in (
+            "gateway-listener-port-range.yaml",
+            "gateway-httproute-negative-weight.yaml",
+            "gateway-httproute-path-type.yaml",
+        ):
+            out = cluster.kubectl("apply", "--dry-run=server", "-f", str(invalid / name), check=False)
+            assert out.returncode != 0, name
+            assert "spec." in out.stderr, out.stderr
