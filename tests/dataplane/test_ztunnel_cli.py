@@ -210,3 +210,47 @@ async def test_json_yaml_all_and_file(admin_port: int, tmp_path: Path) -> None:
     r = await _istioctl("zc", "services", "-f", str(tmp_path / "missing.json"))
     assert r.returncode == 1
     assert "cannot read" in r.stderr
+
+
+def test_ztunnel_process_serves_admin_and_quits_on_quitquitquit(tmp_path: Path) -> None:
+    """A real ztunnel-py process without a control plane: admin answers, not ready, /quitquitquit ends it."""
+    root = tmp_path / "root.pem"
+    root.write_text(CertificateAuthority(CaConfig(), generate_root("cluster.local")).roots_pem)
+    ports = [b.free_port() for _ in range(3)]
+    argv = [str(BIN / "ztunnel-py"), "--root-cert", str(root), "--xds-address", f"127.0.0.1:{b.free_port()}",
+            "--admin-port", str(ports[0]), "--metrics-address", "127.0.0.1", "--metrics-port", str(ports[1]),
+            "--readiness-port", str(ports[2]), "--no-zds", "--node-name", "node-q"]  # fmt: skip
+    proc = subprocess.Popen(argv, cwd=str(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        import time
+        import urllib.error
+        import urllib.request
+
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{ports[0]}/config_dump", timeout=2) as r:
+                    dump = json.loads(r.read())
+                break
+            except OSError:
+                assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+        assert (
+            dump["config"]["xdsNodeId"]
+            == "ztunnel~127.0.0.1~ztunnel.istio-system~istio-system.svc.cluster.local"
+        )
+        assert dump["workloads"] == []
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(f"http://127.0.0.1:{ports[2]}/healthz/ready", timeout=2)
+        assert e.value.code == 503  # no control plane yet: not ready
+        with urllib.request.urlopen(f"http://127.0.0.1:{ports[1]}/metrics", timeout=2) as r:
+            assert r.status == 200
+        req = urllib.request.Request(f"http://127.0.0.1:{ports[0]}/quitquitquit", method="POST")
+        with urllib.request.urlopen(req, timeout=2) as r:
+            assert r.status == 200
+        assert proc.wait(20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
