@@ -21,7 +21,7 @@ import watchfiles
 
 from istiopy.mesh.errors import MeshError, UnknownKind
 from istiopy.mesh.loader import EXTENSIONS, FileResult, LoadResult, find_files, load_file
-from istiopy.mesh.meta import Resource
+from istiopy.mesh.meta import Resource, ResourceKey
 from istiopy.mesh.store import ConfigStore
 
 __all__ = ["SOURCE_PREFIX", "FileSource"]
@@ -51,7 +51,8 @@ class FileSource:
         self.ready = asyncio.Event()
         self._problems: dict[Path, list[MeshError]] = {}
         self._notes: dict[Path, list[UnknownKind]] = {}
-        self._known: set[Path] = set()  # files whose resources are in the store
+        # file -> the resources it last put in the store (its "last good" state)
+        self._applied: dict[Path, dict[ResourceKey, Resource]] = {}
 
     # ------------------------------------------------------------------------------------------- public
     @property
@@ -74,7 +75,7 @@ class FileSource:
         if not self.path.exists():
             log.warning("config path %s does not exist", self.path)
         result = LoadResult([self.reload_file(f) for f in sorted(files)])
-        for gone in sorted(self._known - files):
+        for gone in sorted(set(self._applied) - files):
             self._remove(gone)
         return result
 
@@ -86,8 +87,8 @@ class FileSource:
             return FileResult(str(file))
         result = load_file(file, self.default_namespace)
         source = self.source_name(file)
-        previous = {r.key: r for r in self.store if self.store.source_of(r.key) == source}
-        if result.malformed and file in self._known:
+        previous = self._applied.get(file, {})
+        if result.malformed and file in self._applied:
             # Broken YAML: keep what the file last said rather than half of it.
             self._record(file, result, kept=True)
             return result
@@ -96,7 +97,7 @@ class FileSource:
             if doc.error is not None and doc.key is not None and doc.key in previous:
                 wanted.append(previous[doc.key])  # keep the last good version of an invalid edit
         changes = self.store.replace_source(source, wanted)
-        self._known.add(file)
+        self._applied[file] = {r.key: r for r in wanted}
         self._record(file, result, kept=False)
         if changes:  # quiet during the initial load, which the caller summarises
             log.log(
@@ -119,7 +120,7 @@ class FileSource:
             if not self.ready.is_set():
                 self.load()  # the watcher is live now: catch up with anything changed before it was
                 self.ready.set()
-                log.info("watching %s (%d files loaded)", self.path, len(self._known))
+                log.info("watching %s (%d files loaded)", self.path, len(self._applied))
             if changes:
                 self._apply_changes(p for _, p in changes)
 
@@ -131,7 +132,7 @@ class FileSource:
             p = Path(raw)
             if self.path.is_file() and p != self.path:
                 continue
-            if p.suffix in EXTENSIONS or p in self._known:
+            if p.suffix in EXTENSIONS or p in self._applied:
                 touched.add(p)
             elif p.is_dir() or not p.suffix:
                 rescan = True  # a folder appeared, vanished or was renamed
@@ -139,7 +140,7 @@ class FileSource:
             self.load()
             return
         for p in sorted(touched):
-            if p not in self._known and self._hidden(p):
+            if p not in self._applied and self._hidden(p):
                 continue
             self.reload_file(p)
 
@@ -153,7 +154,7 @@ class FileSource:
 
     def _remove(self, file: Path) -> None:
         changes = self.store.replace_source(self.source_name(file), [])
-        self._known.discard(file)
+        self._applied.pop(file, None)
         self._problems.pop(file, None)
         self._notes.pop(file, None)
         if changes:
