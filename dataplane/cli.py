@@ -13,14 +13,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import importlib
 import logging
 import os
 import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn, Protocol
+from typing import NoReturn
 
 import grpc
 
@@ -31,6 +30,7 @@ from istiopy.dataplane import sockets
 from istiopy.dataplane.admin import LocalWorkloadInfo
 from istiopy.dataplane.identity import SecretManager, ca_fetcher
 from istiopy.dataplane.proxy import ProxyConfig, Ztunnel, build_node
+from istiopy.dataplane.zds import ZdsClient
 
 log = logging.getLogger("istiopy.ztunnel")
 
@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=_env("INPOD_UDS", DEFAULT_ZDS),
         help="unix socket the node agent hands pods over [INPOD_UDS] (default: %(default)s)",
     )
-    n.add_argument("--no-zds", action="store_true", help="do not listen for the node agent")
+    n.add_argument("--no-zds", action="store_true", help="do not connect to the node agent (serve only --pod pods)")
     n.add_argument(
         "--pod",
         type=_static_pod,
@@ -222,45 +222,25 @@ async def run(args: argparse.Namespace) -> int:
                 await zt.add_pod(info, fd)
             finally:
                 os.close(fd)
-        zds = await _start_zds(zt, args)
+        zds: ZdsClient | None = None
+        zds_task: asyncio.Task[None] | None = None
+        if not args.no_zds:
+            zds = ZdsClient(zt, args.zds_socket)  # the node agent hands pods over; reconnects forever
+            zds_task = asyncio.create_task(zds.run(), name="zds")
         log.info(
             "ztunnel-py %s started: node %s, xDS %s", istiopy.__version__, config.node_name, args.xds_address
         )
         await zt.stopped.wait()
-        if zds is not None:
+        if zds is not None and zds_task is not None:
             with contextlib.suppress(Exception):
-                await zds.stop()
+                await zds.stop()  # deletes its workloads: the pods' listeners close
+            zds_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await zds_task
     finally:
         await zt.stop()
         await ca.close()
     return 0
-
-
-class _Service(Protocol):
-    async def start(self) -> None: ...
-
-    async def stop(self) -> None: ...
-
-
-async def _start_zds(zt: Ztunnel, args: argparse.Namespace) -> _Service | None:
-    """Listen for the node agent when the ZDS server module is available and not disabled.
-
-    The ZDS server (``istiopy.dataplane.zds.ZdsServer(socket_path, ztunnel)``) calls
-    :meth:`Ztunnel.add_pod`, :meth:`Ztunnel.remove_pod` and :meth:`Ztunnel.reconcile_pods`.
-    """
-    if args.no_zds:
-        return None
-    try:
-        zds = importlib.import_module("istiopy.dataplane.zds")  # the transport layer's ZDS server
-    except ImportError:
-        log.warning("no ZDS support in this build; serving only --pod pods")
-        return None
-    server_cls = getattr(zds, "ZdsServer", None)
-    if server_cls is None:
-        return None
-    server: _Service = server_cls(args.zds_socket, zt)
-    await server.start()
-    return server
 
 
 def main(argv: Sequence[str] | None = None) -> int:

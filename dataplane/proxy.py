@@ -56,6 +56,7 @@ from istiopy.dataplane.inpod import PodNetns
 from istiopy.dataplane.metrics import ConnectionTracker, Metrics, connection_labels
 from istiopy.dataplane.outbound import NoHealthyUpstream, OutboundPlan, OutboundResolver
 from istiopy.dataplane.state import ADDRESS_TYPE, AUTHORIZATION_TYPE, IPAddress, ProxyState, Workload
+from istiopy.dataplane.zds import ZdsWorkload
 
 log = logging.getLogger("istiopy.ztunnel.proxy")
 
@@ -520,6 +521,17 @@ class Ztunnel:
         pod.netns.close()
         self.secrets.set_local([(u, p.identity) for u, p in self.pods.items()])
         log.info("stopped serving pod %s/%s", pod.info.namespace, pod.info.name)
+
+    # ZDS handler (``istiopy.dataplane.zds.WorkloadHandler``): the node agent's pods come and go here.
+
+    async def add_workload(self, wl: ZdsWorkload) -> None:
+        await self.add_pod(LocalWorkloadInfo(wl.uid, wl.name, wl.namespace, wl.service_account), wl.netns.fd)
+
+    async def del_workload(self, uid: str) -> None:
+        await self.remove_pod(uid)
+
+    async def snapshot_done(self, uids: set[str]) -> None:
+        await self.reconcile_pods(uids)
 
     async def reconcile_pods(self, keep: Iterable[str]) -> None:
         """After the node agent's snapshot (ZDS ``SnapshotSent``): stop serving pods it no longer lists."""

@@ -343,15 +343,21 @@ def free_port() -> int:
 
 
 class ZtunnelProcess:
-    """A real ``ztunnel-py`` process serving the given pods (``--pod``), for one node of a topology."""
+    """A real ``ztunnel-py`` process for one node of a topology.
+
+    Pods come from a node agent over ZDS at ``zds_socket`` (in-pod mode, as deployed), or are given
+    statically as ``(uid, name, namespace, service_account, netns_path)`` tuples (``--pod``).
+    """
 
     def __init__(
         self,
         plane: TestControlPlane,
         node: str,
         node_ip: str,
-        pods: Sequence[tuple[str, str, str, str, str]],
-        workdir: str,
+        pods: Sequence[tuple[str, str, str, str, str]] = (),
+        workdir: str = "/tmp",
+        *,
+        zds_socket: str | None = None,
     ) -> None:
         self.node = node
         self.workdir = os.path.join(workdir, node)
@@ -368,8 +374,9 @@ class ZtunnelProcess:
             "--node-name", node, "--pod-name", f"ztunnel-{node}", "--instance-ip", node_ip,
             "--admin-port", str(self.admin_port), "--metrics-address", "127.0.0.1",
             "--metrics-port", str(self.metrics_port), "--readiness-port", str(self.readiness_port),
-            "--no-zds", "--log-level", "debug",
+            "--log-level", "debug",
         ]  # fmt: skip
+        argv += ["--zds-socket", zds_socket] if zds_socket else ["--no-zds"]
         for uid, name, ns, sa, netns in pods:
             argv += ["--pod", f"{uid},{name},{ns},{sa},{netns}"]
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - lives as long as the process

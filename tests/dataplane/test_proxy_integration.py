@@ -23,8 +23,11 @@ from dataclasses import dataclass
 import pytest
 import yaml
 
+from istiopy.dataplane import sockets
+from istiopy.dataplane.capture import CaptureConfig
+from istiopy.dataplane.nodeagent import NodeAgent, PodSpec
 from istiopy.testing import ztunnel as b
-from istiopy.testing.netns import Pod, Topology
+from istiopy.testing.netns import Node, Pod, Topology
 from istiopy.testing.ztunnel import TestControlPlane, ZtunnelProcess
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
@@ -82,6 +85,16 @@ class Cluster:
     plane: TestControlPlane
     zts: dict[str, ZtunnelProcess]
     pods: dict[str, Pod]
+    agents: dict[str, NodeAgent]
+    workdir: str
+
+    def start_ztunnel(self, node: Node) -> ZtunnelProcess:
+        zt = ZtunnelProcess(self.plane, node.name, node.ip, (), self.workdir, zds_socket=self.zds_path(node))
+        self.zts[node.name] = zt
+        return zt
+
+    def zds_path(self, node: Node) -> str:
+        return os.path.join(self.workdir, f"{node.name}.zds.sock")
 
     async def until(self, cond: Callable[[], bool]) -> None:
         """Poll another process's admin API (no event to wait on) until ``cond`` holds."""
@@ -110,7 +123,6 @@ async def cluster(topology: Topology) -> AsyncIterator[Cluster]:
         pod.uid = b.pod_uid(pod.namespace, pod.name)  # the uid WDS names the workload by
         pod.spawn_server("http", port=8080)
         pod.spawn_server("echo", port=9000)
-        b.install_capture(pod)
     docs: list[dict[str, object]] = [_namespace("cli"), _namespace("srv"), _namespace("istio-system", False)]
     docs += [_pod(p, {"app": p.name.split("-")[0]}) for p in pods.values()]
     docs += [_ztunnel_pod(n.name, n.ip) for n in (n0, n1)]
@@ -128,23 +140,27 @@ async def cluster(topology: Topology) -> AsyncIterator[Cluster]:
     )
     workdir = tempfile.mkdtemp(prefix="zt-it-")
     plane = TestControlPlane(yaml.safe_dump_all(docs))
-    zts: dict[str, ZtunnelProcess] = {}
+    cluster = Cluster(topology, plane, {}, pods, {}, workdir)
     try:
         await plane.start()
         for node in (n0, n1):
-            zts[node.name] = ZtunnelProcess(
-                plane,
-                node.name,
-                node.ip,
-                [(p.uid, p.name, p.namespace, p.service_account, p.netns_path) for p in node.pods],
-                workdir,
-            )
-        for zt in zts.values():
+            # The node agent captures each pod's traffic and hands the pod to the node's ztunnel-py over ZDS.
+            agent = cluster.agents[node.name] = NodeAgent(cluster.zds_path(node), capture=CaptureConfig())
+            await agent.start()
+            for p in node.pods:
+                await agent.add_pod(PodSpec(p.uid, p.name, p.namespace, p.service_account, p.netns_path))
+            cluster.start_ztunnel(node)
+        for zt in cluster.zts.values():
             await asyncio.to_thread(zt.wait_ready)
-        yield Cluster(topology, plane, zts, pods)
+        async with asyncio.timeout(30):
+            for agent in cluster.agents.values():
+                await agent.wait_for_proxy()
+        yield cluster
     finally:
-        for zt in zts.values():
+        for zt in cluster.zts.values():
             zt.stop()
+        for agent in cluster.agents.values():
+            await agent.stop()
         await plane.close()
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -267,3 +283,30 @@ async def test_control_plane_down_keeps_existing_and_new_connections(cluster: Cl
     seen = {(await _get(sleep, VIP, 80))["pod"] for _ in range(3)}
     assert seen == {"echo-1", "echo-2", "echo-3"}
     assert cluster.zts["node-0"].get(cluster.zts["node-0"].readiness_port, "/healthz/ready")[0] == 200
+
+
+async def test_pod_removal_and_ztunnel_restart_relearn_from_the_node_agent(cluster: Cluster) -> None:
+    sleep, echo1, echo2 = cluster.pods["sleep"], cluster.pods["echo-1"], cluster.pods["echo-2"]
+    n1 = echo1.node
+    # A restarted ztunnel-py gets every pod again from the agent's snapshot and serves them at once.
+    before = cluster.agents[n1.name].snapshots_sent
+    cluster.zts[n1.name].stop()
+    zt = cluster.start_ztunnel(n1)
+    await asyncio.to_thread(zt.wait_ready)
+    async with asyncio.timeout(30):
+        await cluster.agents[n1.name].wait_for_proxy(before + 1)
+    assert (await _get(sleep, echo1.ip, 8080))["pod"] == "echo-1"
+    state = zt.config_dump()["workloadState"]
+    assert {s["info"]["name"] for s in state.values()} == {"echo-1", "echo-2"}
+    # A pod removed by the agent: its listeners inside the pod close (HBONE to it is refused).
+    await cluster.agents[n1.name].remove_pod(echo2.uid)
+    cluster.plane.delete("Pod", "srv", "echo-2")
+    await cluster.until(lambda: "echo-2" not in {w["name"] for w in zt.config_dump()["workloads"]})
+    fd = sleep.open_netns()
+    try:
+        with pytest.raises(ConnectionRefusedError):
+            await sockets.async_connect_in_netns(fd, (echo2.ip, 15008), connect_timeout=5)
+    finally:
+        os.close(fd)
+    seen = {(await _get(sleep, VIP, 80))["pod"] for _ in range(4)}
+    assert seen == {"echo-1", "echo-3"}
