@@ -12,10 +12,37 @@ from typing import Any
 
 from aiohttp import web
 from google.protobuf import json_format
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
+from prometheus_client.utils import floatToGoString
 
 from istiopy.mesh.store import ConfigStore
 from istiopy.xds.server import XdsServer
+
+
+def _escape(value: str, quote: bool = False) -> str:
+    out = value.replace("\\", "\\\\").replace("\n", "\\n")
+    return out.replace('"', '\\"') if quote else out
+
+
+def istio_exposition(registry: CollectorRegistry) -> bytes:
+    """Prometheus text format with Istio's metric names: counters without the ``_total`` suffix
+    prometheus_client adds (istiod exports ``pilot_xds_pushes``, and dashboards query that), no
+    ``_created`` samples."""
+    lines: list[str] = []
+    for family in registry.collect():
+        name = family.name
+        lines.append(f"# HELP {name} {_escape(family.documentation)}")
+        lines.append(f"# TYPE {name} {family.type}")
+        for sample in family.samples:
+            if sample.name.endswith("_created"):
+                continue
+            sample_name = name if family.type == "counter" and sample.name == name + "_total" else sample.name
+            labels = ",".join(
+                f'{k}="{_escape(str(v), quote=True)}"' for k, v in sorted(sample.labels.items())
+            )
+            value = floatToGoString(sample.value)
+            lines.append(f"{sample_name}{{{labels}}} {value}" if labels else f"{sample_name} {value}")
+    return ("\n".join(lines) + "\n").encode()
 
 
 def _json(data: Any) -> web.Response:
@@ -61,7 +88,7 @@ class DebugServer:
             self._runner = None
 
     async def _metrics(self, request: web.Request) -> web.Response:
-        body = generate_latest(self.xds.metrics.registry)
+        body = istio_exposition(self.xds.metrics.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def _syncz(self, request: web.Request) -> web.Response:

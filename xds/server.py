@@ -25,6 +25,7 @@ import contextlib
 import itertools
 import logging
 import os
+import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -145,6 +146,8 @@ class Connection:
         self._wake = asyncio.Event()
         self._update_times: dict[str, float] = {}
         self._unwatch: Callable[[], None] | None = None
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
 
     # ------------------------------------------------------------------------------ PushTarget
     def watched_types(self) -> list[str]:
@@ -167,6 +170,10 @@ class Connection:
         cache.set_snapshot(self.proxy.id, base.with_types(typed, trigger_time))
 
     def _on_snapshot(self, key: str, snapshot: Snapshot) -> None:
+        """Cache watcher; a snapshot set from another thread is handed over to the event loop."""
+        if threading.get_ident() != self._loop_thread:
+            self._loop.call_soon_threadsafe(self._on_snapshot, key, snapshot)
+            return
         self.stream.set_snapshot(snapshot)
         self._wake.set()
 

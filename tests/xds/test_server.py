@@ -301,7 +301,10 @@ async def test_xds_service_component_runs_until_cancelled() -> None:
         url = f"http://127.0.0.1:{xds.ports['monitoring']}/metrics"
         text = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read().decode())
         assert "pilot_xds 1.0" in text
-        assert 'pilot_xds_pushes_total{type="cds"}' in text
+        assert 'pilot_xds_pushes{type="cds"} 1.0' in text
+        assert "# TYPE pilot_xds_pushes counter" in text
+        assert "pilot_proxy_convergence_time_bucket{le=" in text
+        assert "_created" not in text
     finally:
         if client is not None:
             await client.stop()
@@ -346,3 +349,27 @@ async def test_snapshot_set_in_cache_reaches_the_proxy_and_is_dropped_on_disconn
     await wait_until(
         lambda: harness.pipeline.cache.keys() == [], what="snapshot dropped with the last stream"
     )
+
+
+async def test_snapshot_set_from_another_thread_is_delivered(harness: Harness) -> None:
+    from envoy.config.cluster.v3 import cluster_pb2
+
+    from istiopy.xds.cache import TypedResources
+
+    client = await healthy_client_with(harness, "a")
+    try:
+        cache = harness.pipeline.cache
+        current = cache.get_snapshot(NODE.id)
+        assert current is not None
+        manual = TypedResources.build(types.CLUSTER, [("threaded", cluster_pb2.Cluster(name="threaded"))])
+        await asyncio.to_thread(cache.set_snapshot, NODE.id, current.with_types([manual]))
+        async with asyncio.timeout(10):
+            await client.wait_for(lambda c: sorted(c.resources(types.CLUSTER)) == ["threaded"])
+    finally:
+        await client.stop()
+
+
+async def healthy_client_with(h: Harness, *services: str) -> DeltaXdsClient:
+    for i, name in enumerate(services):
+        h.store.apply(service(name, 80, 8080, vip=f"10.96.3.{i + 1}"))
+    return await healthy_client(h)
