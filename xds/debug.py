@@ -8,12 +8,12 @@ Prometheus text.
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from aiohttp import web
 from google.protobuf import json_format
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
-from prometheus_client.utils import floatToGoString
 
 from istiopy.mesh.store import ConfigStore
 from istiopy.xds.server import XdsServer
@@ -22,6 +22,14 @@ from istiopy.xds.server import XdsServer
 def _escape(value: str, quote: bool = False) -> str:
     out = value.replace("\\", "\\\\").replace("\n", "\\n")
     return out.replace('"', '\\"') if quote else out
+
+
+def _number(value: float) -> str:
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(float(value))
 
 
 def istio_exposition(registry: CollectorRegistry) -> bytes:
@@ -40,7 +48,7 @@ def istio_exposition(registry: CollectorRegistry) -> bytes:
             labels = ",".join(
                 f'{k}="{_escape(str(v), quote=True)}"' for k, v in sorted(sample.labels.items())
             )
-            value = floatToGoString(sample.value)
+            value = _number(sample.value)
             lines.append(f"{sample_name}{{{labels}}} {value}" if labels else f"{sample_name} {value}")
     return ("\n".join(lines) + "\n").encode()
 
