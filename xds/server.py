@@ -299,7 +299,11 @@ class Connection:
             await self._wake.wait()
             self._wake.clear()
             async with server.pipeline.push_semaphore:
-                for resp in self.stream.responses(time.monotonic()):
+                try:
+                    responses = self.stream.responses(time.monotonic())
+                except ProtocolError as e:
+                    raise StreamClosed(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
+                for resp in responses:
                     data = resp.encode()
                     try:
                         await asyncio.wait_for(self.context.write(data), timeout)

@@ -177,6 +177,10 @@ class _StreamBase:
 
     delta: bool = False
 
+    # Responses a delta client may leave unacknowledged per type before the stream is refused: the record
+    # of each is kept until its ACK, so a client that reads but never ACKs must not grow it forever.
+    max_pending: int = 256
+
     def __init__(self, nonce_prefix: str = "", max_names: int = 100_000) -> None:
         self.node: Message | None = None
         self.types: dict[str, TypeStatus] = {}
@@ -404,6 +408,10 @@ class DeltaStream(_StreamBase):
         st.synced_typed = held if st.wildcard else None
         if not updates and not removed and not st.must_respond:
             return None
+        if len(st.pending) >= self.max_pending:
+            raise ProtocolError(
+                f"client has not acknowledged {len(st.pending)} {types.short_name(st.type_url)} responses"
+            )
         nonce = self._next_nonce()
         entry = _Pending(
             nonce,

@@ -290,3 +290,15 @@ def test_delta_stale_nonce_voids_ack_but_keeps_subscription() -> None:
     out = s.handle_request(delta_req(sub=("b",), nonce=r1.nonce), 2)
     assert out.kind is Kind.STALE
     assert names(s.responses(3)[0]) == ["b"]
+
+
+def test_delta_client_that_never_acks_is_refused_not_buffered() -> None:
+    s = DeltaStream()
+    s.max_pending = 3
+    s.handle_request(delta_req(), 0)
+    for i in range(3):
+        s.set_snapshot(Snapshot.of([clusters(a=i)]))
+        assert len(s.responses(i)) == 1
+    s.set_snapshot(Snapshot.of([clusters(a=99)]))
+    with pytest.raises(ProtocolError, match="not acknowledged 3 cds responses"):
+        s.responses(9)
