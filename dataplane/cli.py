@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=_env("INPOD_UDS", DEFAULT_ZDS),
         help="unix socket the node agent hands pods over [INPOD_UDS] (default: %(default)s)",
     )
-    n.add_argument("--no-zds", action="store_true", help="do not connect to the node agent (serve only --pod pods)")
+    n.add_argument("--no-zds", action="store_true", help="serve only --pod pods, no node agent")
     n.add_argument(
         "--pod",
         type=_static_pod,
