@@ -90,20 +90,27 @@ class _Memo:
     Why: a push regenerates a whole type (e.g. 1000 endpoint sets for one changed pod); building,
     serializing and hashing the 999 unchanged ones again would dominate. The key holds every input of the
     resource, so a hit is exactly what a rebuild would produce (generators stay pure functions). Bounded:
-    cleared when full, which only costs rebuilds.
+    two generations are kept (what the last pass used and what this one uses); anything older is dropped
+    when a pass ends, so superseded endpoint sets do not pile up.
     """
 
-    def __init__(self, limit: int = 200_000) -> None:
-        self.limit = limit
-        self._items: dict[Hashable, Any] = {}
+    def __init__(self) -> None:
+        self._old: dict[Hashable, Any] = {}
+        self._new: dict[Hashable, Any] = {}
 
     def get(self, key: Hashable, build: Callable[[], Any]) -> Any:
-        hit = self._items.get(key)
+        hit = self._new.get(key)
         if hit is None:
-            if len(self._items) >= self.limit:
-                self._items.clear()
-            hit = self._items[key] = build()
+            hit = self._old.get(key)
+            if hit is None:
+                hit = build()
+            self._new[key] = hit
         return hit
+
+    def end_pass(self) -> None:
+        """Called when a generator finished: keep this pass's entries (and the last one's, for other
+        scopes generated in between), drop the rest."""
+        self._old, self._new = self._new, {}
 
 
 _CLUSTERS = _Memo()
@@ -132,8 +139,6 @@ def _facts(pod: Pod) -> _PodFacts:
         tuple(pod.labels.items()),
         {cp.name: cp.container_port for c in pod.spec.containers for cp in c.ports if cp.name},
     )
-    if len(_POD_FACTS) > 500_000:
-        _POD_FACTS.clear()
     _POD_FACTS[key] = (pod, facts)
     return facts
 
@@ -178,6 +183,7 @@ def generate_clusters(store: ConfigStore, proxy: Proxy) -> Iterable[CachedResour
             return CachedResource(name, cluster, types.CLUSTER)
 
         yield _CLUSTERS.get(("entry", name, dns, ordered), build)
+    _CLUSTERS.end_pass()
 
 
 def _entry_ports(store: ConfigStore) -> Iterable[tuple[ServiceEntry, str, Any]]:
@@ -221,7 +227,12 @@ class EndpointIndex:
 
     def __init__(self, store: ConfigStore) -> None:
         self.pods: dict[tuple[str, str, str], list[_PodFacts]] = {}
-        for res in store.list(Pod.KIND):
+        pods = store.list(Pod.KIND)
+        if len(_POD_FACTS) > 2 * len(pods) + 1024:  # deleted pods: forget their facts
+            live = {(p.metadata.namespace, p.metadata.name) for p in pods}
+            for key in [k for k in _POD_FACTS if k not in live]:
+                del _POD_FACTS[key]
+        for res in pods:
             if not isinstance(res, Pod):
                 continue
             facts = _facts(res)
@@ -281,6 +292,7 @@ def generate_endpoints(store: ConfigStore, proxy: Proxy) -> Iterable[CachedResou
             name = cluster_name(svc, port)
             eps = tuple(index.endpoints(svc, port))
             yield _ENDPOINTS.get((name, eps), partial(_cla_resource, name, eps))
+    _ENDPOINTS.end_pass()
 
 
 # --------------------------------------------------------------------------------------------- listeners
@@ -406,6 +418,7 @@ def generate_routes(store: ConfigStore, proxy: Proxy) -> Iterable[CachedResource
         _VHOSTS.get(spec, partial(_vhost_entry, spec)) for spec in virtual_host_specs(store, proxy)
     ]
     yield CachedResource.from_serialized(ROUTE_NAME, route_pb2.RouteConfiguration, b"".join(parts))
+    _VHOSTS.end_pass()
 
 
 # -------------------------------------------------------------------------------------------- predicates
