@@ -37,6 +37,7 @@ from istiopy.dataplane import sockets
 from istiopy.dataplane.admin import AdminServer, AdminSources, LocalWorkloadInfo
 from istiopy.dataplane.hbone import (
     Accept,
+    ByteStream,
     ConnectRequest,
     Decision,
     HboneError,
@@ -55,6 +56,7 @@ from istiopy.dataplane.inbound import InboundAuthorizer, InboundRefused
 from istiopy.dataplane.inpod import PodNetns
 from istiopy.dataplane.metrics import ConnectionTracker, Metrics, connection_labels
 from istiopy.dataplane.outbound import NoHealthyUpstream, OutboundPlan, OutboundResolver
+from istiopy.dataplane.rbac import Connection, check_inbound
 from istiopy.dataplane.state import ADDRESS_TYPE, AUTHORIZATION_TYPE, IPAddress, ProxyState, Workload
 from istiopy.dataplane.zds import ZdsWorkload
 
@@ -146,6 +148,9 @@ class _PodProxy:
         self.hbone = HboneServer(self.on_connect, self._server_ctx, trust_domain=None)
         self._servers: list[asyncio.Server] = []
         self._tasks: set[asyncio.Task[None]] = set()
+        # Live inbound connections with what their authorization was decided on, so a policy change can
+        # close the ones it no longer allows (as upstream's connection manager does).
+        self.inbound_conns: dict[int, tuple[Connection, str, ByteStream]] = {}
 
     # ---- identity and addresses ---------------------------------------------------------------
 
@@ -247,8 +252,11 @@ class _PodProxy:
             target.decision.reason,
         )
 
+        self.inbound_conns[conn.id] = (target.connection, target.workload.uid, upstream)
+
         def done(result: RelayResult) -> None:
             # a_to_b: stream -> app (bytes received by the destination); b_to_a: sent back.
+            self.inbound_conns.pop(conn.id, None)
             self.zt.tracker.add_bytes(conn, received=result.a_to_b, sent=result.b_to_a)
             self.zt.tracker.close(conn)
 
@@ -323,9 +331,28 @@ class _PodProxy:
             protocol="TCP",
             labels=self._inbound_labels(None, target.workload, peer),
         )
-        result = await relay(down, upstream)
+        self.inbound_conns[conn.id] = (target.connection, target.workload.uid, upstream)
+        try:
+            result = await relay(down, upstream)
+        finally:
+            self.inbound_conns.pop(conn.id, None)
         self.zt.tracker.add_bytes(conn, received=result.a_to_b, sent=result.b_to_a)
         self.zt.tracker.close(conn)
+
+    def recheck_inbound(self) -> int:
+        """Re-authorize live inbound connections against the current state; reset the denied ones."""
+        closed = 0
+        for cid, (rconn, uid, upstream) in list(self.inbound_conns.items()):
+            wl = self.zt.state.workload_by_uid(uid)
+            if wl is None:
+                continue  # the destination left WDS: nothing to decide against, leave the connection be
+            decision = check_inbound(self.zt.state, wl, rconn)
+            if not decision:
+                log.info("closing inbound connection to %s: policy changed (%s)", wl.name, decision.reason)
+                self.inbound_conns.pop(cid, None)
+                upstream.reset()  # the relay resets the other side too (RST / RST_STREAM)
+                closed += 1
+        return closed
 
     # ---- outbound -----------------------------------------------------------------------------
 
@@ -488,6 +515,8 @@ class Ztunnel:
         client.subscribe(AUTHORIZATION_TYPE, self._on_authorizations)
 
     def _on_state_change(self, type_url: str) -> None:
+        for pod in list(self.pods.values()):
+            pod.recheck_inbound()
         if type_url == ADDRESS_TYPE and self.pods:
             # WDS may correct a pod's identity (trust domain, service account): keep certificates in step.
             with contextlib.suppress(RuntimeError):

@@ -109,6 +109,8 @@ async def mesh(topology: Topology) -> AsyncIterator[Mesh]:
     }
     for name, pod in pods.items():
         pod.spawn_server("http", port=8080)
+        if pod.namespace == "srv":
+            pod.spawn_server("echo", port=9000)
         if name != "legacy":
             b.install_capture(pod)
     zts: list[Ztunnel] = []
@@ -340,3 +342,29 @@ async def test_outbound_connections_share_one_pooled_hbone_connection(mesh: Mesh
         assert (await _http_get(sleep, srv1.ip, 8080))["pod"] == "srv-1"
     assert mesh.zts[0].pool_for(sleep.uid).connection_count() == 1
     assert mesh.zts[1].pods[srv1.uid].hbone.handshake_failures == 0
+
+
+async def _closed_by_peer(r: asyncio.StreamReader) -> bool:
+    try:
+        return await asyncio.wait_for(r.read(100), 10) == b""
+    except ConnectionResetError:
+        return True
+
+
+async def test_policy_change_closes_existing_connections_it_no_longer_allows(mesh: Mesh) -> None:
+    sleep, legacy, srv1 = mesh.pods["sleep"], mesh.pods["legacy"], mesh.pods["srv-1"]
+    r1, w1 = await sleep.open_connection(srv1.ip, 9000)  # HBONE
+    r2, w2 = await legacy.open_connection(srv1.ip, 9000)  # captured plaintext
+    r3, w3 = await sleep.open_connection(srv1.ip, 8080)  # HBONE, another port: stays allowed
+    for r, w in ((r1, w1), (r2, w2)):
+        w.write(b"ping")
+        await w.drain()
+        assert await asyncio.wait_for(r.readexactly(4), 10) == b"ping"
+    mesh.policies(b.policy("no-echo", "srv", [[[b.match(destination_ports=[9000])]]], action="DENY"))
+    assert await _closed_by_peer(r1)
+    assert await _closed_by_peer(r2)
+    w3.write(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+    await w3.drain()
+    assert (await asyncio.wait_for(r3.read(), 10)).startswith(b"HTTP/1.1 200")
+    for w in (w1, w2, w3):
+        w.close()
