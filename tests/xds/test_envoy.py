@@ -103,6 +103,8 @@ async def test_config_arrives_traffic_flows_and_follows_store(
     rc = await wait_until(lambda: envoy.route_config(ROUTE_NAME), what="route config in config_dump")
     assert [vh["name"] for vh in rc["virtual_hosts"]] == [f"{WEB}:80"]
     assert cluster in envoy.dynamic_names("endpoints")
+    for conn in harness.server.connections.values():
+        conn.stream.snapshot.consistent()  # every EDS/RDS name referenced is served
 
     # Real HTTP through Envoy to the backend, by every name the virtual host answers to.
     await mesh.served_by(WEB, "one /probe")
