@@ -40,7 +40,6 @@ from istiopy.dataplane.hbone import (
     ByteStream,
     ConnectRequest,
     Decision,
-    HboneError,
     HbonePool,
     HboneServer,
     PoolKey,
@@ -382,7 +381,7 @@ class _PodProxy:
             else:
                 up_sock = await self.netns.connect(plan.dial, connect_timeout=self.zt.config.connect_timeout)
                 upstream = await TcpStream.from_socket(up_sock)
-        except (OSError, HboneError, TimeoutError, ConnectionError) as e:
+        except Exception as e:  # no certificate, unreachable, refused (4xx/5xx), wrong peer identity
             log.info("outbound %s -> %s via %s failed: %s", _addr(peer), _addr(dst), _addr(plan.dial), e)
             self.zt.tracker.failed(labels)
             down.reset()
