@@ -107,6 +107,8 @@ def ads_bootstrap(
         common: dict[str, Any] = {
             "validation_context": {"trusted_ca": {"inline_bytes": _b64(tls_ca_pem)}},
             "alpn_protocols": ["h2"],
+            # Envoy's upstream default maximum is TLS 1.2 (baselines.md); allow 1.3.
+            "tls_params": {"tls_maximum_protocol_version": "TLSv1_3"},
         }
         if tls_cert_pem is not None and tls_key_pem is not None:
             common["tls_certificates"] = [
