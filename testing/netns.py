@@ -26,6 +26,8 @@ Design, and why:
   collide with another node's), while in-pod capture puts the data-path sockets inside the pods.
 * Namespace names are ``<prefix>-<pid>-<n>-<role><index>``: unique per process and topology, and a later
   run can tell leftovers of a dead process apart (``cleanup_leftovers``) from a live concurrent run.
+* Teardown runs on normal exit, exceptions, Ctrl-C and (while a topology is open, if nobody else handles
+  it) SIGTERM; ``atexit`` is the last resort, and a SIGKILLed run is cleaned by the next one.
 """
 
 from __future__ import annotations
@@ -66,6 +68,29 @@ NETNS_DIR = Path("/run/netns")
 DEFAULT_PREFIX = "ipy"
 _counter = itertools.count()
 _counter_lock = threading.Lock()
+_open_topologies = 0
+_sigterm_installed = False
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _track_open(delta: int) -> None:
+    """While a topology is open, SIGTERM unwinds (``with`` blocks tear down) instead of killing outright."""
+    global _open_topologies, _sigterm_installed
+    with _counter_lock:
+        _open_topologies += delta
+        if threading.current_thread() is not threading.main_thread():
+            return
+        if _open_topologies > 0 and not _sigterm_installed:
+            if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+                signal.signal(signal.SIGTERM, _on_sigterm)
+                _sigterm_installed = True
+        elif _open_topologies == 0 and _sigterm_installed:
+            if signal.getsignal(signal.SIGTERM) is _on_sigterm:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            _sigterm_installed = False
 
 
 class TopologyError(RuntimeError):
@@ -366,6 +391,7 @@ class Topology:
             cleanup_leftovers(self.prefix)
         atexit.register(self.close)
         self._started = True
+        _track_open(+1)
         self._add_netns(self.fabric)
         _ip("-n", self.fabric, "link", "add", "br0", "type", "bridge")
         _ip("-n", self.fabric, "link", "set", "br0", "up")
@@ -396,6 +422,8 @@ class Topology:
         self._created.clear()
         with contextlib.suppress(Exception):
             atexit.unregister(self.close)
+        if self._started:
+            _track_open(-1)
 
     def netns_names(self) -> list[str]:
         """The namespaces of this topology that currently exist (empty after ``close``)."""

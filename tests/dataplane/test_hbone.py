@@ -20,6 +20,7 @@ import pytest
 from istiopy.api.identity import SpiffeId
 from istiopy.api.tls import PeerIdentityError
 from istiopy.dataplane.hbone import (
+    STREAM_WINDOW,
     Accept,
     ConnectRequest,
     Decision,
@@ -448,3 +449,32 @@ async def _never(_: ConnectRequest) -> Decision:  # pragma: no cover - type help
 
 
 _: Callable[[ConnectRequest], Awaitable[Decision]] = _never
+
+
+async def test_slow_app_bounds_buffers_and_stalls_the_writer(env: Env) -> None:
+    """An app that does not read: the tunnel buffers at most a stream window, the client's write waits."""
+    s = await env.open(env.app_port)
+    _, app_w = await asyncio.wait_for(env.apps.get(), 5)
+    server_stream = env.requests[-1].stream
+    sent = 0
+    chunk = b"z" * (1 << 20)
+
+    async def flood() -> None:
+        nonlocal sent
+        for _ in range(64):  # 64 MiB: far more than every window and socket buffer together
+            await s.write(chunk)  # type: ignore[attr-defined]
+            sent += len(chunk)
+
+    writer = asyncio.create_task(flood())
+    last = -1
+    while sent != last:  # wait until the writer stops making progress
+        last = sent
+        await asyncio.sleep(0.3)
+    assert not writer.done()
+    assert sent < 32 * (1 << 20)
+    assert server_stream._buffered <= STREAM_WINDOW
+    writer.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await writer
+    s.reset()  # type: ignore[attr-defined]
+    app_w.close()

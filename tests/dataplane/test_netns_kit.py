@@ -6,6 +6,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 
 import pytest
 
@@ -117,3 +118,23 @@ def test_remove_pod_and_leftover_cleanup() -> None:
             assert topo.pods == [b]
     finally:
         subprocess.run(["ip", "netns", "del", stale], capture_output=True, check=False)
+
+
+def test_sigterm_tears_down() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    script = (
+        "import os, signal, sys, time\n"
+        "from istiopy.testing.netns import Topology\n"
+        "with Topology() as t:\n"
+        "    t.add_pod('a').spawn_server('echo', port=0)\n"
+        "    print(t.tag, flush=True)\n"
+        "    time.sleep(60)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    tag = proc.stdout.readline().strip()
+    assert any(n.startswith(tag + "-") for n in list_netns())
+    proc.terminate()
+    assert proc.wait(30) == 128 + 15
+    assert not any(n.startswith(tag + "-") for n in list_netns())
