@@ -262,6 +262,11 @@ class Connection:
             identity = await self.server.authenticate(AuthRequest(self.peer, cert, metadata, node))
         except AuthenticationError as e:
             raise StreamClosed(grpc.StatusCode.UNAUTHENTICATED, f"authentication failed: {e}") from None
+        except Exception as e:
+            log.exception("authenticator failed for peer %s", self.peer)
+            raise StreamClosed(
+                grpc.StatusCode.INTERNAL, f"authentication error: {type(e).__name__}"
+            ) from None
         self.proxy = Proxy.from_node(node, identity)
         cache = self.server.pipeline.cache
         existing = cache.get_snapshot(self.proxy.id)
