@@ -11,11 +11,13 @@ How the pieces meet (and why here):
   plaintext inbound), 15008 (HBONE) — and prefetches the pod identity's certificate. Removing a pod closes
   its sockets and drops the certificate once no other local pod needs it.
 * Outbound (15001): original destination -> :class:`OutboundResolver` plan -> an HBONE stream from the
-  shared :class:`HbonePool` (dialed from the source pod's netns with the proxy mark, so it leaves with the
-  pod's IP and is not re-captured) or a plain TCP connection for non-mesh destinations; then a relay.
+  source pod's :class:`HbonePool` (keyed by source identity, destination identities and destination IP;
+  dialed from the pod's netns with the proxy mark, so it leaves with the pod's IP and is not re-captured)
+  or a plain TCP connection for non-mesh destinations; then a relay.
 * Inbound (15008): :class:`HboneServer` terminates mTLS and calls :meth:`_PodProxy.on_connect`, which
-  applies :class:`InboundAuthorizer` (400/401) and dials the app inside the pod netns (503 on failure).
-  Plaintext inbound (15006) gets the same policy with no source identity; a deny resets the connection.
+  applies :class:`InboundAuthorizer` (400/401) and dials the app inside the pod netns from the client's IP
+  (503 on failure). Plaintext inbound (15006) gets the same policy with no source identity; a deny resets
+  the connection. A policy change re-checks live inbound connections and resets those no longer allowed.
 * Every proxied connection is counted in Istio's TCP metrics and listed in ``/config_dump``.
 """
 
