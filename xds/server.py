@@ -98,6 +98,9 @@ class ServerOptions:
     send_timeout: float = 10.0
     max_resource_names: int = 100_000
     max_concurrent_streams: int = 10_000
+    # A proxy authenticated as spiffe://<td>/ns/<ns>/sa/<sa> may only claim namespace <ns> in its node
+    # (istiod's checkConnectionIdentity): config is chosen by the node's claims, so they must be backed.
+    check_node_identity: bool = True
     grpc_options: list[tuple[str, Any]] = field(default_factory=list)
 
     def channel_options(self) -> list[tuple[str, Any]]:
@@ -267,7 +270,12 @@ class Connection:
             raise StreamClosed(
                 grpc.StatusCode.INTERNAL, f"authentication error: {type(e).__name__}"
             ) from None
-        self.proxy = Proxy.from_node(node, identity)
+        proxy = Proxy.from_node(node, identity)
+        if self.server.options.check_node_identity:
+            problem = identity_mismatch(proxy)
+            if problem:
+                raise StreamClosed(grpc.StatusCode.UNAUTHENTICATED, problem)
+        self.proxy = proxy
         cache = self.server.pipeline.cache
         existing = cache.get_snapshot(self.proxy.id)
         if existing is not None:  # another stream of this proxy, or a snapshot set from outside
@@ -413,6 +421,20 @@ class XdsServer:
 
     def syncz(self) -> list[dict[str, Any]]:
         return [c.syncz() for c in sorted(self.connections.values(), key=lambda c: c.id)]
+
+
+def identity_mismatch(proxy: Proxy) -> str:
+    """Why the node's claimed namespace is not backed by its SPIFFE identity, or '' when it is (or when
+    there is no SPIFFE identity to check against)."""
+    ident = proxy.identity or ""
+    if not ident.startswith("spiffe://"):
+        return ""
+    parts = ident[len("spiffe://") :].split("/")
+    if len(parts) != 5 or parts[1] != "ns" or parts[3] != "sa":
+        return f"identity {ident!r} is not of the form spiffe://<trust domain>/ns/<namespace>/sa/<account>"
+    if proxy.namespace and proxy.namespace != parts[2]:
+        return f"identity {ident!r} may not claim namespace {proxy.namespace!r} (node {proxy.id!r})"
+    return ""
 
 
 def _bound(port: int, address: str) -> int:

@@ -226,6 +226,20 @@ async def test_tls_with_client_cert_identity_and_rejection() -> None:
             await wait_until(lambda: "UNAUTHENTICATED" in denied.last_stream_error, what="denied stream")
             assert "is denied by policy" in denied.last_stream_error
             assert not denied.resources(types.CLUSTER)
+            # The node may not claim a namespace its certificate does not back.
+            other = base_pb2.Node(id="sidecar~127.0.0.1~x.other~other.svc.cluster.local")
+            impostor = DeltaXdsClient(
+                f"127.0.0.1:{port}", other, credentials=creds, channel_options=opts, backoff_initial=5
+            )
+            impostor.subscribe(types.CLUSTER)
+            await impostor.start()
+            try:
+                await wait_until(
+                    lambda: "UNAUTHENTICATED" in impostor.last_stream_error, what="impostor refused"
+                )
+                assert "may not claim namespace 'other'" in impostor.last_stream_error
+            finally:
+                await impostor.stop()
         # Plaintext is not served unless enabled.
         assert "plaintext" in h.server.ports  # the harness enables it explicitly ...
         bare = XdsServer(h.pipeline, ServerOptions())
