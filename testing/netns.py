@@ -10,6 +10,7 @@ Public API (stable)::
         with a.connect((b.ip, 8080)) as s: ...      # a socket created inside a's netns
         r, w = await a.open_connection(b.ip, 8080)  # same, as asyncio streams
         a.run(["iptables-save"])                    # any command inside the pod netns
+        with topo.sniff("tcp") as cap: ...          # tcpdump on the fabric bridge; cap.text afterwards
     # everything (processes, namespaces, veths, the pods' iptables rules) is gone here
 
 Design, and why:
@@ -40,14 +41,16 @@ import itertools
 import os
 import re
 import select
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -58,6 +61,7 @@ __all__ = [
     "Node",
     "Pod",
     "Process",
+    "Sniff",
     "Topology",
     "TopologyError",
     "cleanup_leftovers",
@@ -352,6 +356,21 @@ class Pod(_Netns):
         return f"Pod({self.namespace}/{self.name}, ip={self.ip!r}, node={self.node.name!r})"
 
 
+class Sniff:
+    """What ``Topology.sniff`` recorded: ``text`` is filled when the ``with`` block ends."""
+
+    def __init__(self) -> None:
+        self.text = ""
+
+    def ports(self) -> set[int]:
+        """TCP ports seen on either side of every recorded packet (``a.b.c.d.port > e.f.g.h.port``)."""
+        out: set[int] = set()
+        for m in re.finditer(r" (\d+\.\d+\.\d+\.\d+)\.(\d+) > (\d+\.\d+\.\d+\.\d+)\.(\d+):", self.text):
+            out.add(int(m.group(2)))
+            out.add(int(m.group(4)))
+        return out
+
+
 class Topology:
     """A set of nodes and pods wired to one private bridge; a context manager that always tears down.
 
@@ -424,6 +443,69 @@ class Topology:
             atexit.unregister(self.close)
         if self._started:
             _track_open(-1)
+
+    @contextlib.contextmanager
+    def sniff(self, bpf: str = "tcp", *, timeout: float = 10.0) -> Iterator[Sniff]:
+        """Record every packet crossing the fabric bridge (tcpdump in the fabric netns) while the body runs.
+
+        After the block, ``Sniff.text`` holds ``tcpdump -nn -A`` output (headers and ASCII payloads), which is
+        how a test proves what went over the wire (e.g. only TLS to 15008, never the app's plaintext).
+        """
+        self._require_started()
+        tmp = tempfile.mkdtemp(prefix=f"{self.tag}-pcap-")
+        path = os.path.join(tmp, "fabric.pcap")
+        cmd = [
+            "tcpdump",
+            "-Z",
+            "root",
+            "-i",
+            "br0",
+            "-U",
+            "--immediate-mode",
+            "-n",
+            "-s",
+            "0",
+            "-w",
+            path,
+            bpf,
+        ]
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", self.fabric, *cmd],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+        result = Sniff()
+        try:
+            assert proc.stderr is not None
+            deadline = time.monotonic() + timeout
+            while True:  # tcpdump says "listening on" once the capture is armed
+                left = deadline - time.monotonic()
+                if left <= 0 or not select.select([proc.stderr], [], [], left)[0]:
+                    raise TopologyError("tcpdump did not start")
+                line = proc.stderr.readline()
+                if not line:
+                    raise TopologyError("tcpdump exited")
+                if b"listening on" in line:
+                    break
+            yield result
+        finally:
+            time.sleep(0.2)  # let the last packets reach the file (-U flushes per packet)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGINT)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout)
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            if proc.stderr is not None:
+                proc.stderr.close()
+            if os.path.exists(path):
+                res = subprocess.run(
+                    ["tcpdump", "-nn", "-A", "-r", path], capture_output=True, text=True, errors="replace"
+                )
+                result.text = res.stdout
+            shutil.rmtree(tmp, ignore_errors=True)
 
     def netns_names(self) -> list[str]:
         """The namespaces of this topology that currently exist (empty after ``close``)."""

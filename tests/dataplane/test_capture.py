@@ -9,9 +9,11 @@ import os
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
+from istiopy.api.identity import SpiffeId
 from istiopy.dataplane import sockets
 from istiopy.dataplane.capture import (
     CaptureConfig,
@@ -20,8 +22,22 @@ from istiopy.dataplane.capture import (
     install_capture,
     remove_capture,
 )
-from istiopy.dataplane.hbone import TcpStream, relay
-from istiopy.dataplane.inpod import PodNetns
+from istiopy.dataplane.hbone import (
+    Accept,
+    ConnectRequest,
+    Decision,
+    HboneError,
+    HbonePool,
+    HboneServer,
+    PoolKey,
+    TcpStream,
+    hbone_headers,
+    relay,
+)
+from istiopy.dataplane.inpod import InpodListeners, PodNetns
+from istiopy.dataplane.nodeagent import NodeAgent, PodSpec
+from istiopy.dataplane.zds import ZdsClient, ZdsWorkload
+from istiopy.testing.certs import TestCA
 from istiopy.testing.netns import Pod, Topology
 
 pytestmark = pytest.mark.netns
@@ -188,3 +204,107 @@ def test_no_fd_left_open_by_netns_helpers(topology: Topology) -> None:
         with PodNetns.from_path(a.netns_path) as ns:
             ns.open_listeners(outbound_port=0, inbound_port=0, hbone_port=0).close()
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+# --- the transport half end to end: node agent -> ZDS -> in-pod sockets -> capture -> HBONE -> app ---------
+
+
+class MiniZtunnel:
+    """A node proxy reduced to the transport: HBONE for every captured connection, no policy, no xDS."""
+
+    def __init__(self, ca: TestCA) -> None:
+        self.ca = ca
+        self.pool = HbonePool()
+        self.servers: dict[str, tuple[HboneServer, asyncio.Server, InpodListeners]] = {}
+        self.inbound_peers: list[tuple[SpiffeId | None, str]] = []
+
+    async def add_workload(self, wl: ZdsWorkload) -> None:
+        ident = f"spiffe://cluster.local/ns/{wl.namespace}/sa/{wl.service_account}"
+        cert = self.ca.issue(ident)
+        client_ctx = cert.client_context()
+        ls = wl.netns.open_listeners()
+
+        async def on_connect(req: ConnectRequest) -> Decision:
+            src_ip = req.headers["forwarded"].split('"')[1].rsplit(":", 1)[0]
+            self.inbound_peers.append((req.peer_identity, src_ip))
+            sock = await wl.netns.connect((req.host, req.port), source=(src_ip, 0), transparent=True)
+            return Accept(await TcpStream.from_socket(sock))
+
+        async def outbound(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            down = TcpStream(r, w)
+            dst_ip, dst_port = sockets.original_dst(w.get_extra_info("socket"))
+            peer = w.get_extra_info("peername")[:2]
+            try:
+                stream = await self.pool.open_stream(
+                    PoolKey(ident, "", dst_ip),
+                    (dst_ip, 15008),
+                    f"{dst_ip}:{dst_port}",
+                    hbone_headers((peer[0], peer[1])),
+                    client_ctx,
+                    connect=lambda addr: wl.netns.connect(addr),
+                )
+            except (OSError, HboneError):
+                down.reset()
+                return
+            await relay(down, stream)
+
+        hb = HboneServer(on_connect, cert.server_context())
+        await hb.serve(ls.hbone)
+        out = await asyncio.start_server(outbound, sock=ls.outbound)
+        self.servers[wl.uid] = (hb, out, ls)
+
+    async def del_workload(self, uid: str) -> None:
+        hb, out, ls = self.servers.pop(uid)
+        await hb.close()
+        out.close()
+        ls.close()
+
+    async def close(self) -> None:
+        for uid in list(self.servers):
+            await self.del_workload(uid)
+        await self.pool.close()
+
+
+async def test_hbone_between_nodes_through_capture_and_zds(topology: Topology, tmp_path: Path) -> None:
+    ca = TestCA()
+    n0, n1 = topology.add_node("n0"), topology.add_node("n1")
+    a = topology.add_pod("a", node=n0, service_account="sleep")
+    b = topology.add_pod("b", node=n1, service_account="httpbin")
+    b.spawn_server("http", port=8080)
+    agents, clients, proxies, tasks = [], [], [], []
+    try:
+        for node, pods in ((n0, [a]), (n1, [b])):
+            agent = NodeAgent(str(tmp_path / f"{node.name}.sock"))
+            for p in pods:
+                await agent.add_pod(PodSpec(p.uid, p.name, p.namespace, p.service_account, p.netns_path))
+            await agent.start()
+            zt = MiniZtunnel(ca)
+            client = ZdsClient(zt, agent.path)
+            tasks.append(asyncio.create_task(client.run()))
+            await asyncio.wait_for(client.snapshot_received.wait(), 10)
+            agents.append(agent)
+            clients.append(client)
+            proxies.append(zt)
+
+        with topology.sniff("tcp") as cap:
+            result = await run_app(a, b.ip, 8080)
+
+        body = json.loads(result["body"])
+        assert body["pod"] == "b"
+        assert body["path"] == "/x"
+        assert body["peer"].split(":")[0] == a.ip  # the app in b saw a's IP, through HBONE
+        assert proxies[1].inbound_peers == [
+            (SpiffeId.parse("spiffe://cluster.local/ns/default/sa/sleep"), a.ip)
+        ]
+        assert 15008 in cap.ports()  # the connection crossed the fabric as HBONE...
+        assert 8080 not in cap.ports()  # ...and never as plaintext to the app port
+        assert "GET /x" not in cap.text  # the payload crossed the wire encrypted
+    finally:
+        for c in clients:
+            await c.stop()
+        for t in tasks:
+            await asyncio.wait_for(t, 5)
+        for zt in proxies:
+            await zt.close()
+        for ag in agents:
+            await ag.stop(remove_capture_rules=True)
