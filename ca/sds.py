@@ -189,8 +189,11 @@ class WaypointSecrets:
             self.rotate_due()
             nxt = self.next_refresh()
             delay = 3600.0 if nxt is None else max(0.0, nxt - self._clock())
+            # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation that races
+            # with the event being set, and this task must stop when istiod cancels it.
             try:
-                await asyncio.wait_for(self._wake.wait(), timeout=delay)
+                async with asyncio.timeout(delay):
+                    await self._wake.wait()
             except TimeoutError:
                 pass
 

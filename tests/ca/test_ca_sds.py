@@ -4,6 +4,7 @@ switching to a rotated certificate without a restart."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import ssl
 import time
@@ -275,3 +276,20 @@ async def test_envoy_gets_cert_over_sds_serves_mtls_and_rotates_without_restart(
             await asyncio.to_thread(envoy.stop)
             await server.stop(0.1)
             await pipeline.stop()
+
+
+async def test_rotation_task_reissues_at_half_lifetime(ca: CertificateAuthority) -> None:
+    secrets = WaypointSecrets(ca, ttl=dt.timedelta(seconds=2))
+    rotated: asyncio.Queue[SpiffeId] = asyncio.Queue()
+    secrets.subscribe(rotated.put_nowait)
+    task = asyncio.create_task(secrets.run())
+    try:
+        first = secrets.bundle_for(WAYPOINT)  # wakes the task, which sleeps until first.refresh_at
+        assert await asyncio.wait_for(rotated.get(), 5) == WAYPOINT
+        second = secrets.bundle_for(WAYPOINT)
+        assert second.leaf.serial_number != first.leaf.serial_number
+        assert time.time() >= first.refresh_at
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
