@@ -214,6 +214,10 @@ def set_log_level(spec: str) -> None:
         lv = _LEVELS.get(level.lower())
         if lv is None:
             raise ValueError(f"unknown log level {level!r} (want one of {', '.join(sorted(_LEVELS))})")
+        if not target:  # a bare level applies to everything: per-target overrides are dropped
+            for lname, lg in list(logging.root.manager.loggerDict.items()):
+                if lname.startswith(LOGGER_ROOT + ".") and isinstance(lg, logging.Logger):
+                    lg.setLevel(logging.NOTSET)
         name = target if not target or target.startswith(LOGGER_ROOT) else f"{LOGGER_ROOT}.{target}"
         logging.getLogger(name or LOGGER_ROOT).setLevel(lv)
 

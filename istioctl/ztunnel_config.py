@@ -294,6 +294,30 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _log(args: argparse.Namespace) -> int:
+    """``log``: show, set (``--level``) or reset (``-r``) the ztunnel's log levels via ``/logging``."""
+    url = f"http://{args.proxy_admin_address}:{args.proxy_admin_port}/logging"
+    level = "info" if args.reset else args.level
+    req = (
+        urllib.request.Request(f"{url}?level={level}", method="POST")
+        if level
+        else urllib.request.Request(url)
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            sys.stdout.write(r.read().decode())
+    except urllib.error.HTTPError as e:
+        print(f"istioctl-py ztunnel-config: error: {e.read().decode().strip()}", file=sys.stderr)
+        return 1
+    except (urllib.error.URLError, OSError) as e:
+        print(
+            f"istioctl-py ztunnel-config: error: cannot reach {url}: {getattr(e, 'reason', e)}",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", choices=["short", "json", "yaml"], default="short",
                    help="output format (default: %(default)s)")  # fmt: skip
@@ -335,8 +359,19 @@ def register(subparsers: Any) -> None:
             p.add_argument("--connection-namespace", default="", help="only workloads in this namespace")
         p.set_defaults(func=_run, section=section)
 
+    lp = sub.add_parser("log", help="show or change the ztunnel's log levels")
+    lp.add_argument("--level", default="", help="level, or target=level[,target=level] (e.g. rbac=debug)")
+    lp.add_argument("-r", "--reset", action="store_true", help="reset every level to info")
+    lp.add_argument(
+        "--proxy-admin-port", type=int, default=15000, help="ztunnel admin port (default: %(default)s)"
+    )
+    lp.add_argument(
+        "--proxy-admin-address", default="127.0.0.1", help="ztunnel admin host (default: %(default)s)"
+    )
+    lp.set_defaults(func=_log)
+
     def _missing(args: argparse.Namespace) -> int:
-        zc.error("a section is required: " + ", ".join(ALIASES))  # exits with status 2
+        zc.error("a section is required: " + ", ".join([*ALIASES, "log"]))  # exits with status 2
         return 2
 
     zc.set_defaults(func=_missing)

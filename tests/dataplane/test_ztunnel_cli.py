@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -254,3 +255,22 @@ def test_ztunnel_process_serves_admin_and_quits_on_quitquitquit(tmp_path: Path) 
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+async def test_log_levels_through_istioctl(admin_port: int) -> None:
+    port = str(admin_port)
+    old = logging.getLogger("istiopy").level
+    try:
+        r = await _istioctl("zc", "log", "--level", "rbac=debug", "--proxy-admin-port", port)
+        assert r.returncode == 0, r.stderr
+        assert "istiopy.rbac=debug" in r.stdout
+        r = await _istioctl("zc", "log", "--proxy-admin-port", port)
+        assert "istiopy.rbac=debug" in r.stdout
+        r = await _istioctl("zc", "log", "-r", "--proxy-admin-port", port)
+        assert "istiopy=info" in r.stdout
+        assert "rbac" not in r.stdout
+        r = await _istioctl("zc", "log", "--level", "chatty", "--proxy-admin-port", port)
+        assert r.returncode == 1
+        assert "unknown log level" in r.stderr
+    finally:
+        logging.getLogger("istiopy").setLevel(old)
