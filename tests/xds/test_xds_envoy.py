@@ -280,3 +280,29 @@ async def test_service_entry_static_cluster_routes(
     assert await mesh.get("240.0.0.1:80", "/e") == (200, "one /e")
     harness.store.delete(entry.key)
     await wait_until(lambda: mesh_get_status(mesh, "api.example.com") == 404, what="entry removed")
+
+
+async def test_rapid_changes_converge_to_the_last_one(
+    harness: Harness, mesh: Mesh, backends: tuple[HttpBackend, HttpBackend]
+) -> None:
+    """Pushes overtaking Envoy's ACKs (stale nonces, in-flight subscriptions) still end where the store is."""
+    one, two = backends
+    store = harness.store
+    store.apply(pod("web-1", "127.0.0.1", {"app": "web"}))
+    store.apply(service("web", 80, one.port))
+    await mesh.served_by(WEB, "one /probe")
+    for i in range(12):
+        pushes = harness.pipeline.pushes
+        store.apply(service("web", 80, two.port if i % 2 == 0 else one.port))
+        store.apply(service(f"extra-{i}", 80, one.port, vip=f"10.96.5.{i + 1}"))
+        if i % 3 == 0 and i >= 3:
+            store.delete(service(f"extra-{i - 3}").key)
+        await wait_until(lambda p=pushes: harness.pipeline.pushes > p, what="push started")  # not acked yet
+    await wait_until(lambda: all_acked(harness), timeout=20, what="everything acked after the burst")
+    await mesh.served_by(WEB, "one /probe", what="last change wins")
+    clusters = await asyncio.to_thread(mesh.envoy.dynamic_names, "clusters")
+    expected = {
+        f"outbound|80||{n}.default.svc.cluster.local" for n in ["web"] + [f"extra-{i}" for i in range(12)]
+    }
+    expected -= {f"outbound|80||extra-{i}.default.svc.cluster.local" for i in (0, 3, 6)}
+    assert set(clusters) == expected
