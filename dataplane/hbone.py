@@ -29,8 +29,9 @@ Public API (stable; the ztunnel core plugs policy and dialing in through ``on_co
   ``on_connect`` rejects, 503 when it raises (the upstream dial failed).
 * Flow control is real: received DATA is acknowledged to the peer only once the reader consumed it, so a
   stream buffers at most its window (4 MiB) and a connection at most 16 MiB, whatever the peer does.
-* A peer that breaks HTTP/2 (garbage, a header block over 64 KiB, more streams than SETTINGS allow) gets a
-  GOAWAY and its connection closed; other connections are unaffected.
+* A peer that breaks HTTP/2 (garbage, a header block over 64 KiB) gets a GOAWAY and its connection closed;
+  streams beyond the advertised SETTINGS_MAX_CONCURRENT_STREAMS (100) are refused one by one with
+  RST_STREAM(REFUSED_STREAM) while the client's other streams carry on.
 
 Why h2 (sans-IO) with our own asyncio loop instead of an HTTP framework: HBONE needs CONNECT streams as raw
 byte pipes with half-close and reset, which request/response frameworks hide.
@@ -414,6 +415,42 @@ class HboneStream:
                 cb(self)
 
 
+class _NoStreamLimit:
+    """``local_settings`` as h2 sees it while it opens a stream we are about to refuse (see below)."""
+
+    max_concurrent_streams = 2**31 - 1
+
+    def __init__(self, inner: h2.settings.Settings) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._inner, name)
+
+    def __getitem__(self, key: object) -> object:
+        return self._inner[key]  # type: ignore[index]
+
+
+class _ServerH2Connection(h2.connection.H2Connection):
+    """h2 treats a HEADERS frame beyond our advertised SETTINGS_MAX_CONCURRENT_STREAMS as a connection error
+    (GOAWAY: every stream of the client dies). RFC 9113 5.1.2 allows refusing just that stream, which is what
+    a proxy wants: the excess stream is opened (so HPACK and stream-id state stay exact) and immediately
+    reset with REFUSED_STREAM, and the client's other streams carry on."""
+
+    def _receive_headers_frame(self, frame: object) -> tuple[list[object], list[h2.events.Event]]:  # type: ignore[override]
+        sid = getattr(frame, "stream_id", 0)
+        if sid in self.streams or self.open_inbound_streams < self.local_settings.max_concurrent_streams:
+            return super()._receive_headers_frame(frame)  # type: ignore[arg-type,return-value]
+        settings = self.local_settings
+        self.local_settings = _NoStreamLimit(settings)  # type: ignore[assignment]
+        try:
+            frames, events = super()._receive_headers_frame(frame)  # type: ignore[arg-type]
+        finally:
+            self.local_settings = settings
+        self._prepare_for_sending(frames)
+        self.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
+        return [], [e for e in events if getattr(e, "stream_id", None) != sid]
+
+
 class _Conn:
     """An HTTP/2 connection over an established TLS stream: frames in, events to streams, frames out."""
 
@@ -435,7 +472,7 @@ class _Conn:
         cfg = h2.config.H2Configuration(
             client_side=client_side, header_encoding="utf-8", validate_inbound_headers=True
         )
-        self.h2 = h2.connection.H2Connection(cfg)
+        self.h2 = h2.connection.H2Connection(cfg) if client_side else _ServerH2Connection(cfg)
         self.h2.local_settings = h2.settings.Settings(
             client=client_side,
             initial_values={

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import h2.config
 import h2.connection
+import h2.errors
 import h2.events
 import pytest
 
@@ -363,18 +364,40 @@ async def test_huge_header_block_is_refused(env: Env) -> None:
     await eventually(lambda: env.server.connections == 0)
 
 
-async def test_client_ignoring_stream_limit_gets_goaway(env: Env) -> None:
+async def test_client_ignoring_stream_limit_gets_streams_refused(env: Env) -> None:
     r, w = await raw_tls(env)
     c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
     c.initiate_connection()
     for i in range(1000):  # sent before the server's SETTINGS arrive: the client does not know the limit
         c.send_headers(2 * i + 1, [(":method", "CONNECT"), (":authority", f"127.0.0.1:{env.echo_port}")])
     w.write(c.data_to_send())
-    events = await read_until_closed(r)
-    terminated = [e for e in events if isinstance(e, h2.events.ConnectionTerminated)]
-    assert terminated
-    oks = [e for e in events if isinstance(e, h2.events.ResponseReceived)]
-    assert len(oks) <= 100
+    ok, refused, other = set(), set(), []
+    while len(ok) + len(refused) < 1000:
+        data = await asyncio.wait_for(r.read(65536), 10)
+        assert data, "server closed the connection"
+        for ev in c.receive_data(data):
+            if isinstance(ev, h2.events.ResponseReceived):
+                ok.add(ev.stream_id)
+            elif isinstance(ev, h2.events.StreamReset):
+                assert ev.error_code == h2.errors.ErrorCodes.REFUSED_STREAM
+                refused.add(ev.stream_id)
+            elif isinstance(ev, h2.events.ConnectionTerminated):
+                other.append(ev)
+        w.write(c.data_to_send())
+    assert not other  # no GOAWAY: only the excess streams were refused
+    assert len(ok) == 100
+    assert len(refused) == 900
+    # the accepted streams work
+    sid = min(ok)
+    c.send_data(sid, b"still here", end_stream=True)
+    w.write(c.data_to_send())
+    echoed = b""
+    while not echoed.endswith(b"still here"):
+        for ev in c.receive_data(await asyncio.wait_for(r.read(65536), 10)):
+            if isinstance(ev, h2.events.DataReceived) and ev.stream_id == sid:
+                echoed += ev.data
+                c.acknowledge_received_data(ev.flow_controlled_length, sid)
+        w.write(c.data_to_send())
     w.close()
     await eventually(lambda: env.server.connections == 0 and env.server.streams == 0)
 
