@@ -8,14 +8,10 @@ Certificates come from a real in-process CA.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
-import shutil
 import socket
 import ssl
-import subprocess
-import tempfile
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -152,56 +148,10 @@ async def mesh(topology: Topology) -> AsyncIterator[Mesh]:
             await zt.stop()
 
 
-@contextlib.contextmanager
-def _capture(topo: Topology) -> object:
-    """tcpdump on the fabric (every bridge port): every packet between pods and nodes crosses it."""
-    tmp = tempfile.mkdtemp(prefix="zt-pcap-")
-    path = os.path.join(tmp, "bridge.pcap")
-    proc = subprocess.Popen(
-        [
-            "ip",
-            "netns",
-            "exec",
-            topo.fabric,
-            "tcpdump",
-            "-Z",
-            "root",
-            "-i",
-            "any",
-            "--immediate-mode",
-            "-U",
-            "-n",
-            "-s",
-            "0",
-            "-w",
-            path,
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        assert proc.stderr is not None
-        while b"listening on" not in proc.stderr.readline():  # printed once the capture is live
-            assert proc.poll() is None, "tcpdump exited"
-        out: dict[str, str] = {}
-        yield out
-    finally:
-        proc.terminate()
-        proc.wait(10)
-        out["text"] = subprocess.run(
-            ["tcpdump", "-r", path, "-n", "-A", "tcp"],
-            capture_output=True,
-            text=True,
-            errors="replace",
-            check=False,
-        ).stdout
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 async def test_cross_node_hbone_mtls_carries_identity(mesh: Mesh) -> None:
     sleep, srv1 = mesh.pods["sleep"], mesh.pods["srv-1"]
     marker = "x-marker-7f3a9c"
-    with _capture(mesh.topo) as cap:
+    with mesh.topo.sniff() as cap:
         r, w = await sleep.open_connection(srv1.ip, 8080)
         w.write(f"GET /{marker} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".encode())
         await w.drain()
@@ -214,7 +164,7 @@ async def test_cross_node_hbone_mtls_carries_identity(mesh: Mesh) -> None:
     assert (
         body["peer"].split(":")[0] == sleep.ip
     )  # the app sees the client's IP (IP_TRANSPARENT), not the pod's
-    text = cap["text"]  # type: ignore[index]
+    text = cap.text
     assert f"{srv1.ip}.15008" in text  # the tunnel went to the destination pod's HBONE port
     assert f"{srv1.ip}.8080" not in text  # and never as plaintext to the app port
     assert marker not in text  # the payload was encrypted on the wire

@@ -10,14 +10,12 @@ connections keep working on the last config.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import shutil
-import subprocess
 import tempfile
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import pytest
@@ -187,41 +185,16 @@ async def _denied(pod: Pod, host: str, port: int) -> bool:
     return False
 
 
-@contextlib.contextmanager
-def _bridge_capture(topo: Topology) -> Iterator[dict[str, str]]:
-    tmp = tempfile.mkdtemp(prefix="zt-pcap-")
-    path = os.path.join(tmp, "fabric.pcap")
-    cmd = ["tcpdump", "-Z", "root", "-i", "any", "--immediate-mode", "-U", "-n", "-s", "0", "-w", path]
-    proc = subprocess.Popen(["ip", "netns", "exec", topo.fabric, *cmd], stderr=subprocess.PIPE)
-    out: dict[str, str] = {}
-    try:
-        assert proc.stderr is not None
-        while b"listening on" not in proc.stderr.readline():
-            assert proc.poll() is None, "tcpdump exited"
-        yield out
-    finally:
-        proc.terminate()
-        proc.wait(10)
-        out["text"] = subprocess.run(
-            ["tcpdump", "-r", path, "-n", "-A", "tcp"],
-            capture_output=True,
-            text=True,
-            errors="replace",
-            check=False,
-        ).stdout
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 async def test_pod_to_pod_is_hbone_mtls_and_identity_reaches_the_destination(cluster: Cluster) -> None:
     sleep, echo1 = cluster.pods["sleep"], cluster.pods["echo-1"]
     marker = "/secret-marker-5d21e0"
-    with _bridge_capture(cluster.topo) as cap:
+    with cluster.topo.sniff() as cap:
         body = await _get(sleep, echo1.ip, 8080, marker)
         await asyncio.sleep(0.3)
     assert body["pod"] == "echo-1"
     assert body["path"] == marker
     assert body["peer"].split(":")[0] == sleep.ip  # source IP preserved toward the app
-    text = cap["text"]
+    text = cap.text
     assert f"{sleep.ip}." in text
     assert f"> {echo1.ip}.15008:" in text  # to the destination pod's HBONE port
     assert f"{echo1.ip}.8080" not in text  # never plaintext to the app port
