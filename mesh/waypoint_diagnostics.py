@@ -1,0 +1,224 @@
+"""What a waypoint would refuse, found in the model: the checks the waypoint generator and the analyzer share.
+
+Why here: a resource that would make Envoy NACK must never reach a waypoint (a NACK freezes *every* update
+of that type for the proxy, so one bad VirtualService would stall all routing changes). The waypoint
+generator (``istiopy.xds.waypoint``) calls these checks and leaves the offending part out; the analyzer and
+the operator call :func:`waypoint_diagnostics` to report the same findings on the resource, so what is
+reported is exactly what was left out.
+
+Checks (each returns a human message, empty when fine):
+
+* :func:`regex_problem` - RE2 (Envoy's regex engine) syntax Python's ``re`` accepts but RE2 rejects:
+  atomic groups, possessive quantifiers, conditionals, ``\\Z``, repetition counts above 1000.
+* :func:`jwks_problem` - an inline JWKS that is not a JSON key set (Envoy rejects the whole filter).
+* :func:`virtual_service_problems` - routes naming a subset no DestinationRule defines, or a regex above.
+* CUSTOM AuthorizationPolicies at a waypoint: there is no ext_authz provider here, so the policy is
+  rejected with a clear message and enforced fail-closed (its matching requests are denied).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from istiopy.mesh.ambient import StoreReader, typed_list
+from istiopy.mesh.meta import ResourceKey
+from istiopy.mesh.resources.common import StringMatch
+from istiopy.mesh.resources.networking import Destination, DestinationRule, VirtualService
+from istiopy.mesh.resources.security import Action, AuthorizationPolicy, RequestAuthentication
+
+__all__ = [
+    "WaypointDiagnostic",
+    "jwks_problem",
+    "regex_problem",
+    "resolve_host",
+    "subset_names",
+    "virtual_service_problems",
+    "waypoint_diagnostics",
+]
+
+DOMAIN = "cluster.local"
+
+# Constructs Python's ``re`` compiles that RE2 refuses (look-around and back-references are already
+# refused by the model's own validation).
+_RE2_REFUSED = [
+    (re.compile(r"\(\?>"), "atomic groups (?>...) are not RE2 syntax"),
+    (re.compile(r"(?<!\\)(?:[*+?}])\+"), "possessive quantifiers are not RE2 syntax"),
+    (re.compile(r"\(\?\("), "conditional groups are not RE2 syntax"),
+    (re.compile(r"\\Z"), "\\Z is not RE2 syntax (use \\z or $)"),
+    (re.compile(r"\(\?<?[=!]"), "look-around is not RE2 syntax"),
+    (re.compile(r"\\[1-9]|\(\?P="), "back-references are not RE2 syntax"),
+]
+_REPEAT = re.compile(r"(?<!\\)\{(\d+)(?:,(\d*))?\}")
+
+
+@dataclass(frozen=True)
+class WaypointDiagnostic:
+    """One finding: the resource, a field path, a reason and a message (the analyzer wraps it)."""
+
+    resource: ResourceKey
+    field: str
+    reason: str
+    message: str
+
+
+def regex_problem(pattern: str) -> str:
+    """Why Envoy (RE2) would reject ``pattern`` ("" when it would not)."""
+    if not pattern:
+        return "empty regex"
+    for rx, why in _RE2_REFUSED:
+        if rx.search(pattern):
+            return f"regex {pattern!r}: {why}"
+    for m in _REPEAT.finditer(pattern):
+        counts = [int(g) for g in m.groups() if g]
+        if any(c > 1000 for c in counts):
+            return f"regex {pattern!r}: repetition count above 1000 (RE2's limit)"
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        if not re.search(r"\\[pPCz]|\[\[:", pattern):
+            return f"regex {pattern!r} does not compile: {e}"
+    return ""
+
+
+def jwks_problem(text: str) -> str:
+    """Why an inline JWKS would be refused ("" when it is a JSON key set)."""
+    try:
+        doc = json.loads(text)
+    except ValueError as e:
+        return f"jwks is not JSON: {e}"
+    if not isinstance(doc, dict):
+        return "jwks must be a JSON object"
+    keys = doc.get("keys")
+    if not isinstance(keys, list) or not keys:
+        return "jwks must have a non-empty `keys` list"
+    for i, key in enumerate(keys):
+        if not isinstance(key, dict) or not isinstance(key.get("kty"), str):
+            return f"jwks key {i} has no `kty`"
+    return ""
+
+
+def resolve_host(host: str, namespace: str, domain: str = DOMAIN) -> str:
+    """A VirtualService/DestinationRule host as an FQDN: short names are relative to the resource's
+    namespace (``reviews`` -> ``reviews.<ns>.svc.<domain>``), ``name.ns`` gets ``.svc.<domain>``."""
+    if host.endswith("." + domain) or host == "*" or host.startswith("*"):
+        return host
+    parts = host.split(".")
+    if len(parts) == 1:
+        return f"{host}.{namespace}.svc.{domain}"
+    if len(parts) == 2:
+        return f"{host}.svc.{domain}"
+    if len(parts) == 3 and parts[2] == "svc":
+        return f"{host}.{domain}"
+    return host
+
+
+def destination_rule_for(store: StoreReader, hostname: str, prefer_namespace: str) -> DestinationRule | None:
+    """The DestinationRule for ``hostname``: one in ``prefer_namespace`` (the service's) wins, then the
+    oldest-named elsewhere (deterministic), as istiod picks the rule closest to the service."""
+    found = [
+        dr
+        for dr in typed_list(store, DestinationRule)
+        if resolve_host(dr.spec.host, dr.namespace) == hostname
+    ]
+    if not found:
+        return None
+    found.sort(key=lambda d: (d.namespace != prefer_namespace, d.namespace, d.name))
+    return found[0]
+
+
+def subset_names(store: StoreReader, hostname: str, namespace: str) -> set[str]:
+    dr = destination_rule_for(store, hostname, namespace)
+    return {s.name for s in dr.spec.subsets} if dr is not None else set()
+
+
+def _match_regexes(m: StringMatch | None) -> Iterable[str]:
+    if m is not None and m.regex is not None:
+        yield m.regex
+
+
+def virtual_service_problems(store: StoreReader, vs: VirtualService) -> dict[int, list[tuple[str, str]]]:
+    """Per HTTP route index: (field path, message) of what makes that route unusable at a waypoint."""
+    out: dict[int, list[tuple[str, str]]] = {}
+    for i, route in enumerate(vs.spec.http):
+        problems: list[tuple[str, str]] = []
+        for j, match in enumerate(route.match):
+            base = f"spec.http[{i}].match[{j}]"
+            fields: list[tuple[str, StringMatch | None]] = [
+                ("uri", match.uri),
+                ("method", match.method),
+                ("authority", match.authority),
+            ]
+            fields += [(f"headers.{k}", v) for k, v in match.headers.items()]
+            fields += [(f"queryParams.{k}", v) for k, v in match.query_params.items()]
+            fields += [(f"withoutHeaders.{k}", v) for k, v in match.without_headers.items()]
+            for name, sm in fields:
+                for rx in _match_regexes(sm):
+                    why = regex_problem(rx)
+                    if why:
+                        problems.append((f"{base}.{name}.regex", why))
+        if route.rewrite is not None and route.rewrite.uri_regex_rewrite is not None:
+            why = regex_problem(route.rewrite.uri_regex_rewrite.match)
+            if why:
+                problems.append((f"spec.http[{i}].rewrite.uriRegexRewrite.match", why))
+        dests: list[tuple[str, Destination]] = [
+            (f"spec.http[{i}].route[{k}].destination", d.destination) for k, d in enumerate(route.route)
+        ]
+        if route.mirror is not None:
+            dests.append((f"spec.http[{i}].mirror", route.mirror))
+        dests += [
+            (f"spec.http[{i}].mirrors[{k}].destination", m.destination) for k, m in enumerate(route.mirrors)
+        ]
+        for path, dest in dests:
+            if not dest.subset:
+                continue
+            host = resolve_host(dest.host, vs.namespace)
+            svc_ns = host.split(".")[1] if host.endswith(".svc." + DOMAIN) else vs.namespace
+            if dest.subset not in subset_names(store, host, svc_ns):
+                problems.append(
+                    (
+                        f"{path}.subset",
+                        f"subset {dest.subset!r} of host {host} is not defined by any DestinationRule; "
+                        "the route is left out of the waypoint configuration",
+                    )
+                )
+        if problems:
+            out[i] = problems
+    return out
+
+
+def waypoint_diagnostics(store: StoreReader) -> list[WaypointDiagnostic]:
+    """Everything the waypoint generator leaves out or rejects, reported on the resource."""
+    out: list[WaypointDiagnostic] = []
+    for vs in typed_list(store, VirtualService):
+        for _, problems in sorted(virtual_service_problems(store, vs).items()):
+            for path, msg in problems:
+                reason = "ReferencedResourceNotFound" if path.endswith(".subset") else "InvalidRegex"
+                out.append(WaypointDiagnostic(vs.key, path, reason, msg))
+    for ra in typed_list(store, RequestAuthentication):
+        for i, rule in enumerate(ra.spec.jwt_rules):
+            if rule.jwks:
+                why = jwks_problem(rule.jwks)
+                if why:
+                    out.append(
+                        WaypointDiagnostic(
+                            ra.key,
+                            f"spec.jwtRules[{i}].jwks",
+                            "InvalidJwks",
+                            f"{why}; tokens from issuer {rule.issuer!r} are rejected until it is fixed",
+                        )
+                    )
+    for ap in typed_list(store, AuthorizationPolicy):
+        if ap.spec.action == Action.CUSTOM and ap.target_refs:
+            out.append(
+                WaypointDiagnostic(
+                    ap.key,
+                    "spec.action",
+                    "UnsupportedValue",
+                    "CUSTOM authorization is not supported by istiopy waypoints (no ext_authz provider); "
+                    "the policy is enforced fail-closed: requests it matches are denied",
+                )
+            )
+    return out

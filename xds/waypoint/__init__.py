@@ -1,0 +1,98 @@
+"""The waypoint Envoy configuration: CDS, EDS, LDS and RDS for proxies of kind ``waypoint``.
+
+istiod registers them next to the other generators; a generator for the proxy's own kind wins over one
+for every kind, so sidecars and plain Envoys keep ``envoygen``'s config::
+
+    from istiopy.xds.waypoint import register_waypoint_generators
+    register_waypoint_generators(registry)       # proxy_kinds={"waypoint"}
+
+Secrets are not generated here: a waypoint gets its certificate from the SDS server of its own launcher
+(``istiopy.dataplane.waypoint``, bootstrap cluster ``sds-grpc``), so its private key never leaves it.
+
+Layout and semantics: ``plan`` (what a waypoint serves, memoized per store version), ``envoy``
+(listeners/clusters/endpoints), ``routes`` (VirtualService, HTTPRoute), ``policy`` (AuthorizationPolicy,
+RequestAuthentication). Anything that would make Envoy NACK is left out and reported by
+``istiopy.mesh.waypoint_diagnostics``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from istiopy.mesh.store import Change, ConfigStore
+from istiopy.xds import types
+from istiopy.xds.proxy import Proxy
+from istiopy.xds.registry import Generator, GeneratorRegistry
+from istiopy.xds.waypoint import envoy as ev
+from istiopy.xds.waypoint.plan import plan_for, scope
+
+__all__ = [
+    "generate_clusters",
+    "generate_endpoints",
+    "generate_listeners",
+    "generate_routes",
+    "register_waypoint_generators",
+    "waypoint_generators",
+]
+
+PROXY_KINDS = frozenset({"waypoint"})
+
+
+def generate_listeners(store: ConfigStore, proxy: Proxy) -> Iterable[tuple[str, Any]]:
+    plan = plan_for(store, proxy)
+    if plan is None:
+        return []
+    filters: dict[str, list[dict[str, Any]]] = plan.extra.get("filters", {})
+    return [
+        (ev.CONNECT_TERMINATE, ev.connect_terminate(plan)),
+        (ev.MAIN_INTERNAL, ev.main_internal(plan, filters)),
+        (ev.CONNECT_ORIGINATE, ev.connect_originate(plan)),
+    ]
+
+
+def generate_clusters(store: ConfigStore, proxy: Proxy) -> Iterable[tuple[str, Any]]:
+    plan = plan_for(store, proxy)
+    if plan is None:
+        return []
+    out: list[tuple[str, Any]] = [
+        (ev.MAIN_INTERNAL, ev.main_internal_cluster()),
+        (ev.CONNECT_ORIGINATE, ev.connect_originate_cluster(plan)),
+    ]
+    out += [(name, ev.service_cluster(t)) for name, t in sorted(plan.clusters.items())]
+    out += sorted(plan.extra.get("clusters", {}).items())
+    return out
+
+
+def generate_endpoints(store: ConfigStore, proxy: Proxy) -> Iterable[tuple[str, Any]]:
+    plan = plan_for(store, proxy)
+    if plan is None:
+        return []
+    return [(name, ev.cluster_endpoints(plan, t)) for name, t in sorted(plan.clusters.items())]
+
+
+def generate_routes(store: ConfigStore, proxy: Proxy) -> Iterable[tuple[str, Any]]:
+    plan = plan_for(store, proxy)
+    if plan is None:
+        return []
+    return sorted(plan.extra.get("routes", {}).items())
+
+
+def _affects(change: Change, proxy: Proxy) -> bool:
+    # Routes, policies, bindings and endpoints all read many kinds; the content hash suppresses resends.
+    return True
+
+
+def waypoint_generators() -> list[Generator]:
+    return [
+        Generator(types.CLUSTER, generate_clusters, _affects, scope, PROXY_KINDS, "waypoint-clusters"),
+        Generator(types.ENDPOINT, generate_endpoints, _affects, scope, PROXY_KINDS, "waypoint-endpoints"),
+        Generator(types.LISTENER, generate_listeners, _affects, scope, PROXY_KINDS, "waypoint-listeners"),
+        Generator(types.ROUTE, generate_routes, _affects, scope, PROXY_KINDS, "waypoint-routes"),
+    ]
+
+
+def register_waypoint_generators(registry: GeneratorRegistry) -> None:
+    """Register CDS/EDS/LDS/RDS for ``waypoint`` proxies (SDS comes from the waypoint's own launcher)."""
+    for gen in waypoint_generators():
+        registry.register(gen)
