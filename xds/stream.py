@@ -12,8 +12,8 @@ Rules implemented (envoyproxy.io "xDS REST and gRPC protocol"):
   than the last one sent for its type is stale and ignored entirely (its subscription may already be
   superseded by a response in flight; the client will re-request). A NACK (``error_detail`` set) keeps the
   last acked version and is recorded with the client's message; the rejected version is not sent again,
-  only a newer one. A first request on a new stream whose ``version_info`` equals the current version is not
-  answered again (reconnect after a server restart, versions being content hashes).
+  only a newer one. A wildcard first request on a new stream whose ``version_info`` equals the current
+  version is not answered again (reconnect after a server restart, versions being content hashes).
 - Delta: the server tracks what the client holds (name -> version), seeded from ``initial_resource_versions``
   on a reconnect, so unchanged resources are never resent. Responses carry only changed resources plus
   ``removed_resources`` (deleted from the snapshot, or named but absent, told once). ACK/NACK are matched to
@@ -287,8 +287,10 @@ class SotwStream(_StreamBase):
             return None
         if st.initial_version:
             initial, st.initial_version = st.initial_version, ""
-            if held.version == initial:
+            if held.version == initial and st.wildcard:
                 # A reconnect holding exactly what we would send: nothing to do (content-hash versions).
+                # Only for wildcard: a named subscription may have changed after the client got that
+                # version (its last request unanswered when the server went away), so it is answered.
                 st.sent_version = st.acked_version = initial
                 st.must_respond = False
                 return None

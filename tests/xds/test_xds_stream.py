@@ -302,3 +302,12 @@ def test_delta_client_that_never_acks_is_refused_not_buffered() -> None:
     s.set_snapshot(Snapshot.of([clusters(a=99)]))
     with pytest.raises(ProtocolError, match="not acknowledged 3 cds responses"):
         s.responses(9)
+
+
+def test_sotw_named_reconnect_is_answered_even_at_the_current_version() -> None:
+    eds = TypedResources.build(EDS, [(n, cluster_pb2.Cluster(name=n)) for n in ("x", "y")])
+    s = SotwStream()
+    s.set_snapshot(Snapshot.of([eds]))
+    s.handle_request(sotw_req(EDS, names=("x", "y"), version=eds.version), 0)
+    [resp] = s.responses(0)
+    assert names(resp) == ["x", "y"]
