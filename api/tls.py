@@ -24,6 +24,7 @@ from functools import cached_property
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from istiopy.api.identity import InvalidSpiffeId, SpiffeId, identity_of, identity_of_der
 
@@ -209,8 +210,6 @@ def cert_not_after(pem: str) -> datetime:
 
 def private_key_pem(key: object) -> str:
     """PKCS#8 PEM of a ``cryptography`` private key, unencrypted (it stays in memory)."""
-    from cryptography.hazmat.primitives.asymmetric import ec, rsa
-
     if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
         raise TypeError(f"unsupported key type {type(key).__name__}")
     return key.private_bytes(
