@@ -30,7 +30,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -522,7 +522,7 @@ class TestCluster:
 
     # -- readiness ------------------------------------------------------------------------------------
 
-    def _deadline_loop(self, what: _Proc, timeout: float | None = None) -> Any:
+    def _deadline_loop(self, what: _Proc, timeout: float | None = None) -> Iterator[None]:
         deadline = time.monotonic() + (timeout or self.start_timeout)
         while True:
             if not what.alive():
