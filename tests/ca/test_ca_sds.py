@@ -181,7 +181,6 @@ async def refused(port: int, bundle: CertBundle) -> bool:
 
 
 @pytest.mark.envoy
-@pytest.mark.slow
 async def test_envoy_gets_cert_over_sds_serves_mtls_and_rotates_without_restart(
     ca: CertificateAuthority,
 ) -> None:
