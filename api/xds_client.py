@@ -168,7 +168,13 @@ class DeltaXdsClient:
         req = _pb().DeltaDiscoveryRequest(type_url=sub.type_url)
         if include_node:
             req.node.CopyFrom(self.node)
-        req.resource_names_subscribe.extend((["*"] if sub.wildcard else []) + sorted(sub.names))
+        if sub.wildcard or sub.names:
+            req.resource_names_subscribe.extend((["*"] if sub.wildcard else []) + sorted(sub.names))
+        else:
+            # Named with no names yet: an empty list would mean legacy wildcard, so say "nothing" the way
+            # ztunnel's on-demand mode does: subscribe to * and unsubscribe from it in one request.
+            req.resource_names_subscribe.append("*")
+            req.resource_names_unsubscribe.append("*")
         for name, held in sub.state.items():
             req.initial_resource_versions[name] = held.version
         return req

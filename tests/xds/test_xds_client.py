@@ -80,6 +80,19 @@ async def test_wildcard_and_named_subscriptions_and_unsubscribe(harness: Harness
         )
 
 
+async def test_named_subscription_to_nothing_then_on_demand(harness: Harness) -> None:
+    seed(harness, "a", "b")
+    eds = Recorder()
+    client = DeltaXdsClient(f"127.0.0.1:{harness.port}", node())
+    client.subscribe(EDS, eds, names=[])
+    async with client, asyncio.timeout(10):
+        await client.wait_for(lambda c: len(eds.updates) == 1)  # the initial (empty) answer
+        assert eds.updates[0].updated == {}
+        client.subscribe_names(EDS, [cluster("b")])
+        await client.wait_for(lambda c: cluster("b") in c.resources(EDS))
+        assert sorted(client.resources(EDS)) == [cluster("b")]
+
+
 async def test_handler_error_is_a_nack_and_state_is_kept(harness: Harness) -> None:
     seed(harness, "a")
     reject = {"on": False}
