@@ -161,6 +161,11 @@ class PushPipeline:
         self.targets.pop(id(target), None)
 
     # -------------------------------------------------------------------------------------- changes
+    def notify(self, change: Change) -> None:
+        """Feed a change that is not store content (e.g. a certificate rotation, ``ca.sds.rotation_change``)
+        through the same debounce and push as store changes; callable from any thread."""
+        self._on_change(change)
+
     def _on_change(self, change: Change) -> None:
         """Store listener: may run in a source's thread, so hop onto the loop when it does."""
         if threading.get_ident() == self._loop_thread:

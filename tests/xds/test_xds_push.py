@@ -13,6 +13,7 @@ from envoy.service.discovery.v3 import discovery_pb2
 from xds_harness import pod, service
 
 from istiopy.mesh.store import Change, ConfigStore
+from istiopy.testing.envoy import wait_until
 from istiopy.xds import types
 from istiopy.xds.cache import InconsistentSnapshot, Snapshot, TypedResources
 from istiopy.xds.envoygen import envoy_generators, generate_listeners, register_envoy_generators
@@ -269,3 +270,37 @@ def test_endpoints_from_slices_win_over_pods_and_named_ports_resolve() -> None:
         )
     )
     assert endpoints() == [("10.2.0.1", 9090)]
+
+
+async def test_notify_pushes_a_synthetic_change_through_the_debouncer() -> None:
+    """Certificate rotations are not store content: ``notify`` feeds them to the same pipeline."""
+    from istiopy.mesh.meta import ResourceKey
+
+    store = ConfigStore()
+    registry = GeneratorRegistry()
+    generation = {"n": 0}
+
+    def secrets(store: ConfigStore, p: Proxy) -> list[tuple[str, Any]]:
+        return [("default", cluster_pb2.Cluster(name=f"gen-{generation['n']}"))]
+
+    registry.register(
+        Generator(
+            types.SECRET,
+            secrets,
+            lambda c, p: c.key.kind == "WorkloadCertificate",
+            lambda p: ("sds", generation["n"]),
+        )
+    )
+    pipeline = PushPipeline(store, registry, debounce_after=0.01)
+    await pipeline.start()
+    try:
+        t = Target(proxy("w", kind="waypoint"), [types.SECRET])
+        t.connect(pipeline)
+        t.sent.clear()
+        generation["n"] = 1
+        change = Change("update", ResourceKey("WorkloadCertificate", "default", "sa"), None, None, 0, "ca")
+        await asyncio.to_thread(pipeline.notify, change)
+        await wait_until(lambda: bool(t.sent), timeout=5, what="pushed after notify")
+        assert t.sent[0].resources[0].message.name == "gen-1"
+    finally:
+        await pipeline.stop()
