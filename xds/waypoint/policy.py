@@ -159,14 +159,19 @@ def _sm(value: str, ignore_case: bool = False) -> dict[str, Any]:
     return out
 
 
+def _set(key: str, items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Principal sets hold ``ids``, permission sets hold ``rules``."""
+    return {key: {"ids" if key.endswith("_ids") else "rules": items}}
+
+
 def _or(items: list[dict[str, Any]], key: str = "or_ids") -> dict[str, Any]:
-    return items[0] if len(items) == 1 else {key: {"ids": items}}
+    return items[0] if len(items) == 1 else _set(key, items)
 
 
 def _and(items: list[dict[str, Any]], key: str = "and_ids") -> dict[str, Any]:
     if not items:
         return dict(_ANY)
-    return items[0] if len(items) == 1 else {key: {"ids": items}}
+    return items[0] if len(items) == 1 else _set(key, items)
 
 
 def _not(item: dict[str, Any], key: str = "not_id") -> dict[str, Any]:
@@ -243,13 +248,14 @@ _HEADER = re.compile(r"^request\.headers\[(.+)\]$")
 def _condition(c: Condition) -> tuple[str, dict[str, Any]] | None:
     """A ``when`` condition -> ("principal"|"permission", matcher), None when unknown (never matches)."""
 
-    def values(fn: Any) -> dict[str, Any] | None:
+    def values(fn: Any, permission: bool = False) -> dict[str, Any] | None:
+        o, a, n = ("or_rules", "and_rules", "not_rule") if permission else ("or_ids", "and_ids", "not_id")
         parts: list[dict[str, Any]] = []
         if c.values:
-            parts.append(_or([fn(v) for v in c.values]))
+            parts.append(_or([fn(v) for v in c.values], o))
         if c.not_values:
-            parts.append(_not(_or([fn(v) for v in c.not_values])))
-        return _and(parts) if parts else None
+            parts.append(_not(_or([fn(v) for v in c.not_values], o), n))
+        return _and(parts, a) if parts else None
 
     key = c.key
     m: dict[str, Any] | None
@@ -274,10 +280,10 @@ def _condition(c: Condition) -> tuple[str, dict[str, Any]] | None:
         m = values(simple[key])
         return ("principal", m) if m else None
     if key == "destination.port":
-        m = values(lambda v: {"destination_port": int(v)})
+        m = values(lambda v: {"destination_port": int(v)}, permission=True)
         return ("permission", m) if m else None
     if key == "destination.ip":
-        m = values(lambda v: {"destination_ip": _cidr(v)})
+        m = values(lambda v: {"destination_ip": _cidr(v)}, permission=True)
         return ("permission", m) if m else None
     return None
 
