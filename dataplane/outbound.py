@@ -15,7 +15,9 @@ Rules (``shared/reference/ambient.md`` 3.1, 3.3):
   identity.
 * Destinations that are not HBONE workloads (or unknown to the mesh) pass through as plain TCP.
 * Endpoints are chosen round robin per service among healthy ones (unless the service's health policy is
-  ALLOW_ALL) that expose the requested port.
+  ALLOW_ALL) that expose the requested port; with a load-balancing routing preference (``PreferClose``)
+  only the endpoints closest to the source (network, region, zone, subzone, node, cluster, in the
+  service's order) take part: FAILOVER keeps the closest group present, STRICT requires a full match.
 """
 
 from __future__ import annotations
@@ -133,7 +135,7 @@ class OutboundResolver:
         if svc is not None:
             if svc.waypoint is not None and not self._is_waypoint(source, svc.waypoint):
                 return self._via_waypoint(svc.waypoint, _fmt(ip, port), original, svc, network)
-            wl, ep = self._pick_endpoint(svc, port)
+            wl, ep = self._pick_endpoint(svc, port, source)
             target = ep.ports.get(port) or svc.ports.get(port) or port
             return self._direct(wl, target, original, svc)
         dst_wl = self.state.workload_by_ip(ip, network)
@@ -169,13 +171,55 @@ class OutboundResolver:
             )
         return OutboundPlan("TCP", (str(addr), port), "", original, wl, svc)
 
-    def _pick_endpoint(self, svc: Service, port: int) -> tuple[Workload, Endpoint]:
+    def _pick_endpoint(
+        self, svc: Service, port: int, source: Workload | None = None
+    ) -> tuple[Workload, Endpoint]:
         allow_unhealthy = svc.lb_health_policy == "ALLOW_ALL"
         candidates = [
             (wl, ep)
             for wl, ep in self.state.endpoints(svc.key)
             if wl.addresses and (wl.healthy or allow_unhealthy) and (port in ep.ports or not ep.ports)
         ]
+        if candidates and svc.lb_routing_preference and source is not None:
+            candidates = _closest(candidates, svc, source)
         if not candidates:
             raise NoHealthyUpstream(f"service {svc.key} has no healthy endpoint for port {port}")
         return candidates[self._next(svc.key, len(candidates))]
+
+
+def _scope_matches(scope: str, src: Workload, dst: Workload) -> bool:
+    if scope == "NETWORK":
+        return src.network == dst.network
+    if scope == "REGION":
+        return src.locality.region == dst.locality.region
+    if scope == "ZONE":
+        return src.locality.zone == dst.locality.zone
+    if scope == "SUBZONE":
+        return src.locality.subzone == dst.locality.subzone
+    if scope == "NODE":
+        return src.node == dst.node
+    if scope == "CLUSTER":
+        return src.cluster_id == dst.cluster_id
+    return True
+
+
+def _closest(
+    candidates: list[tuple[Workload, Endpoint]], svc: Service, source: Workload
+) -> list[tuple[Workload, Endpoint]]:
+    """Locality-aware selection as upstream: rank = how many leading routing preferences an endpoint shares
+    with the source; FAILOVER keeps the best rank present, STRICT only endpoints that share all of them."""
+    prefs = svc.lb_routing_preference
+
+    def rank(wl: Workload) -> int:
+        n = 0
+        for scope in prefs:
+            if not _scope_matches(scope, source, wl):
+                break
+            n += 1
+        return n
+
+    ranked = [(rank(wl), (wl, ep)) for wl, ep in candidates]
+    if svc.lb_mode == "STRICT":
+        return [c for r, c in ranked if r == len(prefs)]
+    best = max(r for r, _ in ranked)
+    return [c for r, c in ranked if r == best]

@@ -7,6 +7,7 @@ from collections import Counter
 
 import pytest
 
+from istiopy.api.gen import workload_pb2
 from istiopy.api.identity import SpiffeId
 from istiopy.dataplane.inbound import InboundAuthorizer, InboundRefused, parse_authority
 from istiopy.dataplane.outbound import NoHealthyUpstream, OutboundResolver
@@ -155,3 +156,51 @@ def test_inbound_plaintext_has_no_identity() -> None:
     assert e.value.status == 401
     st.apply_authorizations({"srv/ns": b.policy("ns", "srv", [[[b.match(source_ips=["10.1.1.0/24"])]]])})
     assert ia.plaintext(("10.1.1.9", 4000), ("10.1.0.1", 8080))
+
+
+def _zoned(name: str, ip: str, region: str, zone: str, node: str = "n") -> object:
+    a = b.workload(name, "loc", ip, services={b.service_key("near", "loc"): {80: 80}}, node=node)
+    a.workload.locality.region = region
+    a.workload.locality.zone = zone
+    return a
+
+
+def _locality_mesh(mode: int) -> ProxyState:
+    st = ProxyState()
+    svc = b.service("near", "loc", "10.96.5.5", {80: 80})
+    lb = workload_pb2.LoadBalancing
+    svc.service.load_balancing.routing_preference.extend([lb.NETWORK, lb.REGION, lb.ZONE, lb.SUBZONE])
+    svc.service.load_balancing.mode = mode
+    adds = [
+        svc,
+        _zoned("same-zone", "10.5.0.1", "eu", "eu-1"),
+        _zoned("same-region", "10.5.0.2", "eu", "eu-2"),
+        _zoned("far", "10.5.0.3", "us", "us-1"),
+        _zoned("client", "10.5.0.9", "eu", "eu-1"),
+    ]
+    st.apply_addresses({b.resource_name(a): a for a in adds})  # type: ignore[arg-type]
+    return st
+
+
+def test_prefer_close_failover_picks_the_closest_endpoints() -> None:
+    st = _locality_mesh(workload_pb2.LoadBalancing.FAILOVER)
+    r = OutboundResolver(st)
+    client = st.workload_by_ip("10.5.0.9")
+    assert {r.plan(("10.96.5.5", 80), source=client).dial[0] for _ in range(4)} == {"10.5.0.1", "10.5.0.9"}
+    # The same-zone endpoints go away: the next closest (same region) take over, never the far one first.
+    st.apply_addresses({}, removed=[b.pod_uid("loc", "same-zone"), b.pod_uid("loc", "client")])
+    assert {r.plan(("10.96.5.5", 80), source=client).dial[0] for _ in range(4)} == {"10.5.0.2"}
+    # Without a known source there is no ranking.
+    assert {r.plan(("10.96.5.5", 80)).dial[0] for _ in range(4)} == {"10.5.0.2", "10.5.0.3"}
+
+
+def test_prefer_close_strict_refuses_partial_matches() -> None:
+    st = _locality_mesh(workload_pb2.LoadBalancing.STRICT)
+    r = OutboundResolver(st)
+    client = st.workload_by_ip("10.5.0.9")
+    st.apply_addresses({}, removed=[b.pod_uid("loc", "same-zone")])
+    # Only the client itself (same network/region/zone/subzone) still fully matches.
+    assert {r.plan(("10.96.5.5", 80), source=client).dial[0] for _ in range(3)} == {"10.5.0.9"}
+    st.apply_addresses({}, removed=[b.pod_uid("loc", "client")])
+    with pytest.raises(NoHealthyUpstream):
+        r.plan(("10.96.5.5", 80), source=client)
