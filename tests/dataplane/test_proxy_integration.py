@@ -256,6 +256,11 @@ async def test_control_plane_down_keeps_existing_and_new_connections(cluster: Cl
     seen = {(await _get(sleep, VIP, 80))["pod"] for _ in range(3)}
     assert seen == {"echo-1", "echo-2", "echo-3"}
     assert cluster.zts["node-0"].get(cluster.zts["node-0"].readiness_port, "/healthz/ready")[0] == 200
+    # While it is away, config changes; when it is back (same address) the proxies reconnect and catch up.
+    cluster.plane.apply(_policy("nothing", "srv", {}))
+    await cluster.plane.start()
+    await cluster.until(lambda: cluster.policies_everywhere({"srv/nothing"}))
+    assert await _denied(sleep, echo1.ip, 8080)
 
 
 async def test_pod_removal_and_ztunnel_restart_relearn_from_the_node_agent(cluster: Cluster) -> None:
