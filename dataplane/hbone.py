@@ -98,6 +98,7 @@ MAX_HEADER_LIST_SIZE = 64 * 1024
 READ_CHUNK = 64 * 1024
 # Control frames we owe a peer that does not read (PING/SETTINGS acks) may not pile up beyond this.
 MAX_PENDING_WRITE = 8 * 1024 * 1024
+CLOSE_TIMEOUT = 2.0
 _H2_DEFAULT_WINDOW = 65535
 
 
@@ -613,8 +614,10 @@ class _Conn:
             s._maybe_finish()
         self.streams.clear()
         self.writer.close()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.writer.wait_closed(), 5)
+        try:  # a polite TLS close_notify exchange, but a silent peer cannot hold us
+            await asyncio.wait_for(self.writer.wait_closed(), CLOSE_TIMEOUT)
+        except (Exception, asyncio.CancelledError):
+            self.writer.transport.abort()
         self.closed.set()
 
     def _dispatch(self, ev: h2.events.Event) -> None:
@@ -824,8 +827,7 @@ class HboneServer:
         for ls in self._listeners:
             ls.close()
         self._listeners.clear()
-        for c in list(self._conns):
-            await c.close()
+        await asyncio.gather(*(c.close() for c in list(self._conns)), return_exceptions=True)
         for t in list(self._tasks) + list(self._handlers):
             t.cancel()
         await asyncio.gather(*self._tasks, *self._handlers, return_exceptions=True)
@@ -1077,10 +1079,8 @@ class HbonePool:
                 e.idle.cancel()
             if not e.ready.done():
                 e.ready.cancel()
-            with contextlib.suppress(BaseException):
-                await e.ready
-            if e.conn is not None:
-                await e.conn.close()
+        await asyncio.gather(*(e.ready for e in entries), return_exceptions=True)
+        await asyncio.gather(*(e.conn.close() for e in entries if e.conn is not None), return_exceptions=True)
 
     def _pick(self, key: Hashable) -> _Entry | None:
         for e in self._entries.get(key, []):
@@ -1155,7 +1155,7 @@ class HbonePool:
             self._drop(entry)
             conn = entry.conn
             t = asyncio.ensure_future(conn.close())
-            t.add_done_callback(lambda _t: None)
+            t.add_done_callback(lambda d: d.cancelled() or d.exception())
 
     def _drop(self, entry: _Entry) -> None:
         group = self._entries.get(entry.key)
