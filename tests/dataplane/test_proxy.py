@@ -318,3 +318,31 @@ async def test_policy_change_closes_existing_connections_it_no_longer_allows(mes
     assert (await asyncio.wait_for(r3.read(), 10)).startswith(b"HTTP/1.1 200")
     for w in (w1, w2, w3):
         w.close()
+
+
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def test_no_fd_leak_across_allowed_denied_and_failed_connections(mesh: Mesh) -> None:
+    sleep, legacy, srv1 = mesh.pods["sleep"], mesh.pods["legacy"], mesh.pods["srv-1"]
+
+    async def round_trip() -> None:
+        assert (await _http_get(sleep, srv1.ip, 8080))["pod"] == "srv-1"
+        assert (await _http_get(legacy, srv1.ip, 8080))["pod"] == "srv-1"
+        assert await _refused(sleep, srv1.ip, 1)  # nothing listens there: the app dial fails (503)
+
+    await round_trip()  # warm up: pooled HBONE connections, certificates, contexts
+    await asyncio.sleep(0.2)
+    before = _fds()
+    for _ in range(10):
+        await round_trip()
+    mesh.policies(b.policy("deny-all", "srv", []))
+    for _ in range(10):
+        assert await _refused(sleep, srv1.ip, 8080)
+        assert await _refused(legacy, srv1.ip, 8080)
+    mesh.policies(removed=("srv/deny-all",))
+    await round_trip()
+    await asyncio.sleep(0.5)
+    assert _fds() <= before + 2, (before, _fds())
+    assert mesh.zts[0].pool_for(sleep.uid).connection_count() == 1
