@@ -756,7 +756,8 @@ class HboneServer:
 
     ``ssl_context`` may be a callable taking the local (original destination) IP, so one listener can serve
     the certificate of whichever pod the client dialed (no SNI in HBONE). ``trust_domain`` pins client
-    identities to one trust domain when set.
+    identities to one trust domain when set. At most ``max_connections`` connections (including those
+    still handshaking within ``handshake_timeout``) are served at once; more are closed on accept.
     """
 
     def __init__(
@@ -766,6 +767,7 @@ class HboneServer:
         *,
         max_concurrent_streams: int = DEFAULT_MAX_STREAMS,
         handshake_timeout: float = 10.0,
+        max_connections: int = 4096,
         trust_domain: str | None = None,
     ) -> None:
         self.on_connect = on_connect
@@ -779,6 +781,8 @@ class HboneServer:
         self._handlers: set[asyncio.Task[None]] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self.handshake_failures = 0
+        self.max_connections = max_connections
+        self.refused_connections = 0
 
     @property
     def connections(self) -> int:
@@ -813,6 +817,10 @@ class HboneServer:
                     return
                 log.warning("HBONE accept failed: %s", e)
                 await asyncio.sleep(0.1)  # EMFILE and friends: do not spin
+                continue
+            if len(self._handlers) >= self.max_connections:  # bounded: a flood cannot exhaust fds/memory
+                self.refused_connections += 1
+                sock.close()
                 continue
             t = asyncio.create_task(self.handle_socket(sock))
             self._handlers.add(t)

@@ -501,3 +501,31 @@ async def test_slow_app_bounds_buffers_and_stalls_the_writer(env: Env) -> None:
         await writer
     s.reset()  # type: ignore[attr-defined]
     app_w.close()
+
+
+async def test_connection_flood_is_bounded(ca: TestCA) -> None:
+    async def on_connect(req: ConnectRequest) -> Decision:
+        return Reject(401)
+
+    server = HboneServer(
+        on_connect, ca.issue(SERVER_ID).server_context(), max_connections=2, handshake_timeout=1.0
+    )
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(16)
+    await server.serve(lsock)
+    port = lsock.getsockname()[1]
+    silent = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]  # never say hello
+    await eventually(lambda: len(server._handlers) == 2)
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    assert await asyncio.wait_for(r.read(), 5) == b""  # closed at once
+    assert server.refused_connections == 1
+    w.close()
+    for sr, _ in silent:  # the silent ones are dropped when their handshake time is up
+        with contextlib.suppress(ConnectionError):
+            assert await asyncio.wait_for(sr.read(), 10) == b""
+    for _, sw in silent:
+        sw.close()
+    assert server.handshake_failures == 2
+    await eventually(lambda: len(server._handlers) == 0)
+    await server.close()
