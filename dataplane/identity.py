@@ -51,6 +51,7 @@ class SecretManager:
         self._server_ctx: dict[SpiffeId, ssl.SSLContext] = {}
         self._client_ctx: dict[SpiffeId, ssl.SSLContext] = {}
         self._roots: dict[SpiffeId, str] = {}
+        self._forgetting: set[asyncio.Task[None]] = set()
 
     async def _fetch(self, identity: SpiffeId) -> CertBundle:
         try:
@@ -95,7 +96,9 @@ class SecretManager:
             self._server_ctx.pop(ident, None)
             self._client_ctx.pop(ident, None)
             self._errors.pop(ident, None)
-            asyncio.get_running_loop().create_task(self.manager.forget(ident))
+            task = asyncio.get_running_loop().create_task(self.manager.forget(ident))
+            self._forgetting.add(task)  # keep a reference until done (the loop holds tasks only weakly)
+            task.add_done_callback(self._forgetting.discard)
 
     def add_local(self, uid: str, identity: SpiffeId) -> None:
         self.set_local([*self._local.items(), (uid, identity)])
@@ -147,6 +150,7 @@ class SecretManager:
         return ctx
 
     async def close(self) -> None:
+        await asyncio.gather(*self._forgetting, return_exceptions=True)
         await self.manager.close()
 
     # ---- /config_dump ------------------------------------------------------------------------
