@@ -941,7 +941,10 @@ class HboneServer:
             result = await relay(stream, upstream)
             upstream = None
             if decision.on_done is not None:
-                decision.on_done(result)
+                try:
+                    decision.on_done(result)
+                except Exception:
+                    log.exception("HBONE on_done callback failed")
         finally:
             if upstream is not None:
                 upstream.reset()

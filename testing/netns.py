@@ -556,7 +556,10 @@ class Topology:
             base = self.pod_net.network_address
             if self.pod_net.prefixlen <= 24:
                 base = base + node.index * 256  # the node's /24, like a podCIDR
-            ip = str(base + next(node._next_host))
+            host = next(node._next_host)
+            if host > 254:
+                raise TopologyError(f"node {node.name} has no free automatic pod IP left; pass ip=")
+            ip = str(base + host)
         netns = f"{self.tag}-p{len(self.pods)}"
         self._add_netns(netns)
         self._attach(netns, ip)
