@@ -9,6 +9,7 @@ Public API (stable)::
         srv = b.spawn_server("echo", port=8080)     # a real process inside b's netns
         with a.connect((b.ip, 8080)) as s: ...      # a socket created inside a's netns
         r, w = await a.open_connection(b.ip, 8080)  # same, as asyncio streams
+        n0.forward_host_port(15012)                 # 127.0.0.1:15012 in n0 -> the host's 127.0.0.1:15012
         a.run(["iptables-save"])                    # any command inside the pod netns
         with topo.sniff("tcp") as cap: ...          # tcpdump on the fabric bridge; cap.text afterwards
     # everything (processes, namespaces, veths, the pods' iptables rules) is gone here
@@ -304,6 +305,12 @@ class _Netns:
             os.close(fd)
         return await asyncio.open_connection(sock=sock)
 
+    def forward_host_port(self, host_port: int, port: int | None = None) -> int:
+        """Make ``127.0.0.1:<port>`` inside this namespace reach ``127.0.0.1:<host_port>`` of the host (the
+        test process's namespace); returns the port. How a ztunnel-py running in a node namespace reaches a
+        control plane listening on the host's loopback, without routing the fabric anywhere."""
+        return self.topology._forwarder().add(self, host_port, host_port if port is None else port)
+
     def _stop_procs(self) -> None:
         for p in self._procs:
             with contextlib.suppress(Exception):
@@ -356,6 +363,68 @@ class Pod(_Netns):
         return f"Pod({self.namespace}/{self.name}, ip={self.ip!r}, node={self.node.name!r})"
 
 
+class _Forwarder:
+    """Loopback forwards from namespaces to the host, served by one background thread with its own loop.
+
+    The listening socket is created inside the namespace (a socket keeps the namespace it was born in);
+    the thread itself stays in the host namespace, so its outgoing connections reach the host's loopback.
+    """
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="netns-forward", daemon=True)
+        self.thread.start()
+        self.servers: list[asyncio.Server] = []
+
+    def add(self, ns: _Netns, host_port: int, port: int) -> int:
+        fd = ns.open_netns()
+        try:
+            lsock = _sockets.netns_listener(fd, port, "127.0.0.1")
+        finally:
+            os.close(fd)
+
+        async def pump(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            try:
+                while data := await r.read(65536):
+                    w.write(data)
+                    await w.drain()
+                if w.can_write_eof():
+                    w.write_eof()
+            except (ConnectionError, OSError):
+                w.transport.abort()
+
+        async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            try:
+                ur, uw = await asyncio.open_connection("127.0.0.1", host_port)
+            except OSError:
+                w.transport.abort()
+                return
+            await asyncio.gather(pump(r, uw), pump(ur, w))
+            uw.close()
+            w.close()
+
+        async def start() -> int:
+            server = await asyncio.start_server(handle, sock=lsock)
+            self.servers.append(server)
+            return int(lsock.getsockname()[1])
+
+        return asyncio.run_coroutine_threadsafe(start(), self.loop).result(10)
+
+    def close(self) -> None:
+        async def stop() -> None:
+            for s in self.servers:
+                s.close()
+            for t in asyncio.all_tasks():
+                if t is not asyncio.current_task():
+                    t.cancel()
+
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(stop(), self.loop).result(5)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.loop.close()
+
+
 class Sniff:
     """What ``Topology.sniff`` recorded: ``text`` is filled when the ``with`` block ends."""
 
@@ -400,6 +469,7 @@ class Topology:
         self._started = False
         self._closed = False
         self._cleanup = cleanup
+        self._fwd: _Forwarder | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------------
     def start(self) -> Topology:
@@ -435,6 +505,9 @@ class Topology:
         self._closed = True
         for ns in [*self.pods, *self.nodes]:
             ns._stop_procs()
+        if self._fwd is not None:
+            self._fwd.close()
+            self._fwd = None
         for name in reversed(self._created):
             _kill_netns_pids(name)
             _ip("netns", "del", name, check=False)
@@ -443,6 +516,12 @@ class Topology:
             atexit.unregister(self.close)
         if self._started:
             _track_open(-1)
+
+    def _forwarder(self) -> _Forwarder:
+        self._require_started()
+        if self._fwd is None:
+            self._fwd = _Forwarder()
+        return self._fwd
 
     @contextlib.contextmanager
     def sniff(self, bpf: str = "tcp", *, timeout: float = 10.0) -> Iterator[Sniff]:

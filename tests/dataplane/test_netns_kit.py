@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -138,3 +139,27 @@ def test_sigterm_tears_down() -> None:
     proc.terminate()
     assert proc.wait(30) == 128 + 15
     assert not any(n.startswith(tag + "-") for n in list_netns())
+
+
+def test_node_reaches_host_loopback_through_forward(topology: Topology) -> None:
+    host = socket.socket()
+    host.bind(("127.0.0.1", 0))
+    host.listen(1)
+    port = host.getsockname()[1]
+
+    def serve() -> None:
+        conn, _ = host.accept()
+        with conn:
+            conn.sendall(b"control plane:" + conn.recv(100))
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    node = topology.add_node("n0")
+    assert node.forward_host_port(port) == port
+    out = node.run(
+        [sys.executable, "-c", f"import socket; s = socket.create_connection(('127.0.0.1', {port})); "
+         "s.sendall(b'hi'); print(s.recv(100).decode())"]
+    ).stdout  # fmt: skip
+    assert out.strip() == "control plane:hi"
+    t.join(5)
+    host.close()
