@@ -529,3 +529,42 @@ async def test_connection_flood_is_bounded(ca: TestCA) -> None:
     assert server.handshake_failures == 2
     await eventually(lambda: len(server._handlers) == 0)
     await server.close()
+
+
+async def test_pool_recovers_after_server_goes_away(ca: TestCA) -> None:
+    echo = await asyncio.start_server(_echo, "127.0.0.1", 0, backlog=4096)
+    echo_port = echo.sockets[0].getsockname()[1]
+
+    async def on_connect(req: ConnectRequest) -> Decision:
+        r, w = await asyncio.open_connection(req.host, req.port)
+        return Accept(TcpStream(r, w))
+
+    lsock = socket.socket()
+    lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    lsock.bind(("127.0.0.1", 0))
+    port = lsock.getsockname()[1]
+    lsock.listen(16)
+    server = HboneServer(on_connect, ca.issue(SERVER_ID).server_context())
+    await server.serve(lsock)
+    pool = HbonePool()
+    key = PoolKey(CLIENT_ID, SERVER_ID, "127.0.0.1")
+    ctx = ca.issue(CLIENT_ID).client_context()
+    s = await pool.open_stream(key, ("127.0.0.1", port), f"127.0.0.1:{echo_port}", [], ctx)
+    await server.close()  # the peer node's proxy restarts
+    with pytest.raises(ConnectionResetError):
+        await asyncio.wait_for(read_all(s), 10)
+    await eventually(lambda: pool.connection_count(key) == 0)
+    lsock2 = socket.socket()
+    lsock2.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    lsock2.bind(("127.0.0.1", port))
+    lsock2.listen(16)
+    server2 = HboneServer(on_connect, ca.issue(SERVER_ID).server_context())
+    await server2.serve(lsock2)
+    s2 = await pool.open_stream(key, ("127.0.0.1", port), f"127.0.0.1:{echo_port}", [], ctx)
+    await s2.write(b"again")
+    await s2.close_write()
+    assert await read_all(s2) == b"again"
+    await pool.close()
+    await server2.close()
+    echo.close()
+    await echo.wait_closed()
