@@ -223,7 +223,8 @@ class WaypointMesh:
                 await asyncio.sleep(0.15)  # Envoy warms listeners/clusters just after the ACK
                 return
             await asyncio.sleep(0.02)
-        raise TimeoutError("waypoint did not acknowledge the configuration")
+        states = [st.as_dict() | {"pending": len(st.pending)} for c in self.server.connections.values() for st in c.stream.types.values()]
+        raise TimeoutError(f"waypoint did not acknowledge the configuration: {states}; nacks {self.nacks}")
 
     async def add_pod(
         self, name: str, app: str, labels: dict[str, str] | None = None, sa: str | None = None

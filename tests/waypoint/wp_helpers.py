@@ -94,9 +94,9 @@ def validation_bootstrap(store: Any, proxy: Any, base: dict[str, Any]) -> dict[s
     for name, c in W.generate_clusters(store, proxy):
         d = js(c)
         if d.get("type") == "EDS":
-            d.pop("eds_cluster_config")
+            eds = d.pop("eds_cluster_config")["service_name"]
             d["type"] = "STATIC"
-            d["load_assignment"] = eps.get(name, {"cluster_name": name})
+            d["load_assignment"] = eps.get(eds, {"cluster_name": name})
         clusters.append(d)
     listeners = []
     for _, lst in W.generate_listeners(store, proxy):

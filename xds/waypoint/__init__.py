@@ -68,7 +68,7 @@ def generate_endpoints(store: ConfigStore, proxy: Proxy) -> Iterable[tuple[str, 
     plan = plan_for(store, proxy)
     if plan is None:
         return []
-    return [(name, ev.cluster_endpoints(plan, t)) for name, t in sorted(plan.clusters.items())]
+    return sorted((ev.eds_name(t), ev.cluster_endpoints(plan, t)) for t in plan.clusters.values())
 
 
 def generate_routes(store: ConfigStore, proxy: Proxy) -> Iterable[tuple[str, Any]]:

@@ -45,6 +45,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (  # noq
     http_connection_manager_pb2,
 )
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2  # noqa: F401
+from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2  # noqa: F401
 from envoy.extensions.transport_sockets.internal_upstream.v3 import internal_upstream_pb2  # noqa: F401
 from envoy.extensions.transport_sockets.raw_buffer.v3 import raw_buffer_pb2  # noqa: F401
 from envoy.extensions.transport_sockets.tls.v3 import tls_pb2  # noqa: F401
@@ -417,6 +418,19 @@ _LB = {
 }
 
 
+def eds_name(target: ClusterTarget) -> str:
+    """The EDS resource name of a service cluster: its name, plus a digest of its traffic policy.
+
+    Why: Envoy warms an updated EDS cluster only once it receives its ClusterLoadAssignment, but over
+    delta xDS it does not ask again for a name it is already subscribed to, so a cluster updated by a
+    DestinationRule change would warm forever. A policy change renames the assignment, which makes
+    Envoy subscribe to the new name and the server answer at once."""
+    if target.policy is None:
+        return target.name
+    digest = hashlib.sha256(target.policy.model_dump_json().encode()).hexdigest()[:10]
+    return f"{target.name}~{digest}"
+
+
 def service_cluster(target: ClusterTarget) -> Any:
     """``inbound-vip|...``: EDS over ADS, internal upstream passing each endpoint's original destination
     to ``connect_originate``, and the DestinationRule's traffic policy."""
@@ -424,7 +438,7 @@ def service_cluster(target: ClusterTarget) -> Any:
         "name": target.name,
         "type": "EDS",
         "eds_cluster_config": {
-            "service_name": target.name,
+            "service_name": eds_name(target),
             "eds_config": {"ads": {}, "resource_api_version": "V3", "initial_fetch_timeout": "0s"},
         },
         "connect_timeout": "10s",
@@ -536,7 +550,7 @@ def cluster_endpoints(plan: WaypointPlan, target: ClusterTarget) -> Any:
             }
         )
     return parse(
-        {"cluster_name": target.name, "endpoints": [{"lb_endpoints": lb}] if lb else []},
+        {"cluster_name": eds_name(target), "endpoints": [{"lb_endpoints": lb}] if lb else []},
         endpoint_pb2.ClusterLoadAssignment(),
     )
 

@@ -15,7 +15,10 @@ Semantics (Istio's, ambient.md 7.3):
 
 from __future__ import annotations
 
+import logging
 from typing import Any
+
+from envoy.config.route.v3 import route_components_pb2
 
 from istiopy.mesh.ambient import typed_list
 from istiopy.mesh.resources.common import StringMatch, duration_seconds
@@ -44,6 +47,7 @@ from istiopy.xds.waypoint.plan import (
 )
 
 T = ev.T
+log = logging.getLogger(__name__)
 _REDIRECT_CODES = {
     301: "MOVED_PERMANENTLY",
     302: "FOUND",
@@ -63,7 +67,14 @@ def build(plan: WaypointPlan) -> None:
     for sp in plan.served:
         if not sp.http:
             continue
-        vhost_routes = _routes_for(plan, sp)
+        vhost_routes = []
+        for route in _routes_for(plan, sp):
+            try:  # a rule we cannot express is left out, never the whole configuration
+                ev.parse(route, route_components_pb2.Route())
+            except Exception as e:
+                log.warning("waypoint: leaving out route %s of %s: %s", route.get("name"), sp.route_name, e)
+                continue
+            vhost_routes.append(route)
         routes[sp.route_name] = ev.parse(
             {
                 "name": sp.route_name,
