@@ -71,7 +71,7 @@ def _http_factory(pod: str) -> object:
 
 async def _main(kind: str, port: int, host: str, pod: str) -> None:
     handler = _echo if kind == "echo" else _http_factory(pod)
-    server = await asyncio.start_server(handler, host, port, reuse_address=True)  # type: ignore[arg-type]
+    server = await asyncio.start_server(handler, host, port, reuse_address=True, backlog=1024)  # type: ignore[arg-type]
     bound = server.sockets[0].getsockname()[1]
     print(f"ready {bound}", flush=True)
     async with server:
