@@ -258,6 +258,8 @@ class _PodProxy:
         def done(result: RelayResult) -> None:
             # a_to_b: stream -> app (bytes received by the destination); b_to_a: sent back.
             self.inbound_conns.pop(conn.id, None)
+            if result.error is not None:
+                log.debug("inbound %s -> %s ended with %r", _addr(req.peer_addr), req.authority, result.error)
             self.zt.tracker.add_bytes(conn, received=result.a_to_b, sent=result.b_to_a)
             self.zt.tracker.close(conn)
 
@@ -398,6 +400,8 @@ class _PodProxy:
             labels=labels,
         )
         result = await relay(down, upstream)
+        if result.error is not None:
+            log.debug("outbound %s -> %s ended with %r", _addr(peer), _addr(dst), result.error)
         self.zt.tracker.add_bytes(conn, sent=result.a_to_b, received=result.b_to_a)
         self.zt.tracker.close(conn)
 

@@ -219,7 +219,9 @@ class TestControlPlane:
 
     __test__ = False  # not a pytest test class despite the name
 
-    def __init__(self, documents: str = "", *, trust_domain: str = "cluster.local") -> None:
+    def __init__(
+        self, documents: str = "", *, trust_domain: str = "cluster.local", waypoints: bool = False
+    ) -> None:
         import istiopy.mesh.resources  # noqa: F401  (registers every kind)
         from istiopy.ca.authority import generate_root
         from istiopy.ca.service import CaConfig, CertificateAuthority
@@ -230,6 +232,7 @@ class TestControlPlane:
             CaConfig(trust_domain=trust_domain), generate_root(trust_domain)
         )
         self.serving = self.authority.issue_serving(["istiod.istio-system.svc"], ["127.0.0.1"])
+        self.waypoints = waypoints  # also serve waypoint (Envoy) proxies
         self.xds_port = 0
         self.ca_port = 0
         self._xds: Any = None
@@ -266,6 +269,10 @@ class TestControlPlane:
         if self._pipeline is None:
             registry = GeneratorRegistry()
             register_ambient_generators(registry)
+            if self.waypoints:
+                from istiopy.xds.waypoint import register_waypoint_generators
+
+                register_waypoint_generators(registry)
             self._pipeline = PushPipeline(self.store, registry, debounce_after=0.02, debounce_max=0.5)
             await self._pipeline.start()
         tls = TlsConfig(
@@ -317,11 +324,14 @@ class TestControlPlane:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    def bootstrap_files(self, node: str, directory: str) -> tuple[str, str, str]:
-        """(root, chain, key) PEM files for a ztunnel on ``node`` (identity istio-system/ztunnel)."""
+    def bootstrap_files(
+        self, node: str, directory: str, namespace: str = "istio-system", service_account: str = "ztunnel"
+    ) -> tuple[str, str, str]:
+        """(root, chain, key) PEM files: a bootstrap credential for ``namespace/service_account`` on ``node``
+        (default: the node's ztunnel)."""
         from istiopy.api.identity import SpiffeId
 
-        bundle = self.authority.issue_bootstrap(SpiffeId("cluster.local", "istio-system", "ztunnel"), node)
+        bundle = self.authority.issue_bootstrap(SpiffeId("cluster.local", namespace, service_account), node)
         paths = []
         for name, text in (
             ("root.pem", self.roots_pem),
