@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import NoReturn
 
 import istiopy
-from istiopy.istiod import report
+from istiopy.istiod import report, standalone_cli
 from istiopy.istiod.server import ControlPlane, standalone
 
 __all__ = ["main"]
@@ -49,7 +49,9 @@ def build_parser() -> Parser:
     )
     serve.add_argument("-n", "--namespace", default="default", help="namespace for documents without one")
     serve.add_argument("--once", action="store_true", help="load and report, then exit instead of serving")
+    standalone_cli.add_serve_flags(serve)
     serve.set_defaults(func=cmd_serve)
+    standalone_cli.add_commands(sub)
 
     demo = sub.add_parser(
         "demo",
@@ -58,6 +60,8 @@ def build_parser() -> Parser:
     )
     demo.add_argument("--config-dir", default="examples", metavar="DIR", help="(default: %(default)s)")
     demo.add_argument("-n", "--namespace", default="default", help="namespace for documents without one")
+    demo.add_argument("--config-only", action="store_true", help="only print the tables; bring up no mesh")
+    standalone_cli.add_up_flags(demo, default_hold=False)
     demo.set_defaults(func=cmd_demo)
     return parser
 
@@ -97,8 +101,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     log.info("%s", report.summary_line(plane.store, result, args.config_dir))
     if args.once:
         return 0
-    asyncio.run(_serve(plane))
-    return 0
+    return standalone_cli.serve(args)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -109,7 +112,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     assert plane.file_source is not None
     result = plane.file_source.load()
     report.print_demo(plane.store, result, args.config_dir)
-    return 0
+    if args.config_only:
+        return 0
+    # Then the mesh itself: one traffic round and its report (``--hold`` keeps it running).
+    return standalone_cli.exec_up(args, hold=args.hold)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

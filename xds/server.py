@@ -102,6 +102,9 @@ class ServerOptions:
     # (istiod's checkConnectionIdentity): config is chosen by the node's claims, so they must be backed.
     check_node_identity: bool = True
     grpc_options: list[tuple[str, Any]] = field(default_factory=list)
+    # Other gRPC services sharing the listeners (istiod mounts the CA's IstioCertificateService on 15012,
+    # as upstream does); each is called with the server before it starts.
+    extra_services: list[Callable[[aio.Server], None]] = field(default_factory=list)
 
     def channel_options(self) -> list[tuple[str, Any]]:
         return [
@@ -382,6 +385,8 @@ class XdsServer:
             ),
         }
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(ADS_SERVICE, handlers),))
+        for mount in opts.extra_services:
+            mount(server)
         if opts.tls is not None:
             self.ports["tls"] = _bound(
                 server.add_secure_port(opts.tls_address, opts.tls.credentials()), opts.tls_address

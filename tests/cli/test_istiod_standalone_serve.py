@@ -1,0 +1,198 @@
+"""``istiod-py serve`` as a user runs it (real console script, real ports): xDS and the CA share one TLS port
+with a serving certificate from our CA; real clients get WDS over delta ADS, a workload certificate by node
+impersonation, and istiod's metrics; the root persists in the state directory across restarts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from istiopy.api.ca_client import CaClient, CaClientError
+from istiopy.api.identity import SpiffeId
+from istiopy.api.xds_client import DeltaXdsClient
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent / "istiod-py"
+ADDRESS_TYPE = "type.googleapis.com/istio.workload.Address"
+ZTUNNEL_POD = """
+apiVersion: v1
+kind: Pod
+metadata: {name: ztunnel-n1, namespace: istio-system, labels: {app: ztunnel}}
+spec: {nodeName: node-1, serviceAccountName: ztunnel, containers: [{name: istio-proxy}]}
+status: {phase: Running, podIP: 10.10.0.1, podIPs: [{ip: 10.10.0.1}]}
+"""
+
+
+class Istiod:
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.state = tmp / "state"
+        self.extra = tmp / "extra"
+        self.extra.mkdir(exist_ok=True)
+        (self.extra / "ztunnel.yaml").write_text(ZTUNNEL_POD)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.ports: dict[str, int] = {}
+        self.state_flag = ["--state-dir", str(self.state)]
+
+    def start(self) -> Istiod:
+        with contextlib.suppress(FileNotFoundError):
+            (self.state / "ports").unlink()
+        self.log = open(self.tmp / "istiod.log", "ab")  # noqa: SIM115 - closed in stop
+        argv = [
+            str(BIN),
+            "serve",
+            "--config-dir",
+            str(ROOT / "examples"),
+            "--extra-config-dir",
+            str(self.extra),
+        ]
+        argv += ["--state-dir", str(self.state), "--xds-port", "0", "--monitoring-port", "0"]
+        self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, cwd=self.tmp)
+        deadline = time.monotonic() + 30
+        while not (self.state / "ports").exists():
+            assert self.proc.poll() is None, (self.tmp / "istiod.log").read_text()
+            assert time.monotonic() < deadline, "istiod-py did not start"
+            time.sleep(0.05)
+        self.ports = {
+            k: int(v) for k, v in (ln.split("=") for ln in (self.state / "ports").read_text().split())
+        }
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+    def bootstrap(self, node: str, identity: str = "istio-system/ztunnel") -> tuple[str, str, str]:
+        out = self.tmp / f"boot-{node}-{identity.replace('/', '-')}"
+        subprocess.run(
+            [str(BIN), "bootstrap-node", node, "--out", str(out), "--identity", identity, *self.state_flag],
+            check=True,
+            capture_output=True,
+        )
+        return tuple((out / n).read_text() for n in ("root-cert.pem", "cert-chain.pem", "key.pem"))  # type: ignore[return-value]
+
+    def metrics(self) -> str:
+        url = f"http://127.0.0.1:{self.ports['monitoring']}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.read().decode()  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def istiod(tmp_path: Path) -> Iterator[Istiod]:
+    d = Istiod(tmp_path)
+    try:
+        yield d.start()
+    finally:
+        d.stop()
+
+
+def _node(node_id: str) -> object:
+    from envoy.config.core.v3 import base_pb2
+
+    return base_pb2.Node(id=node_id)
+
+
+async def test_serve_wds_over_tls_ca_and_metrics(istiod: Istiod) -> None:
+    roots, chain, key = istiod.bootstrap("node-1")
+    assert roots == (istiod.state / "root-cert.pem").read_text()  # the trust bundle written for proxies
+    port = istiod.ports["tls"]
+    creds = grpc.ssl_channel_credentials(roots.encode(), key.encode(), chain.encode())
+    client = DeltaXdsClient(
+        f"127.0.0.1:{port}",
+        _node("ztunnel~10.10.0.1~ztunnel-n1.istio-system~istio-system.svc.cluster.local"),
+        credentials=creds,
+        channel_options=[("grpc.ssl_target_name_override", "istiod.istio-system.svc")],
+        backoff_initial=0.05,
+    )
+    client.subscribe(ADDRESS_TYPE)
+    async with client:
+        async with asyncio.timeout(20):
+            await client.wait_for(
+                lambda c: "backend/backend.backend.svc.cluster.local" in c.resources(ADDRESS_TYPE)
+            )
+        names = set(client.resources(ADDRESS_TYPE))
+    assert "Kubernetes//Pod/frontend/frontend-7d9f8b6c5-abcde" in names
+
+    # The CA on the same port: ztunnel on node-1 gets the frontend's certificate (a pod on its node) ...
+    ca = CaClient.connect(f"127.0.0.1:{port}", roots, client_cert=(chain, key))
+    try:
+        bundle = await ca.fetch(SpiffeId("cluster.local", "frontend", "frontend"), impersonate=True)
+        assert bundle.identity == SpiffeId("cluster.local", "frontend", "frontend")
+        # ... but not backend-v2's (that pod runs on node-2).
+        with pytest.raises(CaClientError, match="UNAUTHENTICATED"):
+            await ca.fetch(SpiffeId("cluster.local", "admin-api", "admin-api"), impersonate=True)
+    finally:
+        await ca.close()
+
+    metrics = istiod.metrics()
+    assert "pilot_xds_pushes" in metrics
+    assert "citadel_server_csr_count" in metrics
+    issued = [
+        ln for ln in metrics.splitlines() if ln.startswith("citadel_server_success_cert_issuance_count")
+    ]
+    assert issued
+    assert float(issued[0].split()[-1]) >= 1
+
+
+async def test_serve_refuses_streams_without_a_client_certificate(istiod: Istiod) -> None:
+    roots = (istiod.state / "root-cert.pem").read_text()
+    creds = grpc.ssl_channel_credentials(roots.encode())
+    client = DeltaXdsClient(
+        f"127.0.0.1:{istiod.ports['tls']}",
+        _node("ztunnel~10.10.0.1~x.istio-system~istio-system.svc.cluster.local"),
+        credentials=creds,
+        channel_options=[("grpc.ssl_target_name_override", "istiod.istio-system.svc")],
+        backoff_initial=0.05,
+    )
+    client.subscribe(ADDRESS_TYPE)
+    async with client:
+        await asyncio.sleep(1.0)
+        assert not client.resources(ADDRESS_TYPE)
+
+
+def test_root_persists_across_restarts_and_port_in_use_is_one_line(istiod: Istiod, tmp_path: Path) -> None:
+    first = (istiod.state / "root-cert.pem").read_text()
+    istiod.stop()
+    again = Istiod(tmp_path).start()
+    try:
+        assert (istiod.state / "root-cert.pem").read_text() == first
+        busy = subprocess.run(
+            [
+                str(BIN),
+                "serve",
+                "--config-dir",
+                str(ROOT / "examples"),
+                "--state-dir",
+                str(tmp_path / "s2"),
+                "--xds-port",
+                str(again.ports["tls"]),
+                "--monitoring-port",
+                "0",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            cwd=tmp_path,
+        )
+        assert busy.returncode != 0
+        assert "Traceback" not in busy.stderr
+        assert "error" in busy.stderr
+    finally:
+        again.stop()
