@@ -346,3 +346,25 @@ async def test_no_fd_leak_across_allowed_denied_and_failed_connections(mesh: Mes
     await asyncio.sleep(0.5)
     assert _fds() <= before + 2, (before, _fds())
     assert mesh.zts[0].pool_for(sleep.uid).connection_count() == 1
+
+
+async def test_workload_waypoint_is_enforced_on_inbound(mesh: Mesh) -> None:
+    """A destination with a waypoint accepts HBONE only from that waypoint's identity (401 for others)."""
+    sleep, srv1 = mesh.pods["sleep"], mesh.pods["srv-1"]
+    wp_svc = b.service_key("waypoint", "srv")
+    mesh.apply(
+        b.service("waypoint", "srv", "10.96.7.99", {15008: 15008}),
+        b.workload(
+            "waypoint-0", "srv", "10.244.9.9", service_account="waypoint", services={wp_svc: {15008: 15008}}
+        ),
+        mesh.workload(
+            srv1,
+            services={SVC: {80: 8080}},
+            waypoint=b.gateway(hostname="waypoint.srv.svc.cluster.local", namespace="srv"),
+        ),
+    )
+    as_sleep = mesh.authority.issue_workload(SpiffeId("cluster.local", "cli", "sleep"))
+    as_waypoint = mesh.authority.issue_workload(SpiffeId("cluster.local", "srv", "waypoint"))
+    status, why = await _hbone_from(mesh, sleep, srv1.ip, f"{srv1.ip}:8080", as_sleep)
+    assert status == 401, why
+    assert (await _hbone_from(mesh, sleep, srv1.ip, f"{srv1.ip}:8080", as_waypoint))[0] == 200
