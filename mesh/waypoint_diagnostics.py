@@ -18,6 +18,8 @@ Checks (each returns a human message, empty when fine):
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import re
 from collections.abc import Iterable
@@ -97,6 +99,43 @@ def jwks_problem(text: str) -> str:
     for i, key in enumerate(keys):
         if not isinstance(key, dict) or not isinstance(key.get("kty"), str):
             return f"jwks key {i} has no `kty`"
+        why = _key_problem(key)
+        if why:
+            return f"jwks key {i}: {why}"
+    return ""
+
+
+def _b64url(value: object) -> bytes | None:
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        return base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
+    except (ValueError, binascii.Error):
+        return None
+
+
+def _key_problem(key: dict[str, object]) -> str:
+    """What Envoy's JWKS loader would refuse in one key (it parses every key when the config loads)."""
+    kty = key["kty"]
+    if kty == "RSA":
+        n, e = _b64url(key.get("n")), _b64url(key.get("e"))
+        if n is None or e is None:
+            return "RSA key needs base64url `n` and `e`"
+        if not n[-1] & 1:
+            return "RSA modulus `n` is even (not a valid key)"
+    elif kty == "EC":
+        if key.get("crv") not in ("P-256", "P-384", "P-521"):
+            return "EC key needs `crv` P-256, P-384 or P-521"
+        if _b64url(key.get("x")) is None or _b64url(key.get("y")) is None:
+            return "EC key needs base64url `x` and `y`"
+    elif kty == "oct":
+        if _b64url(key.get("k")) is None:
+            return "oct key needs base64url `k`"
+    elif kty == "OKP":
+        if key.get("crv") != "Ed25519" or _b64url(key.get("x")) is None:
+            return "OKP key needs `crv` Ed25519 and base64url `x`"
+    else:
+        return f"unsupported key type {kty!r}"
     return ""
 
 

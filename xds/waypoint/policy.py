@@ -52,10 +52,15 @@ T = ev.T
 JWT_FILTER = "envoy.filters.http.jwt_authn"
 PAYLOAD = "payload"
 GATEWAY_GROUP = "gateway.networking.k8s.io"
-# A syntactically valid key set no token can match: the fail-closed stand-in for an unusable JWKS.
-_FAKE_JWKS = json.dumps(
-    {"keys": [{"kty": "RSA", "kid": "istiopy-invalid", "e": "AQAB", "alg": "RS256", "n": "x" * 342}]}
+# A valid key set no token can match (an RSA modulus whose private key was never kept): the fail-closed
+# stand-in for an unusable JWKS. Envoy checks keys when it loads them, so a made-up modulus would NACK.
+_FAKE_N = (
+    "0KM0fXvlFhZX1vZ-VE2lqxaA_hwExja3JSEUF35VKaMT8hXh7c_b0XYEXwwlDXgtnLhErhDL4TnBk8i9kYulBkAPku"
+    "XU5L9LRf5mEnOSXWei6K2Fv8z3IF8_8pK1SxetIAmjqp2tWjdtP1X5STJN7cuubLq9ZBUTDf5CYgOqTlyZCHqSPGDw"
+    "mddNsZcew0vbxygm-fCFYpwvEI-8TzIJEqdVsBz85eZL8RA7J0SwML9IjkQUUAy6zdYWHRfBG0Ry8yhAJ6xVTdC32u"
+    "qnartZA9U0jz7nhs8cusvWQ8SPiowDnVWNVYFzCtabURW_7EZZI2KIC5k0tD4R1TJfUGwVow"
 )
+_FAKE_JWKS = json.dumps({"keys": [{"kty": "RSA", "kid": "istiopy-invalid", "e": "AQAB", "alg": "RS256", "n": _FAKE_N}]})
 
 
 def _targets(refs: list[PolicyTargetReference], ns: str, plan: WaypointPlan, sp: ServedPort) -> bool:
