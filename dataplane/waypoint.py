@@ -56,6 +56,7 @@ GATEWAY_NAME_LABEL = "gateway.networking.k8s.io/gateway-name"
 SDS_CLUSTER = "sds-grpc"  # the names the waypoint generator (xds/waypoint/envoy.py) refers to
 ALS_CLUSTER = "waypoint-als"
 XDS_CLUSTER = "xds-grpc"
+RE2_MAX_PROGRAM_SIZE = 32768  # as Istio's bootstrap; mesh.waypoint_diagnostics checks against the same
 
 
 def envoy_binary() -> str:
@@ -195,6 +196,20 @@ def bootstrap(opts: WaypointOptions, agent_socket: str) -> dict[str, Any]:
         },
         "static_resources": {
             "clusters": [xds, _grpc_cluster(SDS_CLUSTER, pipe), _grpc_cluster(ALS_CLUSTER, pipe)]
+        },
+        # Istio's bootstrap raises RE2's program-size error threshold from Envoy's default of 100 (which
+        # refuses ordinary patterns such as ``[a-z]{1,200}``); the generator refuses bigger programs
+        # itself (``mesh.waypoint_diagnostics.regex_problem``), so nothing it sends is NACKed for that.
+        "layered_runtime": {
+            "layers": [
+                {
+                    "name": "static",
+                    "static_layer": {
+                        "re2.max_program_size.error_level": RE2_MAX_PROGRAM_SIZE,
+                        "re2.max_program_size.warn_level": 1000,
+                    },
+                }
+            ]
         },
     }
 

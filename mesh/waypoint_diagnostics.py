@@ -42,6 +42,9 @@ __all__ = [
 ]
 
 DOMAIN = "cluster.local"
+# Envoy refuses regexes whose RE2 program exceeds this (Istio's bootstrap value, which the waypoint
+# launcher sets too; Envoy's own default is 100).
+RE2_MAX_PROGRAM_SIZE = 32768
 
 # Constructs Python's ``re`` compiles that RE2 refuses (look-around and back-references are already
 # refused by the model's own validation).
@@ -73,6 +76,9 @@ def regex_problem(pattern: str) -> str:
     for rx, why in _RE2_REFUSED:
         if rx.search(pattern):
             return f"regex {pattern!r}: {why}"
+    size = program_size(pattern)
+    if size > RE2_MAX_PROGRAM_SIZE:
+        return f"regex {pattern!r}: RE2 program of about {size} instructions exceeds {RE2_MAX_PROGRAM_SIZE}"
     for m in _REPEAT.finditer(pattern):
         counts = [int(g) for g in m.groups() if g]
         if any(c > 1000 for c in counts):
@@ -83,6 +89,74 @@ def regex_problem(pattern: str) -> str:
         if not re.search(r"\\[pPCz]|\[\[:", pattern):
             return f"regex {pattern!r} does not compile: {e}"
     return ""
+
+
+def program_size(pattern: str) -> int:
+    """An over-estimate of RE2's compiled program size (Envoy refuses programs above a threshold).
+
+    Counted repetition is what makes programs big (``x{1,200}`` compiles ``x`` 200 times), so this walks
+    the pattern, sizes each atom (literal, escape, class, group) and multiplies by the repetition bound;
+    it errs on the large side, so a pattern it accepts is within Envoy's limit."""
+    pos = 0
+
+    def seq() -> int:
+        nonlocal pos
+        total = 0
+        last = 0
+        while pos < len(pattern):
+            c = pattern[pos]
+            if c == ")":
+                break
+            if c == "|":
+                pos += 1
+                total += 2
+                last = 0
+                continue
+            if c in "*+?":
+                pos += 1
+                total += 2
+                continue
+            if c == "{":
+                m = _REPEAT.match(pattern, pos)
+                if m is not None:
+                    counts = [int(g) for g in m.groups() if g]
+                    rep = max(counts) if counts else 1
+                    total += last * max(rep - 1, 0) + rep
+                    pos = m.end()
+                    continue
+            if c == "(":
+                pos += 1
+                if pattern.startswith("?", pos):
+                    close = pattern.find(":", pos)
+                    named = pattern.find(">", pos)
+                    ends = [e for e in (close, named) if e != -1]
+                    pos = (min(ends) + 1) if ends else pos + 1
+                last = seq() + 2
+                pos += 1
+            elif c == "[":
+                end = pos + 1
+                if end < len(pattern) and pattern[end] == "^":
+                    end += 1
+                if end < len(pattern) and pattern[end] == "]":
+                    end += 1
+                while end < len(pattern) and pattern[end] != "]":
+                    end += 2 if pattern[end] == "\\" else 1
+                last = 2 + pattern.count("-", pos, end)
+                pos = end + 1
+            elif c == "\\":
+                last = 2
+                pos += 2
+            else:
+                last = 1
+                pos += 1
+            total += last
+        return total
+
+    size = 0
+    while pos < len(pattern):
+        size += seq() + 1
+        pos += 1  # an unbalanced ')' (Python's re rejects it anyway)
+    return size + 3
 
 
 def jwks_problem(text: str) -> str:

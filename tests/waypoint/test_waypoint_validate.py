@@ -218,3 +218,34 @@ def test_only_bound_services_are_served() -> None:
     # a proxy of another waypoint (or not a waypoint at all) gets nothing from these generators
     other = Proxy("sidecar~10.0.0.1~a.default~default.svc.cluster.local", "sidecar", namespace="default")
     assert list(generate_listeners(store, other)) == []
+
+
+def test_regex_limits_match_envoy(tmp_path: Any) -> None:
+    """A pattern Envoy's default RE2 limit would refuse is accepted (the launcher raises the limit as Istio
+    does) and one beyond that limit is left out and reported instead of NACKed."""
+    from istiopy.mesh.waypoint_diagnostics import regex_problem
+
+    big = "/[a-z]{1,200}/(a|b|c|d|e|f|g|h|i|j){1,50}"
+    huge = "/(y{1,1000}){1,40}"
+    assert regex_problem(big) == ""
+    assert "exceeds" in regex_problem(huge)
+    store = full_store()
+    store.apply(service("rx", "10.96.0.20"))
+    store.apply(
+        istio(
+            "VirtualService",
+            "rx",
+            {
+                "hosts": ["rx"],
+                "http": [
+                    {"match": [{"uri": {"regex": big}}], "route": [{"destination": {"host": "rx"}}]},
+                    {"match": [{"uri": {"regex": huge}}], "route": [{"destination": {"host": "rx"}}]},
+                ],
+            },
+        )
+    )
+    base = bootstrap(WaypointOptions("waypoint", "default", "127.0.0.1:15012"), str(tmp_path / "s"))
+    ok, out = envoy_validate(validation_bootstrap(store, proxy(), base))
+    assert ok, out[-3000:]
+    rx = dict(generate_routes(store, proxy()))["inbound-vip|80|http|rx.default.svc.cluster.local"]
+    assert [r.match.safe_regex.regex for r in rx.virtual_hosts[0].routes] == [big]
