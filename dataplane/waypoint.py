@@ -180,7 +180,8 @@ def bootstrap(opts: WaypointOptions, agent_socket: str) -> dict[str, Any]:
             {
                 "name": "envoy.bootstrap.internal_listener",
                 "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.bootstrap.internal_listener.v3.InternalListener"
+                    "@type": "type.googleapis.com/"
+                    + "envoy.extensions.bootstrap.internal_listener.v3.InternalListener"
                 },
             }
         ],
@@ -238,7 +239,7 @@ class WaypointLauncher:
         self._unsubscribe: Any = None
 
     # ------------------------------------------------------------------------------------- lifecycle
-    async def start(self, timeout: float = 30.0) -> None:
+    async def start(self, timeout: float = 30.0) -> None:  # noqa: ASYNC109 - a readiness deadline
         bundle = await self.certs.get(self.opts.identity)
         self.sds.update(bundle)
         self._unsubscribe = self.certs.subscribe(self._on_cert)
@@ -359,7 +360,7 @@ class WaypointLauncher:
                 out[name] = int(value)
         return out
 
-    async def wait_ready(self, timeout: float = 30.0) -> None:
+    async def wait_ready(self, timeout: float = 30.0) -> None:  # noqa: ASYNC109 - a polling deadline
         """Until Envoy is LIVE with ``connect_terminate`` active (it has its certificate and config)."""
         deadline = time.monotonic() + timeout
         last: Any = None

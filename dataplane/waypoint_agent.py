@@ -211,10 +211,7 @@ class WaypointMetrics:
         obj = common.filter_state_objects.get(PEER_PRINCIPAL)
         if obj is not None:
             sv = wrappers_pb2.StringValue()
-            if obj.Unpack(sv):
-                principal = sv.value
-            else:
-                principal = obj.value.decode(errors="replace")
+            principal = sv.value if obj.Unpack(sv) else obj.value.decode(errors="replace")
         src_ns, src_sa = UNKNOWN, UNKNOWN
         with contextlib.suppress(InvalidSpiffeId):
             ident = SpiffeId.parse(principal)

@@ -207,7 +207,7 @@ class WaypointMesh:
             self.store.delete(r.key)
         await self.synced()
 
-    async def synced(self, timeout: float = 15.0) -> None:
+    async def synced(self, timeout: float = 15.0) -> None:  # noqa: ASYNC109 - a polling deadline
         """Until every change is pushed and the waypoint acknowledged (or rejected) all of it."""
         await asyncio.wait_for(self.pipeline.settled(), timeout)
         deadline = time.monotonic() + timeout
@@ -223,13 +223,17 @@ class WaypointMesh:
                 await asyncio.sleep(0.15)  # Envoy warms listeners/clusters just after the ACK
                 return
             await asyncio.sleep(0.02)
-        states = [st.as_dict() | {"pending": len(st.pending)} for c in self.server.connections.values() for st in c.stream.types.values()]
+        states = [
+            st.as_dict() | {"pending": len(st.pending)}
+            for c in self.server.connections.values()
+            for st in c.stream.types.values()
+        ]
         raise TimeoutError(f"waypoint did not acknowledge the configuration: {states}; nacks {self.nacks}")
 
     async def add_pod(
         self, name: str, app: str, labels: dict[str, str] | None = None, sa: str | None = None
     ) -> Backend:
-        """A backend pod: HTTP app on <ip>:8080 behind an HBONE terminator on <ip>:15008, plus the Pod object."""
+        """A backend pod: HTTP app on <ip>:8080 behind an HBONE terminator on <ip>:15008, and its Pod."""
         from wp_helpers import pod
 
         ip = f"{self.prefix}.{self._next_ip}"
@@ -281,7 +285,7 @@ class WaypointMesh:
         body: bytes = b"",
         identity: SpiffeId = CLIENT_ID,
         host: str | None = None,
-        timeout: float = 20.0,
+        timeout: float = 20.0,  # noqa: ASYNC109 - a response deadline
     ) -> Response:
         """One HTTP/1.1 request in its own CONNECT stream to the waypoint, :authority = ``target``."""
         stream = await self.pool.open_stream(
@@ -370,7 +374,7 @@ def counts(values: list[str]) -> dict[str, int]:
     return dict(collections.Counter(values))
 
 
-async def eventually(fn: Callable[[], Any], timeout: float = 10.0, what: str = "") -> Any:
+async def eventually(fn: Callable[[], Any], timeout: float = 10.0, what: str = "") -> Any:  # noqa: ASYNC109
     deadline = time.monotonic() + timeout
     last: Any = None
     while True:

@@ -66,9 +66,7 @@ async def test_deny_on_header_and_allow_on_method_path(wmesh: WaypointMesh) -> N
     assert await status(wmesh, target, "/public/x", headers={"x-block": "yes"}) == 403
     r = await wmesh.request(target, "/private")
     assert "RBAC" in r.text
-    await wmesh.delete(
-        policy("deny-blocked", "authz", {}), policy("allow-get-public", "authz", {})
-    )
+    await wmesh.delete(policy("deny-blocked", "authz", {}), policy("allow-get-public", "authz", {}))
     assert await status(wmesh, target, "/private") == 200
 
 
@@ -139,11 +137,17 @@ async def test_audit_does_not_decide_and_custom_fails_closed(wmesh: WaypointMesh
     custom = policy(
         "ext",
         "modes",
-        {"action": "CUSTOM", "provider": {"name": "ext-authz"}, "rules": [{"to": [{"operation": {"paths": ["/guarded*"]}}]}]},
+        {
+            "action": "CUSTOM",
+            "provider": {"name": "ext-authz"},
+            "rules": [{"to": [{"operation": {"paths": ["/guarded*"]}}]}],
+        },
     )
     await wmesh.apply(custom)
     found = [d for d in waypoint_diagnostics(wmesh.store) if d.resource == custom.key]
-    assert found and "CUSTOM" in found[0].message and "not supported" in found[0].message
+    assert found
+    assert "CUSTOM" in found[0].message
+    assert "not supported" in found[0].message
     assert await status(wmesh, target, "/guarded/1") == 403
     assert await status(wmesh, target, "/open") == 200
 

@@ -40,9 +40,17 @@ class Issuer:
         pub = self.key.public_key().public_numbers()
         n = pub.n.to_bytes((pub.n.bit_length() + 7) // 8, "big")
         e = pub.e.to_bytes((pub.e.bit_length() + 7) // 8, "big")
-        return json.dumps({"keys": [{"kty": "RSA", "kid": self.kid, "alg": "RS256", "use": "sig", "n": b64(n), "e": b64(e)}]})
+        return json.dumps(
+            {
+                "keys": [
+                    {"kty": "RSA", "kid": self.kid, "alg": "RS256", "use": "sig", "n": b64(n), "e": b64(e)}
+                ]
+            }
+        )
 
-    def token(self, iss: str = ISSUER, sub: str = "alice", aud: str = "shop", exp_in: int = 600, **claims: Any) -> str:
+    def token(
+        self, iss: str = ISSUER, sub: str = "alice", aud: str = "shop", exp_in: int = 600, **claims: Any
+    ) -> str:
         header = {"alg": "RS256", "typ": "JWT", "kid": self.kid}
         now = int(time.time())
         payload = {"iss": iss, "sub": sub, "aud": aud, "iat": now, "exp": now + exp_in, **claims}
@@ -87,8 +95,14 @@ async def jwt_target(wmesh: WaypointMesh, issuer: Issuer) -> str:
                 "targetRefs": [{"group": "", "kind": "Service", "name": "jwt"}],
                 "rules": [
                     {"to": [{"operation": {"paths": ["/open*"]}}]},
-                    {"from": [{"source": {"requestPrincipals": [f"{ISSUER}/*"]}}], "to": [{"operation": {"paths": ["/secure*"]}}]},
-                    {"to": [{"operation": {"paths": ["/admin*"]}}], "when": [{"key": "request.auth.claims[groups]", "values": ["admins"]}]},
+                    {
+                        "from": [{"source": {"requestPrincipals": [f"{ISSUER}/*"]}}],
+                        "to": [{"operation": {"paths": ["/secure*"]}}],
+                    },
+                    {
+                        "to": [{"operation": {"paths": ["/admin*"]}}],
+                        "when": [{"key": "request.auth.claims[groups]", "values": ["admins"]}],
+                    },
                 ],
             },
             group="security.istio.io/v1",
@@ -97,7 +111,9 @@ async def jwt_target(wmesh: WaypointMesh, issuer: Issuer) -> str:
     return f"{wmesh.vip(40)}:80"
 
 
-async def test_valid_invalid_expired_wrong_issuer_missing(wmesh: WaypointMesh, issuer: Issuer, jwt_target: str) -> None:
+async def test_valid_invalid_expired_wrong_issuer_missing(
+    wmesh: WaypointMesh, issuer: Issuer, jwt_target: str
+) -> None:
     async def get(path: str, token: str | None) -> int:
         hdrs = {"authorization": f"Bearer {token}"} if token else {}
         return (await wmesh.request(jwt_target, path, headers=hdrs)).status
@@ -127,7 +143,7 @@ async def test_token_locations_and_outputs(wmesh: WaypointMesh, issuer: Issuer, 
     seen = backend.headers[-1]
     assert seen["authorization"] == f"Bearer {token}"  # forwardOriginalToken
     payload = json.loads(base64.urlsafe_b64decode(seen["x-jwt-payload"] + "=="))
-    assert payload["sub"] == "bob" and payload["iss"] == ISSUER
+    assert (payload["sub"], payload["iss"]) == ("bob", ISSUER)
 
 
 async def test_jwks_uri_fetched_through_a_cluster(wmesh: WaypointMesh) -> None:
@@ -154,7 +170,13 @@ async def test_jwks_uri_fetched_through_a_cluster(wmesh: WaypointMesh) -> None:
                 "jwksvc",
                 {
                     "targetRefs": [{"group": "", "kind": "Service", "name": "jwksvc"}],
-                    "jwtRules": [{"issuer": "https://remote.example", "jwksUri": f"http://{ip}:8081/jwks", "forwardOriginalToken": False}],
+                    "jwtRules": [
+                        {
+                            "issuer": "https://remote.example",
+                            "jwksUri": f"http://{ip}:8081/jwks",
+                            "forwardOriginalToken": False,
+                        }
+                    ],
                 },
                 group="security.istio.io/v1",
             )
@@ -186,8 +208,12 @@ async def test_jwks_not_json_is_reported_and_fails_closed(wmesh: WaypointMesh, i
     )
     await wmesh.apply(ra)
     found = [d for d in waypoint_diagnostics(wmesh.store) if d.resource == ra.key]
-    assert found and found[0].field == "spec.jwtRules[0].jwks" and "not JSON" in found[0].message
+    assert found
+    assert found[0].field == "spec.jwtRules[0].jwks"
+    assert "not JSON" in found[0].message
     target = f"{wmesh.vip(42)}:80"
-    assert (await wmesh.request(target, "/", headers={"authorization": f"Bearer {issuer.token()}"})).status == 401
+    assert (
+        await wmesh.request(target, "/", headers={"authorization": f"Bearer {issuer.token()}"})
+    ).status == 401
     assert (await wmesh.request(target, "/")).status == 200
     assert len(wmesh.nacks) == nacks

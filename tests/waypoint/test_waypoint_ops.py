@@ -16,7 +16,8 @@ pytestmark = [pytest.mark.envoy, pytest.mark.asyncio(loop_scope="module")]
 
 
 def scrape(wmesh: WaypointMesh) -> str:
-    assert wmesh.launcher is not None and wmesh.launcher.metrics_port
+    assert wmesh.launcher is not None
+    assert wmesh.launcher.metrics_port
     url = f"http://127.0.0.1:{wmesh.launcher.metrics_port}/stats/prometheus"
     with urllib.request.urlopen(url, timeout=5) as resp:
         return str(resp.read().decode())
@@ -93,19 +94,26 @@ async def test_waypoint_serves_its_own_ca_issued_identity(wmesh: WaypointMesh) -
     finally:
         stream.reset()
     # the key never went anywhere: the launcher generated it and only the CSR reached the CA
-    assert wmesh.launcher is not None and wmesh.launcher.sds.acks >= 1 and not wmesh.launcher.sds.nacks
+    assert wmesh.launcher is not None
+    assert wmesh.launcher.sds.acks >= 1
+    assert not wmesh.launcher.sds.nacks
 
 
 async def test_restart_resumes_from_xds(wmesh: WaypointMesh) -> None:
     await wmesh.add_pod("durable-1", "durable")
     await wmesh.apply(service("durable", wmesh.vip(62)))
     await wmesh.apply(
-        istio("VirtualService", "durable", {"hosts": ["durable"], "http": [{"directResponse": {"status": 202, "body": {"string": "kept"}}}]})
+        istio(
+            "VirtualService",
+            "durable",
+            {"hosts": ["durable"], "http": [{"directResponse": {"status": 202, "body": {"string": "kept"}}}]},
+        )
     )
     target = f"{wmesh.vip(62)}:80"
     assert (await wmesh.request(target, "/")).status == 202
     launcher = wmesh.launcher
-    assert launcher is not None and launcher.proc is not None
+    assert launcher is not None
+    assert launcher.proc is not None
     before = launcher.restarts
     os.killpg(launcher.proc.pid, signal.SIGKILL)
     await eventually(lambda: _restarted(launcher, before), what="supervisor restart")

@@ -35,7 +35,12 @@ async def test_retries_turn_flaky_503s_into_200s(wmesh: WaypointMesh) -> None:
     backend.fail_next = 2
     assert (await wmesh.request(target, "/")).status == 503  # no retries configured: the 503 shows
     backend.reset()
-    await wmesh.apply(vs("flaky", [{"retries": {"attempts": 3, "retryOn": "5xx"}, "route": [{"destination": {"host": "flaky"}}]}]))
+    await wmesh.apply(
+        vs(
+            "flaky",
+            [{"retries": {"attempts": 3, "retryOn": "5xx"}, "route": [{"destination": {"host": "flaky"}}]}],
+        )
+    )
     backend.fail_next = 2
     r = await wmesh.request(target, "/")
     assert r.status == 200, r
@@ -45,7 +50,12 @@ async def test_retries_turn_flaky_503s_into_200s(wmesh: WaypointMesh) -> None:
     assert (await wmesh.request(target, "/")).status == 503  # 1 + 3 attempts, all failed
     assert backend.hits == 4
     # retryOn by status code
-    await wmesh.apply(vs("flaky", [{"retries": {"attempts": 1, "retryOn": "503"}, "route": [{"destination": {"host": "flaky"}}]}]))
+    await wmesh.apply(
+        vs(
+            "flaky",
+            [{"retries": {"attempts": 1, "retryOn": "503"}, "route": [{"destination": {"host": "flaky"}}]}],
+        )
+    )
     backend.reset()
     backend.fail_next = 1
     assert (await wmesh.request(target, "/")).status == 200
@@ -84,8 +94,16 @@ async def test_fault_injection_abort_and_delay(wmesh: WaypointMesh) -> None:
         vs(
             "faulty",
             [
-                {"match": [{"uri": {"prefix": "/abort"}}], "fault": {"abort": {"httpStatus": 418, "percentage": {"value": 100}}}, "route": [{"destination": {"host": "faulty"}}]},
-                {"match": [{"uri": {"prefix": "/delay"}}], "fault": {"delay": {"fixedDelay": "0.4s", "percentage": {"value": 100}}}, "route": [{"destination": {"host": "faulty"}}]},
+                {
+                    "match": [{"uri": {"prefix": "/abort"}}],
+                    "fault": {"abort": {"httpStatus": 418, "percentage": {"value": 100}}},
+                    "route": [{"destination": {"host": "faulty"}}],
+                },
+                {
+                    "match": [{"uri": {"prefix": "/delay"}}],
+                    "fault": {"delay": {"fixedDelay": "0.4s", "percentage": {"value": 100}}},
+                    "route": [{"destination": {"host": "faulty"}}],
+                },
                 {"route": [{"destination": {"host": "faulty"}}]},
             ],
         )
@@ -96,7 +114,8 @@ async def test_fault_injection_abort_and_delay(wmesh: WaypointMesh) -> None:
     assert backend.hits == 0
     started = time.monotonic()
     r = await wmesh.request(target, "/delay")
-    assert r.status == 200 and backend.hits == 1
+    assert r.status == 200
+    assert backend.hits == 1
     assert time.monotonic() - started >= 0.35  # the injected delay is a lower bound, not a speed claim
     stats = await asyncio.to_thread(wmesh.launcher.stats, "fault")
     assert any(k.endswith("fault.delays_injected") and v >= 1 for k, v in stats.items())
@@ -112,7 +131,12 @@ async def test_outlier_detection_ejects_the_failing_pod(wmesh: WaypointMesh) -> 
             "outlier",
             {
                 "loadBalancer": {"simple": "ROUND_ROBIN"},
-                "outlierDetection": {"consecutive5xxErrors": 2, "interval": "1s", "baseEjectionTime": "60s", "maxEjectionPercent": 100},
+                "outlierDetection": {
+                    "consecutive5xxErrors": 2,
+                    "interval": "1s",
+                    "baseEjectionTime": "60s",
+                    "maxEjectionPercent": 100,
+                },
             },
         )
     )
@@ -123,17 +147,31 @@ async def test_outlier_detection_ejects_the_failing_pod(wmesh: WaypointMesh) -> 
     assert after == [200] * 20
     assert bad.hits == bad_hits  # ejected: no more traffic
     stats = await asyncio.to_thread(wmesh.launcher.stats, "outlier_detection")
-    assert stats.get("cluster.inbound-vip|80|http|outlier.default.svc.cluster.local.outlier_detection.ejections_active") == 1
+    assert (
+        stats.get(
+            "cluster.inbound-vip|80|http|outlier.default.svc.cluster.local.outlier_detection.ejections_active"
+        )
+        == 1
+    )
 
 
 async def test_circuit_breaking_connection_pool(wmesh: WaypointMesh) -> None:
     target = await svc(wmesh, "breaker", 54)
     await wmesh.apply(
-        dr("breaker", {"connectionPool": {"tcp": {"maxConnections": 1}, "http": {"http1MaxPendingRequests": 1, "http2MaxRequests": 1}}})
+        dr(
+            "breaker",
+            {
+                "connectionPool": {
+                    "tcp": {"maxConnections": 1},
+                    "http": {"http1MaxPendingRequests": 1, "http2MaxRequests": 1},
+                }
+            },
+        )
     )
     results = await asyncio.gather(*(wmesh.request(target, "/?delay=0.5") for _ in range(6)))
     codes = sorted(r.status for r in results)
-    assert 200 in codes and 503 in codes, codes
+    assert 200 in codes, codes
+    assert 503 in codes, codes
     overflow = [r for r in results if r.status == 503]
     assert all(r.headers.get("x-envoy-overloaded") == "true" for r in overflow)
     assert wmesh.backends["breaker-1"].hits == codes.count(200)
@@ -156,9 +194,13 @@ async def test_load_balancers(wmesh: WaypointMesh) -> None:
     for simple, envoy_name in (("LEAST_REQUEST", "LEAST_REQUEST"), ("RANDOM", "RANDOM")):
         await wmesh.apply(dr("lb", {"loadBalancer": {"simple": simple}}))
         clusters = await asyncio.to_thread(wmesh.launcher.config_dump, "dynamic_active_clusters")
-        lb = next(c["cluster"] for c in clusters["configs"] if c["cluster"]["name"].endswith("|lb.default.svc.cluster.local"))
+        lb = next(
+            c["cluster"]
+            for c in clusters["configs"]
+            if c["cluster"]["name"].endswith("|lb.default.svc.cluster.local")
+        )
         assert lb.get("lb_policy", "ROUND_ROBIN") == envoy_name
-        assert set((await spread(30))) == {"lb-1", "lb-2"}
+        assert set(await spread(30)) == {"lb-1", "lb-2"}
 
     await wmesh.apply(dr("lb", {"loadBalancer": {"consistentHash": {"httpHeaderName": "x-user"}}}))
     await wmesh.apply(vs("lb", [{"route": [{"destination": {"host": "lb"}}]}]))
@@ -175,18 +217,35 @@ async def test_mirror_seen_by_shadow_never_by_client(wmesh: WaypointMesh) -> Non
     await wmesh.add_pod("shadow-1", "shadow")
     await wmesh.apply(service("shadow", wmesh.vip(57), waypoint=None))
     await wmesh.apply(
-        vs("primary", [{"route": [{"destination": {"host": "primary"}}], "mirror": {"host": "shadow"}, "mirrorPercentage": {"value": 100}}])
+        vs(
+            "primary",
+            [
+                {
+                    "route": [{"destination": {"host": "primary"}}],
+                    "mirror": {"host": "shadow"},
+                    "mirrorPercentage": {"value": 100},
+                }
+            ],
+        )
     )
     shadow = wmesh.backends["shadow-1"]
     for i in range(5):
         r = await wmesh.request(target, f"/m/{i}")
-        assert r.status == 200 and r.text == f"primary-1 /m/{i}"  # the client only ever sees the primary
+        assert (r.status, r.text) == (200, f"primary-1 /m/{i}")  # the client only ever sees the primary
     await eventually(lambda: _at_least(shadow, 5), what="5 mirrored requests at the shadow")
     assert sorted(shadow.paths) == [f"/m/{i}" for i in range(5)]
     assert "-shadow" in shadow.headers[-1]["host"]  # Envoy marks mirrored requests
 
     await wmesh.apply(
-        vs("primary", [{"route": [{"destination": {"host": "primary"}}], "mirrors": [{"destination": {"host": "shadow"}, "percentage": {"value": 50}}]}])
+        vs(
+            "primary",
+            [
+                {
+                    "route": [{"destination": {"host": "primary"}}],
+                    "mirrors": [{"destination": {"host": "shadow"}, "percentage": {"value": 50}}],
+                }
+            ],
+        )
     )
     shadow.reset()
     n = 300

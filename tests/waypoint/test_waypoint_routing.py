@@ -22,7 +22,10 @@ def subsets_dr(name: str, host: str, extra: dict[str, Any] | None = None) -> Any
         name,
         {
             "host": host,
-            "subsets": [{"name": "v1", "labels": {"version": "v1"}}, {"name": "v2", "labels": {"version": "v2"}}],
+            "subsets": [
+                {"name": "v1", "labels": {"version": "v1"}},
+                {"name": "v2", "labels": {"version": "v2"}},
+            ],
             **(extra or {}),
         },
     )
@@ -129,10 +132,17 @@ async def test_redirect_rewrite_direct_response_headers(wmesh: WaypointMesh) -> 
                         "rewrite": {"uri": "/modern", "authority": "edit.internal"},
                         "route": [{"destination": {"host": "edit"}}],
                     },
-                    {"match": [{"uri": {"exact": "/teapot"}}], "directResponse": {"status": 418, "body": {"string": "short and stout"}}},
+                    {
+                        "match": [{"uri": {"exact": "/teapot"}}],
+                        "directResponse": {"status": 418, "body": {"string": "short and stout"}},
+                    },
                     {
                         "headers": {
-                            "request": {"set": {"x-set": "one"}, "add": {"x-add": "two"}, "remove": ["x-drop"]},
+                            "request": {
+                                "set": {"x-set": "one"},
+                                "add": {"x-add": "two"},
+                                "remove": ["x-drop"],
+                            },
                             "response": {"set": {"x-resp": "yes"}, "remove": ["x-served-by"]},
                         },
                         "route": [{"destination": {"host": "edit"}}],
@@ -224,7 +234,10 @@ async def test_gateway_api_httproute(wmesh: WaypointMesh) -> None:
                     {
                         "matches": [{"path": {"type": "PathPrefix", "value": "/b"}}],
                         "filters": [
-                            {"type": "RequestHeaderModifier", "requestHeaderModifier": {"set": [{"name": "x-via", "value": "gw"}]}}
+                            {
+                                "type": "RequestHeaderModifier",
+                                "requestHeaderModifier": {"set": [{"name": "x-via", "value": "gw"}]},
+                            }
                         ],
                         "backendRefs": [{"name": "gwb", "port": 80}],
                     },
@@ -234,7 +247,12 @@ async def test_gateway_api_httproute(wmesh: WaypointMesh) -> None:
                     },
                     {
                         "matches": [{"path": {"type": "Exact", "value": "/moved"}}],
-                        "filters": [{"type": "RequestRedirect", "requestRedirect": {"hostname": "elsewhere.example", "statusCode": 301}}],
+                        "filters": [
+                            {
+                                "type": "RequestRedirect",
+                                "requestRedirect": {"hostname": "elsewhere.example", "statusCode": 301},
+                            }
+                        ],
                     },
                     {"backendRefs": [{"name": "gwroute", "port": 80}]},
                 ],
@@ -250,7 +268,8 @@ async def test_gateway_api_httproute(wmesh: WaypointMesh) -> None:
     assert (await wmesh.request(target, "/", headers={"x-pick": "b"})).text.startswith("gw-b")
     assert (await wmesh.request(target, "/other")).text.startswith("gw-a")
     r = await wmesh.request(target, "/moved")
-    assert r.status == 301 and r.headers["location"].startswith("http://elsewhere.example/")
+    assert r.status == 301
+    assert r.headers["location"].startswith("http://elsewhere.example/")
 
 
 async def test_bad_rules_are_left_out_and_reported(wmesh: WaypointMesh) -> None:
@@ -264,9 +283,18 @@ async def test_bad_rules_are_left_out_and_reported(wmesh: WaypointMesh) -> None:
             "spec": {
                 "hosts": ["fragile"],
                 "http": [
-                    {"match": [{"uri": {"prefix": "/gone"}}], "route": [{"destination": {"host": "fragile", "subset": "v9"}}]},
-                    {"match": [{"uri": {"regex": "/a(?>b)c"}}], "route": [{"destination": {"host": "fragile", "subset": "v2"}}]},
-                    {"match": [{"uri": {"prefix": "/two"}}], "route": [{"destination": {"host": "fragile", "subset": "v2"}}]},
+                    {
+                        "match": [{"uri": {"prefix": "/gone"}}],
+                        "route": [{"destination": {"host": "fragile", "subset": "v9"}}],
+                    },
+                    {
+                        "match": [{"uri": {"regex": "/a(?>b)c"}}],
+                        "route": [{"destination": {"host": "fragile", "subset": "v2"}}],
+                    },
+                    {
+                        "match": [{"uri": {"prefix": "/two"}}],
+                        "route": [{"destination": {"host": "fragile", "subset": "v2"}}],
+                    },
                     {"route": [{"destination": {"host": "fragile", "subset": "v1"}}]},
                 ],
             },

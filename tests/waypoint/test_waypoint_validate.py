@@ -16,6 +16,7 @@ from istiopy.xds.waypoint import generate_clusters, generate_listeners, generate
 
 pytestmark = [pytest.mark.envoy]
 
+
 def _jwks() -> str:
     import base64
     import json
@@ -57,18 +58,43 @@ def full_store() -> ConfigStore:
             {
                 "host": "web",
                 "trafficPolicy": {
-                    "loadBalancer": {"consistentHash": {"httpCookie": {"name": "sess", "path": "/", "ttl": "60s"}}},
+                    "loadBalancer": {
+                        "consistentHash": {"httpCookie": {"name": "sess", "path": "/", "ttl": "60s"}}
+                    },
                     "connectionPool": {
                         "tcp": {"maxConnections": 10, "connectTimeout": "2s", "maxConnectionDuration": "1h"},
-                        "http": {"http1MaxPendingRequests": 5, "http2MaxRequests": 20, "maxRetries": 3,
-                                 "maxRequestsPerConnection": 100, "idleTimeout": "30s"},
+                        "http": {
+                            "http1MaxPendingRequests": 5,
+                            "http2MaxRequests": 20,
+                            "maxRetries": 3,
+                            "maxRequestsPerConnection": 100,
+                            "idleTimeout": "30s",
+                        },
                     },
-                    "outlierDetection": {"consecutive5xxErrors": 3, "consecutiveGatewayErrors": 2, "interval": "5s",
-                                         "baseEjectionTime": "30s", "maxEjectionPercent": 50, "minHealthPercent": 20},
+                    "outlierDetection": {
+                        "consecutive5xxErrors": 3,
+                        "consecutiveGatewayErrors": 2,
+                        "interval": "5s",
+                        "baseEjectionTime": "30s",
+                        "maxEjectionPercent": 50,
+                        "minHealthPercent": 20,
+                    },
                 },
                 "subsets": [
-                    {"name": "v1", "labels": {"version": "v1"}, "trafficPolicy": {"loadBalancer": {"simple": "LEAST_REQUEST"}}},
-                    {"name": "v2", "labels": {"version": "v2"}, "trafficPolicy": {"loadBalancer": {"consistentHash": {"maglev": {"tableSize": 65537}, "useSourceIp": True}}}},
+                    {
+                        "name": "v1",
+                        "labels": {"version": "v1"},
+                        "trafficPolicy": {"loadBalancer": {"simple": "LEAST_REQUEST"}},
+                    },
+                    {
+                        "name": "v2",
+                        "labels": {"version": "v2"},
+                        "trafficPolicy": {
+                            "loadBalancer": {
+                                "consistentHash": {"maglev": {"tableSize": 65537}, "useSourceIp": True}
+                            }
+                        },
+                    },
                 ],
             },
         ),
@@ -80,28 +106,63 @@ def full_store() -> ConfigStore:
                 "http": [
                     {
                         "match": [
-                            {"uri": {"regex": "/r/[a-z]+"}, "ignoreUriCase": True, "headers": {"x-a": {"prefix": "p"}, "x-b": {}},
-                             "withoutHeaders": {"x-c": {"exact": "no"}}, "queryParams": {"q": {"regex": "[0-9]+"}},
-                             "method": {"exact": "GET"}, "authority": {"prefix": "web"}},
+                            {
+                                "uri": {"regex": "/r/[a-z]+"},
+                                "ignoreUriCase": True,
+                                "headers": {"x-a": {"prefix": "p"}, "x-b": {}},
+                                "withoutHeaders": {"x-c": {"exact": "no"}},
+                                "queryParams": {"q": {"regex": "[0-9]+"}},
+                                "method": {"exact": "GET"},
+                                "authority": {"prefix": "web"},
+                            },
                         ],
                         "route": [
-                            {"destination": {"host": "web", "subset": "v1"}, "weight": 80,
-                             "headers": {"request": {"set": {"x-s": "1"}}, "response": {"add": {"x-r": "2"}}}},
+                            {
+                                "destination": {"host": "web", "subset": "v1"},
+                                "weight": 80,
+                                "headers": {
+                                    "request": {"set": {"x-s": "1"}},
+                                    "response": {"add": {"x-r": "2"}},
+                                },
+                            },
                             {"destination": {"host": "web", "subset": "v2"}, "weight": 20},
                         ],
                         "timeout": "3s",
-                        "retries": {"attempts": 2, "perTryTimeout": "1s", "retryOn": "gateway-error,503,connect-failure", "backoff": "50ms"},
-                        "fault": {"delay": {"fixedDelay": "1s", "percentage": {"value": 0.5}},
-                                  "abort": {"grpcStatus": "UNAVAILABLE", "percentage": {"value": 1}}},
+                        "retries": {
+                            "attempts": 2,
+                            "perTryTimeout": "1s",
+                            "retryOn": "gateway-error,503,connect-failure",
+                            "backoff": "50ms",
+                        },
+                        "fault": {
+                            "delay": {"fixedDelay": "1s", "percentage": {"value": 0.5}},
+                            "abort": {"grpcStatus": "UNAVAILABLE", "percentage": {"value": 1}},
+                        },
                         "mirrors": [{"destination": {"host": "api"}, "percentage": {"value": 10}}],
-                        "corsPolicy": {"allowOrigins": [{"regex": "https://.*\\.example"}], "allowMethods": ["GET"],
-                                       "allowHeaders": ["a"], "exposeHeaders": ["b"], "maxAge": "1m", "allowCredentials": True},
+                        "corsPolicy": {
+                            "allowOrigins": [{"regex": "https://.*\\.example"}],
+                            "allowMethods": ["GET"],
+                            "allowHeaders": ["a"],
+                            "exposeHeaders": ["b"],
+                            "maxAge": "1m",
+                            "allowCredentials": True,
+                        },
                         "headers": {"request": {"remove": ["x-d"]}, "response": {"set": {"x-e": "f"}}},
                     },
-                    {"match": [{"uri": {"prefix": "/rw"}}], "rewrite": {"uriRegexRewrite": {"match": "^/rw/(.*)$", "rewrite": "/\\1"}},
-                     "route": [{"destination": {"host": "api", "port": {"number": 80}}}], "mirror": {"host": "api"}},
-                    {"match": [{"uri": {"exact": "/r"}}], "redirect": {"uri": "/x", "scheme": "https", "port": 8443, "redirectCode": 302}},
-                    {"match": [{"uri": {"exact": "/d"}}], "directResponse": {"status": 503, "body": {"string": "down"}}},
+                    {
+                        "match": [{"uri": {"prefix": "/rw"}}],
+                        "rewrite": {"uriRegexRewrite": {"match": "^/rw/(.*)$", "rewrite": "/\\1"}},
+                        "route": [{"destination": {"host": "api", "port": {"number": 80}}}],
+                        "mirror": {"host": "api"},
+                    },
+                    {
+                        "match": [{"uri": {"exact": "/r"}}],
+                        "redirect": {"uri": "/x", "scheme": "https", "port": 8443, "redirectCode": 302},
+                    },
+                    {
+                        "match": [{"uri": {"exact": "/d"}}],
+                        "directResponse": {"status": 503, "body": {"string": "down"}},
+                    },
                     {"route": [{"destination": {"host": "web"}}]},
                 ],
             },
@@ -114,19 +175,64 @@ def full_store() -> ConfigStore:
                 "spec": {
                     "parentRefs": [{"group": "", "kind": "Service", "name": "api"}],
                     "rules": [
-                        {"matches": [{"path": {"type": "RegularExpression", "value": "/v[0-9]"}, "method": "GET",
-                                      "queryParams": [{"name": "a", "value": "b"}]}],
-                         "filters": [{"type": "URLRewrite", "urlRewrite": {"hostname": "api.internal", "path": {"type": "ReplaceFullPath", "replaceFullPath": "/x"}}},
-                                     {"type": "RequestMirror", "requestMirror": {"backendRef": {"name": "web", "port": 80}, "percent": 5}},
-                                     {"type": "ResponseHeaderModifier", "responseHeaderModifier": {"add": [{"name": "x", "value": "y"}]}}],
-                         "backendRefs": [{"name": "api", "port": 80, "weight": 3}, {"name": "web", "port": 80, "weight": 1}],
-                         "timeouts": {"request": "10s", "backendRequest": "2s"}},
-                        {"matches": [{"path": {"type": "PathPrefix", "value": "/gone"}}],
-                         "filters": [{"type": "RequestRedirect", "requestRedirect": {"path": {"type": "ReplaceFullPath", "replaceFullPath": "/new"}}}]},
+                        {
+                            "matches": [
+                                {
+                                    "path": {"type": "RegularExpression", "value": "/v[0-9]"},
+                                    "method": "GET",
+                                    "queryParams": [{"name": "a", "value": "b"}],
+                                }
+                            ],
+                            "filters": [
+                                {
+                                    "type": "URLRewrite",
+                                    "urlRewrite": {
+                                        "hostname": "api.internal",
+                                        "path": {"type": "ReplaceFullPath", "replaceFullPath": "/x"},
+                                    },
+                                },
+                                {
+                                    "type": "RequestMirror",
+                                    "requestMirror": {
+                                        "backendRef": {"name": "web", "port": 80},
+                                        "percent": 5,
+                                    },
+                                },
+                                {
+                                    "type": "ResponseHeaderModifier",
+                                    "responseHeaderModifier": {"add": [{"name": "x", "value": "y"}]},
+                                },
+                            ],
+                            "backendRefs": [
+                                {"name": "api", "port": 80, "weight": 3},
+                                {"name": "web", "port": 80, "weight": 1},
+                            ],
+                            "timeouts": {"request": "10s", "backendRequest": "2s"},
+                        },
+                        {
+                            "matches": [{"path": {"type": "PathPrefix", "value": "/gone"}}],
+                            "filters": [
+                                {
+                                    "type": "RequestRedirect",
+                                    "requestRedirect": {
+                                        "path": {"type": "ReplaceFullPath", "replaceFullPath": "/new"}
+                                    },
+                                }
+                            ],
+                        },
                         {"matches": [{"path": {"type": "Exact", "value": "/empty"}}]},
-                        {"matches": [{"path": {"type": "PathPrefix", "value": "/pre"}}],
-                         "filters": [{"type": "URLRewrite", "urlRewrite": {"path": {"type": "ReplacePrefixMatch", "replacePrefixMatch": "/y"}}}],
-                         "backendRefs": [{"name": "api", "port": 80}]},
+                        {
+                            "matches": [{"path": {"type": "PathPrefix", "value": "/pre"}}],
+                            "filters": [
+                                {
+                                    "type": "URLRewrite",
+                                    "urlRewrite": {
+                                        "path": {"type": "ReplacePrefixMatch", "replacePrefixMatch": "/y"}
+                                    },
+                                }
+                            ],
+                            "backendRefs": [{"name": "api", "port": 80}],
+                        },
                     ],
                 },
             }
@@ -138,39 +244,92 @@ def full_store() -> ConfigStore:
                 "targetRefs": [{"group": "", "kind": "Service", "name": "web"}],
                 "rules": [
                     {
-                        "from": [{"source": {"principals": ["cluster.local/ns/default/sa/a", "*-suffix"], "notNamespaces": ["bad*"],
-                                             "requestPrincipals": ["https://iss/*"],
-                                             "ipBlocks": ["10.0.0.0/8"], "notRemoteIpBlocks": ["1.2.3.4"]}}],
-                        "to": [{"operation": {"hosts": ["web.default.svc.cluster.local", "*.example"], "notPorts": ["81"],
-                                              "methods": ["GET", "POST"], "notPaths": ["*/private"]}}],
-                        "when": [{"key": "request.auth.claims[groups][0]", "values": ["a"]},
-                                 {"key": "request.auth.audiences", "notValues": ["x"]},
-                                 {"key": "destination.port", "values": ["80"]},
-                                 {"key": "source.namespace", "values": ["default"]},
-                                 {"key": "request.headers[x-k]", "values": ["*"]}],
+                        "from": [
+                            {
+                                "source": {
+                                    "principals": ["cluster.local/ns/default/sa/a", "*-suffix"],
+                                    "notNamespaces": ["bad*"],
+                                    "requestPrincipals": ["https://iss/*"],
+                                    "ipBlocks": ["10.0.0.0/8"],
+                                    "notRemoteIpBlocks": ["1.2.3.4"],
+                                }
+                            }
+                        ],
+                        "to": [
+                            {
+                                "operation": {
+                                    "hosts": ["web.default.svc.cluster.local", "*.example"],
+                                    "notPorts": ["81"],
+                                    "methods": ["GET", "POST"],
+                                    "notPaths": ["*/private"],
+                                }
+                            }
+                        ],
+                        "when": [
+                            {"key": "request.auth.claims[groups][0]", "values": ["a"]},
+                            {"key": "request.auth.audiences", "notValues": ["x"]},
+                            {"key": "destination.port", "values": ["80"]},
+                            {"key": "source.namespace", "values": ["default"]},
+                            {"key": "request.headers[x-k]", "values": ["*"]},
+                        ],
                     },
-                    {"from": [{"source": {"serviceAccounts": ["default/x"], "notTrustDomains": ["evil.td"]}}]},
+                    {
+                        "from": [
+                            {"source": {"serviceAccounts": ["default/x"], "notTrustDomains": ["evil.td"]}}
+                        ]
+                    },
                     {},
                 ],
             },
             group="security.istio.io/v1",
         ),
-        istio("AuthorizationPolicy", "deny", {"targetRefs": [{"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": "waypoint"}],
-                                              "action": "DENY", "rules": [{"to": [{"operation": {"paths": ["/admin*"]}}]}]},
-              group="security.istio.io/v1"),
-        istio("AuthorizationPolicy", "audit", {"targetRefs": [{"group": "", "kind": "Service", "name": "web"}],
-                                               "action": "AUDIT", "rules": [{}]}, group="security.istio.io/v1"),
-        istio("AuthorizationPolicy", "custom", {"targetRefs": [{"group": "", "kind": "Service", "name": "api"}],
-                                                "action": "CUSTOM", "provider": {"name": "x"}, "rules": [{}]}, group="security.istio.io/v1"),
+        istio(
+            "AuthorizationPolicy",
+            "deny",
+            {
+                "targetRefs": [{"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": "waypoint"}],
+                "action": "DENY",
+                "rules": [{"to": [{"operation": {"paths": ["/admin*"]}}]}],
+            },
+            group="security.istio.io/v1",
+        ),
+        istio(
+            "AuthorizationPolicy",
+            "audit",
+            {
+                "targetRefs": [{"group": "", "kind": "Service", "name": "web"}],
+                "action": "AUDIT",
+                "rules": [{}],
+            },
+            group="security.istio.io/v1",
+        ),
+        istio(
+            "AuthorizationPolicy",
+            "custom",
+            {
+                "targetRefs": [{"group": "", "kind": "Service", "name": "api"}],
+                "action": "CUSTOM",
+                "provider": {"name": "x"},
+                "rules": [{}],
+            },
+            group="security.istio.io/v1",
+        ),
         istio(
             "RequestAuthentication",
             "jwt",
             {
                 "targetRefs": [{"group": "", "kind": "Service", "name": "web"}],
                 "jwtRules": [
-                    {"issuer": "https://iss", "audiences": ["web"], "jwks": JWKS, "fromHeaders": [{"name": "x-t", "prefix": "T "}],
-                     "fromParams": ["t"], "outputPayloadToHeader": "x-p", "forwardOriginalToken": True,
-                     "outputClaimToHeaders": [{"header": "x-sub", "claim": "sub"}]},
+                    {
+                        "issuer": "https://iss",
+                        "audiences": ["web"],
+                        "jwks": JWKS,
+                        "fromHeaders": [{"name": "x-t", "prefix": "T "}],
+                        "fromParams": ["t"],
+                        "outputPayloadToHeader": "x-p",
+                        "forwardOriginalToken": True,
+                        "outputClaimToHeaders": [{"header": "x-sub", "claim": "sub"}],
+                    },
                     {"issuer": "https://remote", "jwksUri": "https://keys.example.com:8443/jwks.json"},
                 ],
             },
@@ -184,7 +343,9 @@ def full_store() -> ConfigStore:
 
 def test_full_config_passes_envoy_validate(tmp_path: Any) -> None:
     store = full_store()
-    base = bootstrap(WaypointOptions("waypoint", "default", "127.0.0.1:15012", xds_roots_pem="x"), str(tmp_path / "s"))
+    base = bootstrap(
+        WaypointOptions("waypoint", "default", "127.0.0.1:15012", xds_roots_pem="x"), str(tmp_path / "s")
+    )
     config = validation_bootstrap(store, proxy(), base)
     ok, out = envoy_validate(config)
     assert ok, out[-4000:]

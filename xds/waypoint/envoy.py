@@ -243,12 +243,12 @@ def main_internal(plan: WaypointPlan, http_filters: dict[str, list[dict[str, Any
                     "route_config_name": sp.route_name,
                     "config_source": {"ads": {}, "resource_api_version": "V3"},
                 },
-                "http_filters": http_filters.get(sp.route_name, [])
-                + [
+                "http_filters": [
+                    *http_filters.get(sp.route_name, []),
                     {
                         "name": "envoy.filters.http.router",
                         "typed_config": {"@type": T + "envoy.extensions.filters.http.router.v3.Router"},
-                    }
+                    },
                 ],
                 "access_log": access_log(sp),
                 "use_remote_address": False,

@@ -6,7 +6,8 @@ or ``WAYPOINT_NAME`` for a hand-started one; its namespace is the node's. It ser
 ``istio.io/use-waypoint`` binds to that Gateway (``mesh.ambient.service_waypoint``: ``waypoint-for``
 service/all), one filter chain per (VIP, port).
 
-Clusters: ``inbound-vip|<port>|http|<hostname>`` per served port, plus ``inbound-vip|<port>|<subset>|<hostname>``
+Clusters: ``inbound-vip|<port>|http|<hostname>`` per served port, plus
+``inbound-vip|<port>|<subset>|<hostname>``
 per DestinationRule subset, plus whatever routes name elsewhere (other services, mirrors). Endpoints are
 the selected ready pods' ``ip:targetPort``, addressed as internal endpoints of ``connect_originate`` so the
 HBONE hop is one shared tunnel cluster while load balancing, outlier detection and circuit breaking

@@ -34,6 +34,8 @@ import re
 from typing import Any
 from urllib.parse import urlparse
 
+from envoy.config.cluster.v3 import cluster_pb2
+
 from istiopy.mesh.ambient import typed_list
 from istiopy.mesh.resources.common import PolicyTargetReference, duration_seconds
 from istiopy.mesh.resources.security import (
@@ -60,7 +62,9 @@ _FAKE_N = (
     "mddNsZcew0vbxygm-fCFYpwvEI-8TzIJEqdVsBz85eZL8RA7J0SwML9IjkQUUAy6zdYWHRfBG0Ry8yhAJ6xVTdC32u"
     "qnartZA9U0jz7nhs8cusvWQ8SPiowDnVWNVYFzCtabURW_7EZZI2KIC5k0tD4R1TJfUGwVow"
 )
-_FAKE_JWKS = json.dumps({"keys": [{"kty": "RSA", "kid": "istiopy-invalid", "e": "AQAB", "alg": "RS256", "n": _FAKE_N}]})
+_FAKE_JWKS = json.dumps(
+    {"keys": [{"kty": "RSA", "kid": "istiopy-invalid", "e": "AQAB", "alg": "RS256", "n": _FAKE_N}]}
+)
 
 
 def _targets(refs: list[PolicyTargetReference], ns: str, plan: WaypointPlan, sp: ServedPort) -> bool:
@@ -414,7 +418,7 @@ def _jwks_cluster(uri: str) -> tuple[str, Any]:
                 },
             },
         }
-    return name, ev.parse(data, ev.cluster_pb2.Cluster())
+    return name, ev.parse(data, cluster_pb2.Cluster())
 
 
 def _jwt_filter(plan: WaypointPlan, authn: list[RequestAuthentication]) -> dict[str, Any]:
@@ -458,7 +462,8 @@ def _jwt_filter(plan: WaypointPlan, authn: list[RequestAuthentication]) -> dict[
                     for c in rule.output_claim_to_headers
                 ]
             providers[f"origins-{ra.namespace}-{ra.name}-{i}"] = p
-    requirements = [{"provider_name": name} for name in providers] + [{"allow_missing": {}}]
+    requirements: list[dict[str, Any]] = [{"provider_name": name} for name in providers]
+    requirements.append({"allow_missing": {}})
     config = {
         "@type": T + "envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication",
         "providers": providers,

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from envoy.config.route.v3 import route_components_pb2
+from envoy.config.route.v3 import route_components_pb2, route_pb2
 
 from istiopy.mesh.ambient import typed_list
 from istiopy.mesh.resources.common import StringMatch, duration_seconds
@@ -81,7 +81,7 @@ def build(plan: WaypointPlan) -> None:
                 "validate_clusters": False,
                 "virtual_hosts": [{"name": sp.route_name, "domains": ["*"], "routes": vhost_routes}],
             },
-            ev.route_pb2.RouteConfiguration(),
+            route_pb2.RouteConfiguration(),
         )
         filters[sp.route_name] = policy.http_filters(plan, sp)
     plan.extra["routes"] = routes
@@ -192,17 +192,19 @@ def _vs_match(m: HTTPMatchRequest | None) -> dict[str, Any]:
             headers.append(_header(pseudo, sm))
     if headers:
         out["headers"] = headers
-    qps = []
+    qps: list[dict[str, Any]] = []
     for k, v in sorted(m.query_params.items()):
-        sm = _string_matcher(v)
-        qps.append({"name": k, "string_match": sm} if sm is not None else {"name": k, "present_match": True})
+        qsm = _string_matcher(v)
+        qps.append(
+            {"name": k, "string_match": qsm} if qsm is not None else {"name": k, "present_match": True}
+        )
     if qps:
         out["query_parameters"] = qps
     return out
 
 
 def header_ops(ops: HeaderOperations | None, prefix: str) -> dict[str, Any]:
-    """``set``/``add``/``remove`` -> ``<prefix>_headers_to_add`` / ``_to_remove`` (prefix request/response)."""
+    """``set``/``add``/``remove`` -> ``<prefix>_headers_to_add`` / ``_to_remove`` (request/response)."""
     if ops is None:
         return {}
     add = [
@@ -223,7 +225,7 @@ def header_ops(ops: HeaderOperations | None, prefix: str) -> dict[str, Any]:
 
 def _percent(value: float | None, default: float = 100.0) -> dict[str, Any]:
     pct = default if value is None else value
-    return {"numerator": int(round(pct * 10_000)), "denominator": "MILLION"}
+    return {"numerator": round(pct * 10_000), "denominator": "MILLION"}
 
 
 def _cluster_for(
@@ -400,7 +402,7 @@ def _vs_action(
         targets.append((hit, d))
     action: dict[str, Any] = {"timeout": ev.dur(duration_seconds(rule.timeout)) if rule.timeout else "0s"}
     if len(targets) == 1:
-        (name, pol), d = targets[0]
+        (name, _), d = targets[0]
         action["cluster"] = name
         if d.headers is not None:
             for k, v in header_ops(d.headers.request, "request").items():
@@ -493,15 +495,17 @@ def _gateway_api_routes(plan: WaypointPlan, sp: ServedPort, r: GatewayHTTPRoute)
                 if regex_problem(path.value):
                     continue
                 match["safe_regex"] = {"regex": path.value}
-            headers = []
+            headers: list[dict[str, Any]] = []
             for h in m.headers:
-                sm = {"exact": h.value} if h.type == "Exact" else {"safe_regex": {"regex": h.value}}
+                sm: dict[str, Any] = (
+                    {"exact": h.value} if h.type == "Exact" else {"safe_regex": {"regex": h.value}}
+                )
                 headers.append({"name": h.name, "string_match": sm})
             if m.method:
                 headers.append({"name": ":method", "string_match": {"exact": m.method}})
             if headers:
                 match["headers"] = headers
-            qps = []
+            qps: list[dict[str, Any]] = []
             for q in m.query_params:
                 sm = {"exact": q.value} if q.type == "Exact" else {"safe_regex": {"regex": q.value}}
                 qps.append({"name": q.name, "string_match": sm})
