@@ -1,0 +1,438 @@
+"""The C byte path of ztunnel-py (``istiopy.dataplane._fastpath``) and the switch between it and its twin.
+
+Split of work, and why:
+
+* Python keeps every *decision*: which pod and certificate, RBAC on a CONNECT, which pooled connection a
+  stream uses, the expected peer identities, metrics export. These change rarely and need the mesh state.
+* The C engine keeps every *byte* of an established tunnel: one epoll thread, without the GIL, owns the
+  sockets, the TLS 1.3 records (OpenSSL, handshake included, with the PEM certificates Python gives it)
+  and the HTTP/2 framing and flow control of HBONE streams (nghttp2). Plain-to-plain legs are spliced
+  (zero copy). Python learns the peer SPIFFE id after the handshake and applies policy before any stream
+  flows; it gets byte counts when a relay ends and live counters from :meth:`FastPath.stats`.
+* kTLS is not used: this kernel offers no ``tls`` ULP (``/proc/sys/net/ipv4/tcp_available_ulp``), and
+  with HTTP/2 framing inside the records the win would be small next to the framing work anyway.
+
+The pure-Python path (:mod:`istiopy.dataplane.hbone`) stays the reference twin; :func:`byte_path` picks one
+from ``--byte-path`` / ``ISTIOPY_BYTE_PATH`` (``c`` or ``python``; default ``c`` when the extension is
+built). If the extension failed to build, ``c`` falls back to ``python`` with a warning — the package
+still installs, and ``tests/fastpath`` fails on purpose so ``make test`` shows it.
+
+Both paths speak the same wire format, so a C client talks to a Python server and vice versa; the tests
+in ``tests/fastpath`` run the same HBONE scenarios against every pairing.
+
+Usage::
+
+    fp = FastPath()                                  # one engine (thread) per event loop
+    conn = await fp.connect(sock, bundle, expected={dst_id})   # mTLS + h2, peer checked in Python
+    stream = await conn.open(app_sock, "10.0.0.5:8080", hbone_headers(src))  # HboneError on non-200
+    result = await stream.result()                   # RelayResult(a_to_b=app->tunnel, b_to_a=back)
+    await fp.serve(accepted_sock, bundle, on_connect)   # inbound: same on_connect as HboneServer
+    await fp.relay(sock_a, sock_b)                   # plain TCP legs: splice
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import warnings
+from collections.abc import Awaitable, Callable, Collection, Sequence
+from typing import Any
+
+from istiopy.api.identity import SpiffeId
+from istiopy.api.tls import CertBundle, PeerIdentityError
+from istiopy.dataplane.hbone import (
+    DEFAULT_MAX_STREAMS,
+    ConnectRequest,
+    Decision,
+    HboneError,
+    Reject,
+    RelayResult,
+    TcpStream,
+    parse_authority,
+)
+
+log = logging.getLogger(__name__)
+
+BYTE_PATH_ENV = "ISTIOPY_BYTE_PATH"
+BYTE_PATHS = ("c", "python")
+
+_ext: Any
+_import_error: str | None
+try:
+    from istiopy.dataplane import _fastpath as _ext  # type: ignore[attr-defined]
+
+    _import_error = None
+except ImportError as e:  # the build degraded to Python (see setup.py OptionalBuildExt)
+    _ext = None
+    _import_error = str(e)
+
+__all__ = [
+    "BYTE_PATHS",
+    "BYTE_PATH_ENV",
+    "FastConn",
+    "FastPath",
+    "FastStream",
+    "available",
+    "byte_path",
+    "import_error",
+]
+
+
+def available() -> bool:
+    """Whether the C extension imported."""
+    return _ext is not None
+
+
+def import_error() -> str | None:
+    return _import_error
+
+
+def byte_path(flag: str | None = None) -> str:
+    """The byte path to use: ``flag``, else ``$ISTIOPY_BYTE_PATH``, else ``c`` when built; ``c`` without the
+    extension degrades to ``python`` with a warning (a proxy that cannot relay at all helps nobody)."""
+    want = (flag or os.environ.get(BYTE_PATH_ENV) or ("c" if available() else "python")).lower()
+    if want not in BYTE_PATHS:
+        raise ValueError(f"byte path must be one of {BYTE_PATHS}, not {want!r}")
+    if want == "c" and not available():
+        warnings.warn(f"C byte path unavailable ({_import_error}); using the Python path", stacklevel=2)
+        return "python"
+    return want
+
+
+def _take_fd(obj: socket.socket | TcpStream) -> tuple[int, bytes]:
+    """Detach a socket (or the socket under an asyncio TcpStream) for the engine, which then owns the fd.
+
+    A TcpStream's transport may already have read bytes into its reader; they are returned so the engine
+    sends them first (nothing the app sent is lost).
+    """
+    if isinstance(obj, socket.socket):
+        return obj.detach(), b""
+    transport = obj.writer.transport
+    transport.pause_reading()  # type: ignore[attr-defined]
+    sock = transport.get_extra_info("socket")
+    fd = os.dup(sock.fileno())
+    buffered = bytes(obj.reader._buffer)  # no public peek; bytes must not be lost
+    transport.abort()
+    return fd, buffered
+
+
+class FastStream:
+    """One relay owned by the engine: an HBONE CONNECT stream or a plain splice pair."""
+
+    def __init__(self, fp: FastPath, rid: int) -> None:
+        self._fp = fp
+        self.id = rid
+        self.status: asyncio.Future[int] = fp._loop.create_future()
+        self.done: asyncio.Future[RelayResult] = fp._loop.create_future()
+
+    async def result(self) -> RelayResult:
+        """Wait for the end: ``a_to_b`` is app->tunnel (or socket a->b), ``b_to_a`` the other way."""
+        return await asyncio.shield(self.done)
+
+    def reset(self) -> None:
+        """Abort: RST to the app, RST_STREAM(CANCEL) to the peer."""
+        if not self.done.done() and self._fp._engine is not None:
+            self._fp._engine.reset(self.id)
+
+
+class FastConn:
+    """A client HBONE connection in the engine (mTLS and h2 done in C; identity checked here)."""
+
+    def __init__(self, fp: FastPath, cid: int) -> None:
+        self._fp = fp
+        self.id = cid
+        self.peer_identity: SpiffeId | None = None
+        self.up: asyncio.Future[str | None] = fp._loop.create_future()
+        self.down: asyncio.Future[str] = fp._loop.create_future()
+        self.streams: set[FastStream] = set()
+        self.max_streams = DEFAULT_MAX_STREAMS
+
+    @property
+    def closed(self) -> bool:
+        return self.down.done()
+
+    def usable(self) -> bool:
+        return not self.closed and len(self.streams) < self.max_streams
+
+    async def open(
+        self, app: socket.socket | TcpStream, authority: str, headers: Sequence[tuple[str, str]] = ()
+    ) -> FastStream:
+        """Send CONNECT ``authority``; on 200 the engine relays ``app`` (which it now owns) to the stream.
+        Any other answer raises :class:`HboneError` with the status (the app side is reset by the engine)."""
+        if self.closed:
+            raise HboneError(f"connection closed: {self.down.result()}")
+        fd, buffered = _take_fd(app)
+        if buffered:
+            raise HboneError("app bytes already consumed by asyncio; pass a plain socket")
+        eng = self._fp._require()
+        rid = eng.open(self.id, fd, [(":method", "CONNECT"), (":authority", authority), *headers])
+        st = self._fp._register(rid)
+        self.streams.add(st)
+        st.done.add_done_callback(lambda _f: self.streams.discard(st))
+        status_wait = asyncio.ensure_future(st.status)
+        await asyncio.wait([status_wait, st.done], return_when=asyncio.FIRST_COMPLETED)
+        if status_wait.done():
+            status = status_wait.result()
+            if status == 200:
+                return st
+            raise HboneError(f"CONNECT {authority} answered {status}", status)
+        status_wait.cancel()
+        raise HboneError(f"CONNECT {authority} failed: {st.done.result().error}")
+
+    def close(self) -> None:
+        """GOAWAY and close (open streams are reset)."""
+        if not self.closed and self._fp._engine is not None:
+            self._fp._engine.close_conn(self.id)
+
+
+OnConnect = Callable[[ConnectRequest], Awaitable[Decision]]
+
+
+class _ServerConn:
+    def __init__(self, fp: FastPath, cid: int, on_connect: OnConnect, peer: Any, local: Any) -> None:
+        self.fp = fp
+        self.id = cid
+        self.on_connect = on_connect
+        self.peer_addr = peer
+        self.local_addr = local
+        self.peer_identity: SpiffeId | None = None
+        self.trust_domain: str | None = None
+        self.up: asyncio.Future[str | None] = fp._loop.create_future()
+        self.down: asyncio.Future[str] = fp._loop.create_future()
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def identify(self, peer: str | None) -> None:
+        """Set at the handshake, before any request of this connection is decided (same event batch)."""
+        try:
+            ident = SpiffeId.parse(peer) if peer else None
+        except ValueError:
+            ident = None
+        if ident is not None and self.trust_domain is not None and ident.trust_domain != self.trust_domain:
+            ident = None
+        self.peer_identity = ident
+
+    def request(self, sid: int, rid: int, hdrs: list[tuple[str, str]]) -> None:
+        st = self.fp._register(rid)
+        t = asyncio.ensure_future(self._decide(sid, st, dict(hdrs)))
+        self.tasks.add(t)
+        t.add_done_callback(self.tasks.discard)
+
+    async def _decide(self, sid: int, st: FastStream, hdrs: dict[str, str]) -> None:
+        """The same answers as the Python server: 400 bad request, 401 policy, 503 dial failure."""
+        eng = self.fp._require()
+        if self.peer_identity is None:  # no acceptable client identity: the connection is being reset
+            eng.reject(self.id, sid, 401)
+            return
+        if hdrs.get(":method") != "CONNECT":
+            eng.reject(self.id, sid, 400)
+            return
+        try:
+            host, port = parse_authority(hdrs.get(":authority"))
+        except ValueError:
+            eng.reject(self.id, sid, 400)
+            return
+        req = ConnectRequest(
+            authority=hdrs[":authority"],
+            host=host,
+            port=port,
+            headers={k: v for k, v in hdrs.items() if not k.startswith(":")},
+            peer_identity=self.peer_identity,
+            peer_addr=self.peer_addr,
+            local_addr=self.local_addr,
+            stream=st,  # type: ignore[arg-type]  # reset() is all a handler may use
+        )
+        try:
+            decision = await self.on_connect(req)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # the dial failed: 503, as the Python path
+            log.debug("HBONE upstream for %s failed: %s", req.authority, e)
+            decision = Reject(503, str(e))
+        if isinstance(decision, Reject):
+            eng.reject(self.id, sid, decision.status)
+            return
+        upstream: Any = decision.upstream
+        if st.done.done():  # the client gave up while we dialed
+            upstream.reset()
+            return
+        fd, buffered = _take_fd(upstream)
+        eng.accept(st.id, self.id, sid, fd, buffered)
+        result = await st.result()
+        if decision.on_done is not None:
+            # a_to_b: stream -> app (as the Python server's relay(stream, upstream))
+            decision.on_done(RelayResult(result.b_to_a, result.a_to_b, result.error))
+
+
+class FastPath:
+    """One C engine bound to the running event loop; events arrive through its eventfd."""
+
+    def __init__(self) -> None:
+        if _ext is None:
+            raise RuntimeError(f"C byte path unavailable: {_import_error}")
+        self._loop = asyncio.get_running_loop()
+        self._engine: Any = _ext.Engine()
+        self._fd = self._engine.fileno()
+        self._streams: dict[int, FastStream] = {}
+        self._conns: dict[int, FastConn | _ServerConn] = {}
+        self._tls: dict[tuple[int, bool], tuple[CertBundle, Any]] = {}
+        self._loop.add_reader(self._fd, self._drain)
+
+    def _require(self) -> Any:
+        if self._engine is None:
+            raise RuntimeError("FastPath closed")
+        return self._engine
+
+    def _register(self, rid: int) -> FastStream:
+        st = self._streams.get(rid)
+        if st is None:
+            st = self._streams[rid] = FastStream(self, rid)
+        return st
+
+    def tls_config(self, bundle: CertBundle, server: bool) -> Any:
+        """The engine's TLS context for ``bundle`` (cached per bundle object: rotation makes a new one)."""
+        key = (id(bundle), server)
+        hit = self._tls.get(key)
+        if hit is not None and hit[0] is bundle:
+            return hit[1]
+        cfg = _ext.TlsConfig(
+            bundle.served_chain_pem.encode(), bundle.key_pem.encode(), bundle.roots_pem.encode(), server
+        )
+        self._tls[key] = (bundle, cfg)
+        return cfg
+
+    def _drain(self) -> None:
+        if self._engine is None:
+            return
+        for ev in self._engine.events():
+            kind = ev[0]
+            if kind == "done":
+                _, rid, up, down, reason = ev
+                st = self._streams.pop(rid, None)
+                if st is not None and not st.done.done():
+                    err = ConnectionResetError(reason) if reason else None
+                    st.done.set_result(RelayResult(up, down, err))
+                if st is not None and not st.status.done():
+                    st.status.cancel()
+            elif kind == "response":
+                st = self._streams.get(ev[1])
+                if st is not None and not st.status.done():
+                    st.status.set_result(ev[2])
+            elif kind == "up":
+                c = self._conns.get(ev[1])
+                if c is not None and not c.up.done():
+                    c.up.set_result(ev[2])
+                if isinstance(c, _ServerConn):
+                    c.identify(ev[2])
+            elif kind == "down":
+                c = self._conns.pop(ev[1], None)
+                if c is not None:
+                    if not c.up.done():
+                        c.up.set_exception(ConnectionError(ev[2]))
+                    if not c.down.done():
+                        c.down.set_result(ev[2])
+            elif kind == "request":
+                c = self._conns.get(ev[1])
+                if isinstance(c, _ServerConn):
+                    c.request(ev[2], ev[3], ev[4])
+                else:
+                    self._engine.reject(ev[1], ev[2], 400)
+
+    async def relay(self, a: socket.socket | TcpStream, b: socket.socket | TcpStream) -> RelayResult:
+        """Splice two plain sockets (the engine owns them); same semantics as ``hbone.relay``."""
+        fa, ba = _take_fd(a)
+        fb, bb = _take_fd(b)
+        if ba or bb:  # bytes already in asyncio buffers: write them ahead before handing over
+            for fd, data in ((fb, ba), (fa, bb)):
+                with socket.socket(fileno=os.dup(fd)) as s:
+                    s.setblocking(True)
+                    if data:
+                        s.sendall(data)
+        st = self._register(self._require().relay(fa, fb))
+        return await st.result()
+
+    async def connect(
+        self,
+        sock: socket.socket,
+        bundle: CertBundle,
+        expected: Collection[SpiffeId] | None = None,
+        handshake_timeout: float = 10.0,
+    ) -> FastConn:
+        """mTLS (TLS 1.3, ALPN h2) and HTTP/2 on a connected socket; the server's identity must be one of
+        ``expected`` (:class:`PeerIdentityError` otherwise, before any stream)."""
+        cfg = self.tls_config(bundle, server=False)
+        cid = self._require().conn(sock.detach(), cfg, False)
+        conn = FastConn(self, cid)
+        self._conns[cid] = conn
+        try:
+            peer = await asyncio.wait_for(asyncio.shield(conn.up), handshake_timeout)
+        except (ConnectionError, TimeoutError) as e:
+            conn.close()
+            raise HboneError(f"HBONE handshake failed: {e}") from e
+        ident = SpiffeId.parse(peer) if peer else None
+        if ident is None or (expected is not None and ident not in expected):
+            conn.close()
+            raise PeerIdentityError(f"peer identity {ident} not in {sorted(map(str, expected or ()))}")
+        conn.peer_identity = ident
+        return conn
+
+    async def serve(
+        self,
+        sock: socket.socket,
+        bundle: CertBundle,
+        on_connect: OnConnect,
+        *,
+        trust_domain: str | None = None,
+        handshake_timeout: float = 10.0,
+    ) -> None:
+        """Serve one accepted HBONE connection until it ends (as ``HboneServer.handle_socket``)."""
+        try:
+            peer, local = sock.getpeername(), sock.getsockname()
+        except OSError:
+            sock.close()
+            return
+        cid = self._require().conn(sock.detach(), self.tls_config(bundle, server=True), True)
+        sc = _ServerConn(self, cid, on_connect, peer, local)
+        sc.trust_domain = trust_domain
+        self._conns[cid] = sc
+        try:
+            try:
+                ident_s = await asyncio.wait_for(asyncio.shield(sc.up), handshake_timeout)
+                if sc.peer_identity is None:
+                    raise PeerIdentityError(f"client identity {ident_s} not accepted")
+            except (ConnectionError, TimeoutError, ValueError) as e:
+                log.debug("HBONE handshake from %s failed: %r", peer, e)
+                self._require().reset(cid)
+                return
+            await asyncio.shield(sc.down)
+        finally:
+            for t in list(sc.tasks):
+                t.cancel()
+            if not sc.down.done() and self._engine is not None:
+                self._engine.close_conn(cid)
+
+    def stats(self) -> dict[str, int]:
+        """Engine counters: connections, streams, relays (active/total) and bytes each way."""
+        return dict(self._require().stats())
+
+    async def close(self) -> None:
+        """Stop the engine thread: every socket it owns is closed (with RST)."""
+        if self._engine is None:
+            return
+        eng, self._engine = self._engine, None
+        with contextlib.suppress(Exception):
+            self._loop.remove_reader(self._fd)
+        await asyncio.to_thread(eng.close)
+        for st in self._streams.values():
+            if not st.done.done():
+                st.done.set_result(RelayResult(0, 0, ConnectionResetError("engine closed")))
+        for c in self._conns.values():
+            if not c.down.done():
+                c.down.set_result("engine closed")
+            if not c.up.done():
+                c.up.set_exception(ConnectionError("engine closed"))
+                c.up.exception()
+        self._streams.clear()
+        self._conns.clear()
