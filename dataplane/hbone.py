@@ -491,6 +491,7 @@ class _Conn:
         self.goaway = False
         self.error: BaseException | None = None
         self.closed = asyncio.Event()
+        self.handlers = 0  # server: stream handler tasks still running for this connection
         self._task: asyncio.Task[None] | None = None
         self.flush()
 
@@ -783,6 +784,7 @@ class HboneServer:
         self.handshake_failures = 0
         self.max_connections = max_connections
         self.refused_connections = 0
+        self.refused_streams = 0
 
     @property
     def connections(self) -> int:
@@ -897,9 +899,21 @@ class HboneServer:
                 writer.transport.abort()
 
     def _spawn(self, conn: _Conn, stream: HboneStream) -> None:
+        # Streams reset right after opening ("rapid reset") do not count against the concurrency limit, but
+        # their handlers (dialing upstream) still run: bound the handlers per connection as well.
+        if conn.handlers >= 2 * self.max_concurrent_streams:
+            self.refused_streams += 1
+            stream.reset(ErrorCodes.REFUSED_STREAM)
+            return
+        conn.handlers += 1
         t = asyncio.create_task(self._serve_stream(conn, stream))
         self._tasks.add(t)
-        t.add_done_callback(self._tasks.discard)
+
+        def done(task: asyncio.Task[None]) -> None:
+            self._tasks.discard(task)
+            conn.handlers -= 1
+
+        t.add_done_callback(done)
 
     async def _serve_stream(self, conn: _Conn, stream: HboneStream) -> None:
         upstream: ByteStream | None = None

@@ -568,3 +568,43 @@ async def test_pool_recovers_after_server_goes_away(ca: TestCA) -> None:
     await server2.close()
     echo.close()
     await echo.wait_closed()
+
+
+async def test_rapid_reset_cannot_pile_up_upstream_dials(ca: TestCA) -> None:
+    """CVE-2023-44487 shape: open and reset streams in a loop; handlers stay bounded per connection."""
+    in_flight = 0
+    peak = 0
+    release = asyncio.Event()
+
+    async def on_connect(req: ConnectRequest) -> Decision:
+        nonlocal in_flight, peak
+        in_flight += 1
+        peak = max(peak, in_flight)
+        try:
+            await release.wait()  # a slow upstream dial
+        finally:
+            in_flight -= 1
+        return Reject(503)
+
+    server = HboneServer(on_connect, ca.issue(SERVER_ID).server_context())
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(16)
+    await server.serve(lsock)
+    _, w = await asyncio.open_connection(
+        "127.0.0.1", lsock.getsockname()[1], ssl=ca.issue(CLIENT_ID).client_context(), server_hostname=""
+    )
+    c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    c.initiate_connection()
+    for i in range(1000):
+        sid = 2 * i + 1
+        c.send_headers(sid, [(":method", "CONNECT"), (":authority", "127.0.0.1:9")])
+        c.reset_stream(sid)
+    w.write(c.data_to_send())
+    await w.drain()
+    await eventually(lambda: server.refused_streams > 0)
+    assert peak <= 2 * server.max_concurrent_streams
+    release.set()
+    await eventually(lambda: in_flight == 0)
+    w.close()
+    await server.close()
