@@ -368,3 +368,16 @@ async def test_workload_waypoint_is_enforced_on_inbound(mesh: Mesh) -> None:
     status, why = await _hbone_from(mesh, sleep, srv1.ip, f"{srv1.ip}:8080", as_sleep)
     assert status == 401, why
     assert (await _hbone_from(mesh, sleep, srv1.ip, f"{srv1.ip}:8080", as_waypoint))[0] == 200
+
+
+async def test_half_close_crosses_the_mesh(mesh: Mesh) -> None:
+    """The client's FIN reaches the app through both proxies and HBONE; the app's answer still flows back."""
+    sleep, srv1 = mesh.pods["sleep"], mesh.pods["srv-1"]
+    payload = b"x" * 300_000  # several HBONE DATA frames and TCP segments
+    r, w = await sleep.open_connection(srv1.ip, 9000)  # echo: replies, then half-closes on our FIN
+    w.write(payload)
+    await w.drain()
+    w.write_eof()
+    got = await asyncio.wait_for(r.read(), 20)  # everything, then EOF (the app's FIN came back)
+    assert got == payload
+    w.close()
