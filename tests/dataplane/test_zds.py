@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -260,3 +261,26 @@ def test_wire_numbers_match_upstream() -> None:
     assert add == b"\x0a\x0e\x0a\x01u\x12\x09\x0a\x01n\x12\x01s\x1a\x01a"  # add=1 { uid=1, info=2 {1,2,3} }
     assert zds_pb2.ZdsHello(version=zds_pb2.V1).SerializeToString() == b"\x08\x01"
     assert zds_pb2.WorkloadResponse(ack=zds_pb2.Ack(error="e")).SerializeToString() == b"\x0a\x03\x0a\x01e"
+
+
+async def test_nodeagent_command_serves_static_pods(topology: Topology, tmp_path: Path) -> None:
+    a = topology.add_pod("a", service_account="sleep")
+    path = str(tmp_path / "agent.sock")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "istiopy.dataplane.nodeagent", "--socket", path,
+        "--pod", f"{a.uid},{a.name},{a.namespace},{a.service_account},{a.netns_path}",
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    rec = Recorder()
+    try:
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(proc.stdout.readline(), 30)
+        assert line.decode().strip() == f"ready {path}"
+        assert capture_installed_in(a)
+        client, task = await start_client(path, rec)
+        assert client.workloads[a.uid].service_account == "sleep"
+        await stop_client(client, task)
+    finally:
+        rec.close()
+        proc.terminate()
+        await proc.wait()
