@@ -25,12 +25,15 @@ import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from google.protobuf.message import DecodeError
 
 from istiopy.api.gen import authorization_pb2, workload_pb2
 from istiopy.api.identity import InvalidSpiffeId, SpiffeId
+
+if TYPE_CHECKING:  # rbac imports this module at run time
+    from istiopy.dataplane.rbac import Authorization
 
 log = logging.getLogger("istiopy.ztunnel.state")
 
@@ -388,9 +391,7 @@ class ProxyState:
         self._lock = threading.RLock()
         self.workloads: dict[str, Workload] = {}
         self.services: dict[str, Service] = {}
-        self.policies: dict[
-            str, Any
-        ] = {}  # name -> rbac.Authorization (import cycle avoided: see _policy_mod)
+        self.policies: dict[str, Authorization] = {}
         self._wl_by_addr: dict[tuple[str, IPAddress], str] = {}
         self._wl_by_hostname: dict[str, set[str]] = {}
         self._svc_by_vip: dict[tuple[str, IPAddress], str] = {}
@@ -599,7 +600,7 @@ class ProxyState:
     def services_of(self, wl: Workload) -> list[Service]:
         return [s for k in wl.services if (s := self.services.get(k)) is not None]
 
-    def policies_for(self, wl: Workload) -> list[Any]:
+    def policies_for(self, wl: Workload) -> list[Authorization]:
         """Policies that apply to a destination workload: its namespace's, the global and its selector ones.
 
         Upstream's lookup exactly: namespace scope by the destination's namespace, global scope under key
@@ -640,7 +641,7 @@ class ProxyState:
         with self._lock:
             return sorted((w for w in self.workloads.values() if w.node == node), key=lambda w: w.uid)
 
-    def snapshot(self) -> tuple[list[Workload], list[Service], list[Any]]:
+    def snapshot(self) -> tuple[list[Workload], list[Service], list[Authorization]]:
         """A consistent copy for dumping (admin) without holding the lock while serialising."""
         with self._lock:
             return list(self.workloads.values()), list(self.services.values()), list(self.policies.values())
