@@ -479,6 +479,7 @@ class Ztunnel:
         self.inbound = InboundAuthorizer(self.state)
         self.pods: dict[str, _PodProxy] = {}
         self._pools: dict[str, HbonePool] = {}
+        self._stream_seen: dict[str, int] = {}  # type URL -> xDS client connect count of its last response
         self.xds = xds
         self.stopped = asyncio.Event()
         self._on_shutdown = on_shutdown
@@ -507,11 +508,36 @@ class Ztunnel:
 
     def _on_addresses(self, update: DeltaUpdate) -> None:
         self.metrics.xds_messages.labels(ADDRESS_TYPE).inc()
+        self._resync(update)
         self.state.apply_addresses({n: h.resource for n, h in update.updated.items()}, update.removed)
 
     def _on_authorizations(self, update: DeltaUpdate) -> None:
         self.metrics.xds_messages.labels(AUTHORIZATION_TYPE).inc()
+        self._resync(update)
         self.state.apply_authorizations({n: h.resource for n, h in update.updated.items()}, update.removed)
+
+    def _resync(self, update: DeltaUpdate) -> None:
+        """On the first response of a new stream, drop what neither the client holds nor the server sent.
+
+        The state applies the valid part of a NACKed update (keep-last-good per resource), which the xDS
+        client does not record; after a reconnect those are the only resources the server may have deleted
+        without telling us.
+        """
+        client = self.xds
+        if client is None:
+            return
+        seen = self._stream_seen.get(update.type_url)
+        if seen == client.connects:
+            return
+        self._stream_seen[update.type_url] = client.connects
+        if seen is None:
+            return  # first stream ever: nothing held before it
+        keep = set(client.resources(update.type_url)) | set(update.updated)
+        dropped = self.state.retain(update.type_url, keep)
+        if dropped:
+            log.info(
+                "dropped %d stale %s resource(s) after reconnect: %s", len(dropped), update.type_url, dropped
+            )
 
     def attach_xds(self, client: DeltaXdsClient) -> None:
         """Subscribe the WDS/WADS handlers (wildcard, as ztunnel without on-demand does)."""

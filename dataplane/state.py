@@ -552,6 +552,34 @@ class ProxyState:
         if pol is not None:
             self._policies_by_scope.get(pol.scope_key, set()).discard(name)
 
+    def names(self, type_url: str) -> set[str]:
+        """The xDS resource names currently held for a type."""
+        with self._lock:
+            if type_url == ADDRESS_TYPE:
+                return set(self._address_names)
+            return set(self.policies)
+
+    def retain(self, type_url: str, keep: Iterable[str]) -> list[str]:
+        """Drop every resource of ``type_url`` not named in ``keep``; returns the dropped names.
+
+        Used after a reconnect: resources applied from a partly rejected update are unknown to the xDS
+        client (it keeps its state as of the last ACK), so the server cannot tell us if they were deleted
+        meanwhile; what neither the client holds nor the server just sent is stale.
+        """
+        wanted = set(keep)
+        with self._lock:
+            stale = sorted(self.names(type_url) - wanted)
+            if not stale:
+                return []
+            for name in stale:
+                if type_url == ADDRESS_TYPE:
+                    self._remove_address(name)
+                else:
+                    self._drop_policy(name)
+            self.version += 1
+        self._notify(type_url)
+        return stale
+
     def clear(self) -> None:
         """Forget everything (tests; never called on control-plane loss: the last config keeps serving)."""
         with self._lock:

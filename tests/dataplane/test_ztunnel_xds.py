@@ -158,3 +158,29 @@ async def test_node_identity_ack_nack_and_reconnect(plane: Plane, ztunnel: Ztunn
     await plane.restart()
     await _until(lambda: "srv/deny" not in st.policies and st.workload_by_ip("10.8.0.1") is None)
     assert [w.name for w, _ in st.endpoints(SVC)] == ["echo-2"]
+
+
+async def test_reconnect_drops_resources_deleted_while_away_after_a_partial_nack(
+    plane: Plane, ztunnel: Ztunnel
+) -> None:
+    served = plane.served.resources
+    a = b.workload("echo-1", "srv", "10.8.1.1")
+    served[ADDRESS_TYPE] = {a.workload.uid: a}
+    plane.served.push()
+    st = ztunnel.state
+    await _until(lambda: st.workload_by_ip("10.8.1.1") is not None)
+    # A partly bad update: the good sibling is applied by the state but unknown to the client (NACK).
+    bad = b.workload("echo-1", "srv", "10.8.1.1")
+    bad.workload.ClearField("namespace")
+    extra = b.workload("extra", "srv", "10.8.1.2")
+    served[ADDRESS_TYPE] = {a.workload.uid: bad, extra.workload.uid: extra}
+    plane.served.push()
+    await _until(lambda: st.workload_by_ip("10.8.1.2") is not None)
+    # While the control plane is away the extra workload is deleted.
+    await plane.server.stop(0.1)
+    del served[ADDRESS_TYPE][extra.workload.uid]
+    plane.served.push()
+    await plane.restart()
+    await _until(lambda: st.workload_by_ip("10.8.1.2") is None)
+    assert st.workload_by_ip("10.8.1.1") is not None  # still the last good version
+    assert st.workload_by_uid(a.workload.uid).namespace == "srv"  # type: ignore[union-attr]
