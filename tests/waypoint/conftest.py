@@ -32,7 +32,7 @@ from wp_helpers import NS, gateway, namespace
 from istiopy.api.ca_client import CaClient
 from istiopy.api.identity import SpiffeId
 from istiopy.api.tls import client_context, server_context
-from istiopy.ca.auth import StaticTokenAuthenticator, TokenEntry
+from istiopy.ca.auth import StaticTokenAuthenticator, TokenEntry, stream_authenticator
 from istiopy.ca.server import serve as serve_ca
 from istiopy.ca.service import CaConfig, CertificateAuthority, start_authority
 from istiopy.dataplane.hbone import (
@@ -49,7 +49,7 @@ from istiopy.mesh.meta import Resource
 from istiopy.mesh.store import ConfigStore
 from istiopy.xds.push import PushPipeline
 from istiopy.xds.registry import GeneratorRegistry
-from istiopy.xds.server import Connection, ServerOptions, XdsServer
+from istiopy.xds.server import AuthenticationError, Connection, ServerOptions, TlsConfig, XdsServer
 from istiopy.xds.stream import Kind, RequestOutcome
 from istiopy.xds.waypoint import register_waypoint_generators
 
@@ -120,9 +120,8 @@ class WaypointMesh:
         self.registry = GeneratorRegistry()
         register_waypoint_generators(self.registry)
         self.pipeline = PushPipeline(self.store, self.registry, debounce_after=0.02, debounce_max=0.5)
-        self.server = XdsServer(self.pipeline, ServerOptions(plaintext_address="127.0.0.1:0"))
+        self.server: XdsServer | None = None
         self.outcomes: list[RequestOutcome] = []
-        self.server.request_listeners.append(self._record)
         self.backends: dict[str, Backend] = {}
         self.pool = HbonePool(idle_timeout=30.0)
         self._next_ip = 2
@@ -160,14 +159,30 @@ class WaypointMesh:
         )
         for res in (namespace(), gateway()):
             self.store.apply(res)
+        # xDS over mTLS as istiod serves it: the waypoint presents its SDS certificate and is
+        # authenticated by the CA's client-certificate check.
+        xds_serving = self.ca.issue_serving(["istiod.istio-system.svc"], ["127.0.0.1"])
+        tls = TlsConfig(
+            cert_pem=xds_serving.served_chain_pem.encode(),
+            key_pem=xds_serving.key_pem.encode(),
+            client_ca_pem=self.ca.roots_pem.encode(),
+            require_client_cert=True,
+        )
+        self.server = XdsServer(
+            self.pipeline,
+            ServerOptions(tls=tls, tls_address="127.0.0.1:0"),
+            authenticate=stream_authenticator([self.ca.client_cert_authenticator()], AuthenticationError),
+        )
+        self.server.request_listeners.append(self._record)
         await self.pipeline.start()
         ports = await self.server.start()
-        self.xds_port = ports["plaintext"]
+        self.xds_port = ports["tls"]
         self.launcher = WaypointLauncher(
             WaypointOptions(
                 name="waypoint",
                 namespace=NS,
                 xds_address=f"127.0.0.1:{self.xds_port}",
+                xds_roots_pem=self.ca.roots_pem,
                 pod_ip=self.waypoint_ip,
                 listen_address=self.waypoint_ip,
                 metrics_address="127.0.0.1:0",
@@ -189,7 +204,8 @@ class WaypointMesh:
                 await b.hbone.close()
             if b.runner is not None:
                 await b.runner.cleanup()
-        await self.server.stop(0.1)
+        if self.server is not None:
+            await self.server.stop(0.1)
         await self.pipeline.stop()
         if self._ca_client is not None:
             await self._ca_client.close()
@@ -212,6 +228,7 @@ class WaypointMesh:
         await asyncio.wait_for(self.pipeline.settled(), timeout)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            assert self.server is not None
             conns = [
                 c
                 for c in self.server.connections.values()
@@ -223,6 +240,7 @@ class WaypointMesh:
                 await asyncio.sleep(0.15)  # Envoy warms listeners/clusters just after the ACK
                 return
             await asyncio.sleep(0.02)
+        assert self.server is not None
         states = [
             st.as_dict() | {"pending": len(st.pending)}
             for c in self.server.connections.values()

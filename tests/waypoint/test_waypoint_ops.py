@@ -93,6 +93,10 @@ async def test_waypoint_serves_its_own_ca_issued_identity(wmesh: WaypointMesh) -
         assert stream.peer_identity == WAYPOINT_ID
     finally:
         stream.reset()
+    # istiod authenticated the waypoint's xDS stream by that same certificate (mTLS, from SDS)
+    assert wmesh.server is not None
+    idents = {c.proxy.identity for c in wmesh.server.connections.values() if c.proxy is not None}
+    assert idents == {WAYPOINT_ID.uri}
     # the key never went anywhere: the launcher generated it and only the CSR reached the CA
     assert wmesh.launcher is not None
     assert wmesh.launcher.sds.acks >= 1
