@@ -62,9 +62,42 @@ charts: setup k8s-tools
 	rm -f charts/base/crds/*.yaml && cp crds/*.yaml charts/base/crds/
 	ISTIOPY_REGEN_GOLDEN=1 $(BIN)/pytest -q tests/helm -k golden
 
-# The whole suite: lint, then every test (slow, k8s, netns and envoy suites included).
+# The whole suite: lint, then every test (slow, k8s, netns and envoy suites included), then the C byte
+# path under ASan+UBSan and a bounded fuzz run.
 test: setup $(K8S_TOOLS_TARGET) lint
 	$(BIN)/pytest $(PYTEST_ARGS)
+	$(MAKE) --no-print-directory test-asan fuzz
+
+# ---- C byte path (dataplane/_c): sanitizers and fuzzing --------------------------------------------
+# The ASan build goes to .build/asan (never in place: others' test runs load the normal build), and
+# fastpath.py loads it through ISTIOPY_FASTPATH_SO. Python is not instrumented, hence the preloaded runtime
+# and no leak checking (the interpreter keeps memory on purpose at exit).
+FP_SRC := dataplane/_c/engine.c dataplane/_c/module.c
+FP_DEPS := $(FP_SRC) dataplane/_c/engine.h
+FP_LIBS := -lssl -lcrypto -lnghttp2 -lpthread
+SAN_FLAGS := -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined \
+	-Wall -Wextra -Werror
+FUZZ_SECONDS ?= 20
+
+.build/asan/_fastpath.so: $(FP_DEPS) | $(BIN)/python
+	@mkdir -p $(@D)
+	clang $(SAN_FLAGS) -shared -fPIC -shared-libasan -I$$($(PYTHON) -c 'import sysconfig; print(sysconfig.get_paths()["include"])') \
+	  $(FP_SRC) -o $@ $(FP_LIBS)
+
+test-asan: setup .build/asan/_fastpath.so
+	LD_PRELOAD=$$(clang -print-file-name=libclang_rt.asan-x86_64.so) \
+	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	ISTIOPY_FASTPATH_SO=$(CURDIR)/.build/asan/_fastpath.so \
+	  $(BIN)/pytest -q -p no:cacheprovider tests/fastpath
+
+.build/fuzz/fuzz_hbone: tests/fuzz/fuzz_hbone.c $(FP_DEPS)
+	@mkdir -p $(@D)/corpus
+	clang $(SAN_FLAGS) -fsanitize=fuzzer -Idataplane/_c tests/fuzz/fuzz_hbone.c dataplane/_c/engine.c -o $@ $(FP_LIBS)
+
+# New inputs go to .build/fuzz/corpus; tests/fuzz/corpus (committed seeds) is read only.
+fuzz: $(STAMP)/deb .build/fuzz/fuzz_hbone
+	.build/fuzz/fuzz_hbone -max_total_time=$(FUZZ_SECONDS) -artifact_prefix=.build/fuzz/ -print_final_stats=1 \
+	  .build/fuzz/corpus tests/fuzz/corpus
 
 # Quick loop for developers: everything not marked slow.
 test-fast: setup

@@ -61,9 +61,28 @@ BYTE_PATHS = ("c", "python")
 
 _ext: Any
 _import_error: str | None
-try:
-    from istiopy.dataplane import _fastpath as _ext  # type: ignore[attr-defined]
 
+
+def _load() -> Any:
+    """The extension; ``$ISTIOPY_FASTPATH_SO`` names another build of it (``make test-asan`` loads the
+    sanitizer build that way, leaving the normal in-place build alone for concurrent test runs)."""
+    path = os.environ.get("ISTIOPY_FASTPATH_SO")
+    if not path:
+        from istiopy.dataplane import _fastpath  # type: ignore[attr-defined]
+
+        return _fastpath
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("istiopy.dataplane._fastpath", path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {path}")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+try:
+    _ext = _load()
     _import_error = None
 except ImportError as e:  # the build degraded to Python (see setup.py OptionalBuildExt)
     _ext = None

@@ -1388,6 +1388,6 @@ int fp_fuzz_feed(fp_conn *c, const uint8_t *data, size_t len) {
         }
     }
     fp_event_free(ev);
-    free_grave(c->e);
-    return 0;
+    /* the graveyard is freed by fp_engine_free: c must stay readable between feeds */
+    return c->o.dead ? -1 : 0;
 }

@@ -42,6 +42,8 @@ PAIRS = [("c", "c"), ("c", "python"), ("python", "c")]
 def test_extension_is_built() -> None:
     """`make test` must fail when the build silently degraded to the Python path."""
     assert fastpath.available(), fastpath.import_error()
+    if os.environ.get("ISTIOPY_FASTPATH_SO"):  # make test-asan: the sanitizer build is the one under test
+        assert fastpath._ext.__file__ == os.environ["ISTIOPY_FASTPATH_SO"]
     assert fastpath.byte_path("c") == "c"
     assert fastpath.byte_path("python") == "python"
     with pytest.raises(ValueError):
