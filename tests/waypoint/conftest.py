@@ -293,6 +293,20 @@ class WaypointMesh:
             ctx = self._clients[identity] = client_context(self.ca.issue_workload(identity))
         return ctx
 
+    @contextlib.asynccontextmanager
+    async def session(self, target: str, identity: SpiffeId = CLIENT_ID) -> AsyncIterator[Session]:
+        stream = await self.pool.open_stream(
+            ("client", str(identity)),
+            (self.waypoint_ip, 15008),
+            target,
+            [("forwarded", 'for="10.0.0.99:40000"')],
+            self.client_ctx(identity),
+        )
+        try:
+            yield Session(stream, target)
+        finally:
+            stream.reset()
+
     async def request(
         self,
         target: str,
@@ -376,6 +390,44 @@ def _parse(data: bytes, complete_only: bool = False) -> Response | None:
     if status in (204, 304) or 100 <= status < 200:
         return Response(status, headers, b"")
     return None if complete_only else Response(status, headers, rest)
+
+
+class Session:
+    """Keep-alive HTTP/1.1 over one CONNECT stream: many requests, one tunnel (Envoy still balances each
+    request on its own), for tests that count hundreds of requests."""
+
+    def __init__(self, stream: Any, target: str) -> None:
+        self.stream = stream
+        self.target = target
+        self.buf = b""
+
+    async def request(self, path: str = "/", headers: dict[str, str] | None = None) -> Response:
+        hdrs = {"host": self.target, **(headers or {})}
+        head = f"GET {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in hdrs.items()) + "\r\n"
+        await self.stream.write(head.encode())
+        while True:
+            got = _parse_one(self.buf)
+            if got is not None:
+                resp, used = got
+                self.buf = self.buf[used:]
+                return resp
+            chunk = await asyncio.wait_for(self.stream.read(), 20)
+            if not chunk:
+                raise ConnectionError(f"tunnel closed mid-response: {self.buf!r}")
+            self.buf += chunk
+
+
+def _parse_one(data: bytes) -> tuple[Response, int] | None:
+    """One complete content-length response at the start of ``data`` and the bytes it used."""
+    head, sep, rest = data.partition(b"\r\n\r\n")
+    if not sep:
+        return None
+    resp = _parse(head + sep, complete_only=False)
+    assert resp is not None
+    n = int(resp.headers.get("content-length", "0"))
+    if len(rest) < n:
+        return None
+    return Response(resp.status, resp.headers, rest[:n]), len(head) + len(sep) + n
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")

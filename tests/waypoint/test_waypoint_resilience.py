@@ -249,8 +249,9 @@ async def test_mirror_seen_by_shadow_never_by_client(wmesh: WaypointMesh) -> Non
     )
     shadow.reset()
     n = 300
-    for _ in range(n):
-        await wmesh.request(target, "/half")
+    async with wmesh.session(target) as session:
+        for _ in range(n):
+            assert (await session.request("/half")).status == 200
     await asyncio.sleep(0.5)
     # Binomial(300, 0.5): mean 150, sd 8.7; [110, 190] is beyond 4.5 sd.
     assert 110 <= shadow.hits <= 190, shadow.hits

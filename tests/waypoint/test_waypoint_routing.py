@@ -102,10 +102,11 @@ async def test_weighted_canary_90_10(wmesh: WaypointMesh) -> None:
     )
     n = 1000
     seen = {"canary-v1": 0, "canary-v2": 0}
-    for _ in range(n):
-        r = await wmesh.request(target, "/")
-        assert r.status == 200
-        seen[r.text.split()[0]] += 1
+    async with wmesh.session(target) as session:
+        for _ in range(n):
+            r = await session.request("/")
+            assert r.status == 200
+            seen[r.text.split()[0]] += 1
     # Binomial(1000, 0.1): mean 100, sd 9.5; +-4.5 sd is [57, 143] (a false failure ~1 in 100000 runs).
     assert 57 <= seen["canary-v2"] <= 143, seen
     assert seen["canary-v1"] + seen["canary-v2"] == n
