@@ -112,8 +112,9 @@ class Backend:
 
 
 class WaypointMesh:
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, cert_ttl_seconds: int = 24 * 3600) -> None:
         self.tmp = tmp
+        self.cert_ttl_seconds = cert_ttl_seconds
         a, b = random.randint(1, 250), random.randint(1, 250)
         self.prefix = f"127.{a}.{b}"
         self.store = ConfigStore()
@@ -187,6 +188,7 @@ class WaypointMesh:
                 listen_address=self.waypoint_ip,
                 metrics_address="127.0.0.1:0",
                 concurrency=1,
+                cert_ttl_seconds=self.cert_ttl_seconds,
                 workdir=self.tmp / "wp",
                 log_level=os.environ.get("WP_ENVOY_LOG", "warning"),
             ),
