@@ -45,8 +45,25 @@ def full_store() -> ConfigStore:
     s = ConfigStore()
     res: list[Any] = [
         namespace(),
-        gateway(),
+        gateway(waypoint_for="all"),
         service("web", "10.96.0.10"),
+        pod("solo-1", "10.1.0.9", {"app": "solo", "istio.io/use-waypoint": "waypoint"}),
+        parse(
+            {
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": {
+                    "name": "db",
+                    "namespace": "default",
+                    "labels": {"istio.io/use-waypoint": "waypoint"},
+                },
+                "spec": {
+                    "clusterIP": "10.96.0.13",
+                    "selector": {"app": "db"},
+                    "ports": [{"name": "tcp-db", "port": 5432}],
+                },
+            }
+        ),
         service("api", "10.96.0.11"),
         service("plain", "10.96.0.12", waypoint=None),
         pod("web-1", "10.1.0.1", {"app": "web", "version": "v1"}),
@@ -374,7 +391,9 @@ def test_only_bound_services_are_served() -> None:
     chains = [c.name for c in listeners["main_internal"].filter_chains]
     assert chains == [
         "inbound-vip|80|http|api.default.svc.cluster.local",
+        "inbound-vip|5432|tcp|db.default.svc.cluster.local",
         "inbound-vip|80|http|web.default.svc.cluster.local",
+        "direct-http|default/solo-1",
     ]
     # a proxy of another waypoint (or not a waypoint at all) gets nothing from these generators
     other = Proxy("sidecar~10.0.0.1~a.default~default.svc.cluster.local", "sidecar", namespace="default")

@@ -58,6 +58,7 @@ def generate_clusters(store: ConfigStore, proxy: Proxy) -> Iterable[tuple[str, A
     out: list[tuple[str, Any]] = [
         (ev.MAIN_INTERNAL, ev.main_internal_cluster()),
         (ev.CONNECT_ORIGINATE, ev.connect_originate_cluster(plan)),
+        (ev.ENCAP, ev.encap_cluster()),
     ]
     out += [(name, ev.service_cluster(t)) for name, t in sorted(plan.clusters.items())]
     out += sorted(plan.extra.get("clusters", {}).items())

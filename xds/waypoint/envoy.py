@@ -44,6 +44,9 @@ from envoy.extensions.filters.network.direct_response.v3 import config_pb2 as di
 from envoy.extensions.filters.network.http_connection_manager.v3 import (  # noqa: F401
     http_connection_manager_pb2,
 )
+from envoy.extensions.filters.network.set_filter_state.v3 import (  # noqa: F401
+    set_filter_state_pb2 as network_set_filter_state_pb2,
+)
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2  # noqa: F401
 from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2  # noqa: F401
 from envoy.extensions.transport_sockets.internal_upstream.v3 import internal_upstream_pb2  # noqa: F401
@@ -59,6 +62,7 @@ from istiopy.xds.waypoint.plan import ClusterTarget, ServedPort, WaypointPlan, e
 CONNECT_TERMINATE = "connect_terminate"
 MAIN_INTERNAL = "main_internal"
 CONNECT_ORIGINATE = "connect_originate"
+ENCAP = "encap"  # workload-addressed traffic: straight to connect_originate, original destination kept
 HBONE_PORT = 15008
 # Bootstrap clusters the waypoint launcher defines (``istiopy.dataplane.waypoint``): its local SDS server
 # and its access-log (metrics) server.
@@ -269,6 +273,7 @@ def main_internal(plan: WaypointPlan, http_filters: dict[str, list[dict[str, Any
                 }
             ]
         chains.append({"name": sp.cluster, "filter_chain_match": match, "filters": filters})
+    chains += [direct_chain(pod) for pod in plan.workloads]
     # Envoy's in-place filter-chain update loses an internal listener from the workers' registry (new
     # tunnels then fail with "Invalid argument"): a listener-level field that changes with the chains
     # forces the full update path, which re-registers it.
@@ -302,6 +307,53 @@ def main_internal(plan: WaypointPlan, http_filters: dict[str, list[dict[str, Any
         },
         listener_pb2.Listener(),
     )
+
+
+def direct_chain(pod: Any) -> dict[str, Any]:
+    """Traffic addressed to a pod's own IP (a workload waypoint): HTTP to ``encap``, which tunnels it to
+    that pod unchanged; the pod address is handed on as the original destination of the inner hop."""
+    name = f"direct-http|{pod.namespace}/{pod.name}"
+    hcm = {
+        "@type": T + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": name,
+        "codec_type": "AUTO",
+        "route_config": {
+            "name": name,
+            "virtual_hosts": [
+                {
+                    "name": name,
+                    "domains": ["*"],
+                    "routes": [{"match": {"prefix": "/"}, "route": {"cluster": ENCAP, "timeout": "0s"}}],
+                }
+            ],
+        },
+        "http_filters": [
+            {
+                "name": "envoy.filters.http.router",
+                "typed_config": {"@type": T + "envoy.extensions.filters.http.router.v3.Router"},
+            }
+        ],
+    }
+    return {
+        "name": name,
+        "filter_chain_match": {
+            "prefix_ranges": [
+                {"address_prefix": ip, "prefix_len": 128 if ":" in ip else 32} for ip in pod.ips
+            ]
+        },
+        "filters": [
+            {
+                "name": "envoy.filters.network.set_filter_state",
+                "typed_config": {
+                    "@type": T + "envoy.extensions.filters.network.set_filter_state.v3.Config",
+                    "on_new_connection": [
+                        _filter_state(ORIGINAL_DST + ".local_ip", "%DOWNSTREAM_LOCAL_ADDRESS%")
+                    ],
+                },
+            },
+            {"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm},
+        ],
+    }
 
 
 def connect_originate(plan: WaypointPlan) -> Any:
@@ -380,6 +432,14 @@ def _internal_cluster(name: str) -> Any:
 
 def main_internal_cluster() -> Any:
     return _internal_cluster(MAIN_INTERNAL)
+
+
+def encap_cluster() -> Any:
+    """``encap`` -> ``connect_originate``: the original destination travels as shared filter state."""
+    data = json_format.MessageToDict(_internal_cluster(CONNECT_ORIGINATE), preserving_proto_field_name=True)
+    data["name"] = ENCAP
+    data["load_assignment"]["cluster_name"] = ENCAP
+    return parse(data, cluster_pb2.Cluster())
 
 
 def connect_originate_cluster(plan: WaypointPlan) -> Any:

@@ -24,6 +24,7 @@ from typing import Any
 from istiopy.mesh.ambient import (
     GATEWAY_NAME_LABEL,
     StoreReader,
+    pod_waypoint,
     service_waypoint,
     typed_list,
     view,
@@ -122,6 +123,8 @@ class ClusterTarget:
 class WaypointPlan:
     wid: WaypointId
     served: list[ServedPort] = field(default_factory=list)
+    # pods whose own IP is bound to this waypoint (``istio.io/waypoint-for`` workload/all)
+    workloads: list[Pod] = field(default_factory=list)
     clusters: dict[str, ClusterTarget] = field(default_factory=dict)
     store: StoreReader | None = None
     # filled by the route builder: clusters routes refer to (so CDS includes them)
@@ -143,6 +146,18 @@ def served_ports(store: StoreReader, wid: WaypointId) -> list[ServedPort]:
         for port in svc.spec.ports:
             if port.protocol == "TCP":
                 out.append(ServedPort(svc, port, svc.hostname(DOMAIN)))
+    return out
+
+
+def served_workloads(store: StoreReader, wid: WaypointId) -> list[Pod]:
+    """Ready pods whose pod-addressed traffic this waypoint serves (a workload or all waypoint)."""
+    out: list[Pod] = []
+    for p in typed_list(store, Pod):
+        if not p.ready or not p.ips:
+            continue
+        wp = pod_waypoint(store, p).waypoint
+        if wp is not None and (wp.namespace, wp.name) == (wid.namespace, wid.name):
+            out.append(p)
     return out
 
 
@@ -261,7 +276,7 @@ def plan_for(store: ConfigStore, proxy: Proxy) -> WaypointPlan | None:
     from istiopy.xds.waypoint import routes  # routes builds on this module
 
     reader = view(store)
-    plan = WaypointPlan(wid, served_ports(reader, wid), store=reader)
+    plan = WaypointPlan(wid, served_ports(reader, wid), served_workloads(reader, wid), store=reader)
     for sp in plan.served:
         if sp.http:
             add_cluster(plan, sp.service, sp.port)
