@@ -44,6 +44,7 @@ SECRET_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Sec
 WORKLOAD_SECRET = "default"
 ROOT_SECRET = "ROOTCA"
 PEER_PRINCIPAL = "io.istio.peer_principal"
+PEER_BAGGAGE = "io.istiopy.peer_baggage"  # the client's CONNECT ``baggage`` (source workload facts)
 UNKNOWN = "unknown"
 
 
@@ -153,6 +154,7 @@ LABELS = (
     "source_workload_namespace",
     "source_principal",
     "source_app",
+    "source_version",
     "source_cluster",
     "destination_workload",
     "destination_workload_namespace",
@@ -207,11 +209,8 @@ class WaypointMetrics:
 
     def labels_for(self, log_name: str, entry: Any) -> dict[str, str]:
         common = entry.common_properties
-        principal = ""
-        obj = common.filter_state_objects.get(PEER_PRINCIPAL)
-        if obj is not None:
-            sv = wrappers_pb2.StringValue()
-            principal = sv.value if obj.Unpack(sv) else obj.value.decode(errors="replace")
+        principal = _filter_state_string(common, PEER_PRINCIPAL)
+        baggage = parse_baggage(_filter_state_string(common, PEER_BAGGAGE))
         src_ns, src_sa = UNKNOWN, UNKNOWN
         with contextlib.suppress(InvalidSpiffeId):
             ident = SpiffeId.parse(principal)
@@ -225,11 +224,12 @@ class WaypointMetrics:
         flags = _flags(common.response_flags)
         return {
             "reporter": "waypoint",
-            "source_workload": src_sa if principal else UNKNOWN,
-            "source_workload_namespace": src_ns,
+            "source_workload": baggage.get("workload") or (src_sa if principal else UNKNOWN),
+            "source_workload_namespace": baggage.get("k8s.namespace.name") or src_ns,
             "source_principal": principal or UNKNOWN,
-            "source_app": UNKNOWN,
-            "source_cluster": self.cluster_id if principal else UNKNOWN,
+            "source_app": baggage.get("service.name") or UNKNOWN,
+            "source_version": baggage.get("service.version") or UNKNOWN,
+            "source_cluster": baggage.get("k8s.cluster.name") or (self.cluster_id if principal else UNKNOWN),
             "destination_workload": UNKNOWN,
             "destination_workload_namespace": svc_ns,
             "destination_principal": UNKNOWN,
@@ -258,6 +258,33 @@ class WaypointMetrics:
         self.request_bytes.labels(**labels).observe(entry.request.request_body_bytes)
         self.response_bytes.labels(**labels).observe(entry.response.response_body_bytes)
         self.entries += 1
+
+
+def _filter_state_string(common: Any, key: str) -> str:
+    obj = common.filter_state_objects.get(key)
+    if obj is None:
+        return ""
+    sv = wrappers_pb2.StringValue()
+    return str(sv.value) if obj.Unpack(sv) else obj.value.decode(errors="replace")
+
+
+_WORKLOAD_KEYS = ("deployment", "daemonset", "statefulset", "job", "cronjob", "pod", "replicaset")
+
+
+def parse_baggage(text: str) -> dict[str, str]:
+    """W3C baggage as ztunnel sends it (``k8s.namespace.name=..,k8s.deployment.name=..,service.name=..``);
+    ``workload`` is the ``k8s.<kind>.name`` entry. Values are the sender's claims, used for labels only."""
+    out: dict[str, str] = {}
+    for item in text.split(","):
+        key, sep, value = item.strip().partition("=")
+        if not sep or not key or not value:
+            continue
+        value = value.split(";", 1)[0].strip()
+        out[key.strip()] = value
+        parts = key.strip().split(".")
+        if len(parts) == 3 and parts[0] == "k8s" and parts[2] == "name" and parts[1] in _WORKLOAD_KEYS:
+            out.setdefault("workload", value)
+    return out
 
 
 def _flags(flags: Any) -> str:

@@ -320,13 +320,17 @@ class WaypointMesh:
         identity: SpiffeId = CLIENT_ID,
         host: str | None = None,
         timeout: float = 20.0,  # noqa: ASYNC109 - a response deadline
+        baggage: str | None = None,
     ) -> Response:
         """One HTTP/1.1 request in its own CONNECT stream to the waypoint, :authority = ``target``."""
+        connect_headers = [("forwarded", 'for="10.0.0.99:40000"')]
+        if baggage:
+            connect_headers.append(("baggage", baggage))
         stream = await self.pool.open_stream(
             ("client", str(identity)),
             (self.waypoint_ip, 15008),
             target,
-            [("forwarded", 'for="10.0.0.99:40000"')],
+            connect_headers,
             self.client_ctx(identity),
         )
         hdrs = {

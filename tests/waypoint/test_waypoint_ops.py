@@ -51,8 +51,14 @@ async def test_istio_request_metrics(wmesh: WaypointMesh) -> None:
         )
     )
     target = f"{wmesh.vip(60)}:80"
+    baggage = (
+        "k8s.cluster.name=Kubernetes,k8s.namespace.name=default,k8s.deployment.name=client-v1,"
+        "service.name=client,service.version=v1"
+    )
     for _ in range(3):
-        assert (await wmesh.request(target, "/ok", method="POST", body=b"x" * 100)).status == 200
+        assert (
+            await wmesh.request(target, "/ok", method="POST", body=b"x" * 100, baggage=baggage)
+        ).status == 200
     assert (await wmesh.request(target, "/missing?status=404")).status == 404
     assert (await wmesh.request(target, "/forbidden")).status == 403
     host = "metered.default.svc.cluster.local"
@@ -80,6 +86,20 @@ async def test_istio_request_metrics(wmesh: WaypointMesh) -> None:
     assert sample(text, "istio_request_bytes_sum", response_code="200", **common) == 300
     assert sample(text, "istio_response_bytes_count", response_code="403", **common) == 1
     assert sample(text, "istio_response_bytes_sum", response_code="200", **common) > 0
+    # source workload facts from the client's HBONE baggage (what ztunnel sends)
+    assert (
+        sample(
+            text,
+            "istio_requests_total",
+            response_code="200",
+            source_workload="client-v1",
+            source_app="client",
+            source_version="v1",
+            **common,
+        )
+        == 3
+    )
+    assert sample(text, "istio_requests_total", response_code="403", source_workload="client", **common) == 1
 
 
 async def test_waypoint_serves_its_own_ca_issued_identity(wmesh: WaypointMesh) -> None:

@@ -71,6 +71,9 @@ ALS_CLUSTER = "waypoint-als"
 WORKLOAD_SECRET = "default"
 ROOT_SECRET = "ROOTCA"
 PEER_PRINCIPAL = "io.istio.peer_principal"
+# The client's ``baggage`` CONNECT header (ztunnel sends the source workload's name, namespace, canonical
+# service and revision in it): logged for the source labels of the request metrics.
+PEER_BAGGAGE = "io.istiopy.peer_baggage"
 ORIGINAL_DST = "envoy.filters.listener.original_dst"
 
 T = "type.googleapis.com/"
@@ -118,12 +121,14 @@ def common_tls(trust_domain: str) -> dict[str, Any]:
     }
 
 
-def _filter_state(key: str, fmt: str, factory: str = "") -> dict[str, Any]:
+def _filter_state(key: str, fmt: str, factory: str = "", skip_if_empty: bool = False) -> dict[str, Any]:
     out: dict[str, Any] = {
         "object_key": key,
         "format_string": {"text_format_source": {"inline_string": fmt}},
         "shared_with_upstream": "ONCE",
     }
+    if skip_if_empty:
+        out["skip_if_empty"] = True
     if factory:
         out["factory_key"] = factory
     return out
@@ -172,6 +177,7 @@ def connect_terminate(plan: WaypointPlan) -> Any:
                         _filter_state(ORIGINAL_DST + ".local_ip", "%REQ(:AUTHORITY)%"),
                         _filter_state(ORIGINAL_DST + ".remote_ip", "%DOWNSTREAM_REMOTE_ADDRESS%"),
                         _filter_state(PEER_PRINCIPAL, "%DOWNSTREAM_PEER_URI_SAN%", "envoy.string"),
+                        _filter_state(PEER_BAGGAGE, "%REQ(baggage)%", "envoy.string", skip_if_empty=True),
                     ],
                 },
             },
@@ -218,7 +224,7 @@ def access_log(sp: ServedPort) -> list[dict[str, Any]]:
                     "log_name": sp.route_name,
                     "transport_api_version": "V3",
                     "grpc_service": {"envoy_grpc": {"cluster_name": ALS_CLUSTER}},
-                    "filter_state_objects_to_log": [PEER_PRINCIPAL],
+                    "filter_state_objects_to_log": [PEER_PRINCIPAL, PEER_BAGGAGE],
                     "buffer_flush_interval": "0.2s",
                 },
             },

@@ -30,11 +30,13 @@ and reported (``mesh.waypoint_diagnostics``). ``jwksUri`` is fetched by Envoy th
 from __future__ import annotations
 
 import json
+import logging
 import re
 from typing import Any
 from urllib.parse import urlparse
 
 from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.rbac.v3 import rbac_pb2 as rbac_config_pb2
 
 from istiopy.mesh.ambient import typed_list
 from istiopy.mesh.resources.common import PolicyTargetReference, duration_seconds
@@ -51,6 +53,7 @@ from istiopy.xds.waypoint import envoy as ev
 from istiopy.xds.waypoint.plan import ServedPort, WaypointPlan
 
 T = ev.T
+log = logging.getLogger(__name__)
 JWT_FILTER = "envoy.filters.http.jwt_authn"
 PAYLOAD = "payload"
 GATEWAY_GROUP = "gateway.networking.k8s.io"
@@ -125,7 +128,18 @@ def http_filters(plan: WaypointPlan, sp: ServedPort) -> list[dict[str, Any]]:
         policies: dict[str, Any] = {}
         for p in sorted(pols, key=lambda p: (p.namespace, p.name)):
             for i, rule in enumerate(p.spec.rules):
-                converted = _rule(rule, sp, deny=envoy_action == "DENY")
+                try:
+                    converted = _rule(rule, sp, deny=envoy_action == "DENY")
+                    if converted is not None:  # checked here: a bad rule must not take the listener down
+                        ev.parse(converted, rbac_config_pb2.Policy())
+                except Exception as e:
+                    log.warning(
+                        "waypoint: rule %d of %s/%s cannot be enforced: %s", i, p.namespace, p.name, e
+                    )
+                    # fail closed: an ALLOW rule we cannot express matches nothing; a DENY one denies all
+                    converted = (
+                        None if envoy_action == "ALLOW" else {"permissions": [_ANY], "principals": [_ANY]}
+                    )
                 if converted is not None:
                     policies[f"ns[{p.namespace}]-policy[{p.name}]-rule[{i}]"] = converted
         if envoy_action == "DENY" and not policies:
