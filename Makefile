@@ -106,7 +106,14 @@ test-fast: setup
 demo: setup
 	$(BIN)/istiod-py demo --config-dir examples/
 
-bench: setup
+# fortio (Istio's own load generator) for bench/dataplane.py, pinned and cached per version.
+FORTIO_VERSION := 1.63.9
+FORTIO := .build/tools/fortio-$(FORTIO_VERSION)/fortio
+$(FORTIO):
+	@mkdir -p $(@D)
+	GOBIN=$(CURDIR)/$(@D) go install fortio.org/fortio@v$(FORTIO_VERSION)
+
+bench: setup $(FORTIO)
 	@for b in bench/*.py; do echo "== $$b"; $(PYTHON) $$b || exit 1; done
 
 clean:

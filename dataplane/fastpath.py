@@ -133,7 +133,7 @@ def _take_fd(obj: socket.socket | TcpStream) -> tuple[int, bytes]:
     transport.pause_reading()  # type: ignore[attr-defined]
     sock = transport.get_extra_info("socket")
     fd = os.dup(sock.fileno())
-    buffered = bytes(obj.reader._buffer)  # no public peek; bytes must not be lost
+    buffered = bytes(getattr(obj.reader, "_buffer", b""))  # no public peek; bytes must not be lost
     transport.abort()
     return fd, buffered
 
@@ -192,7 +192,8 @@ class FastConn:
         self.streams.add(st)
         st.done.add_done_callback(lambda _f: self.streams.discard(st))
         status_wait = asyncio.ensure_future(st.status)
-        await asyncio.wait([status_wait, st.done], return_when=asyncio.FIRST_COMPLETED)
+        waiting: list[asyncio.Future[Any]] = [status_wait, st.done]
+        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
         if status_wait.done():
             status = status_wait.result()
             if status == 200:

@@ -85,6 +85,7 @@ struct fp_conn {
     uint32_t ev;
     int reg;
     SSL *ssl;
+    BIO *wbio; /* TLS output lands here and leaves in one send(): one syscall for many records */
     int server, up;
     int want_write; /* SSL needs the socket writable to make progress */
     nghttp2_session *s;
@@ -696,7 +697,7 @@ static int on_stream_close(nghttp2_session *s, int32_t sid, uint32_t code, void 
 static void conn_watch(struct fp_conn *c) {
     if (c->fd < 0) return;
     uint32_t want = EPOLLIN;
-    if (c->out_off < c->out_len || c->want_write) want |= EPOLLOUT;
+    if (c->out_off < c->out_len || c->want_write || (c->wbio && BIO_ctrl_pending(c->wbio) > 0)) want |= EPOLLOUT;
     watch(c->e, c->fd, &c->h, &c->ev, &c->reg, want);
 }
 
@@ -717,6 +718,7 @@ static void conn_fail(struct fp_conn *c, const char *why) {
     c->s = NULL;
     if (c->ssl) SSL_free(c->ssl);
     c->ssl = NULL;
+    c->wbio = NULL;
     __atomic_sub_fetch(&e->st.conns_active, 1, __ATOMIC_RELAXED);
     emit(e, FP_EV_DOWN, c->o.id, 0, 0, 0, 0, why, NULL, 0);
     bury(e, &c->o);
@@ -729,20 +731,49 @@ static const char *ssl_reason(void) {
     return r ? r : "tls error";
 }
 
+/* Write pending ciphertext to the socket. Returns -1 if the connection died, else the bytes still pending. */
+static long tls_push(struct fp_conn *c) {
+    for (;;) {
+        char *p;
+        long n = BIO_get_mem_data(c->wbio, &p);
+        if (n <= 0) return 0;
+        ssize_t w = send(c->fd, p, (size_t)n, MSG_NOSIGNAL);
+        if (w == n) {
+            (void)BIO_reset(c->wbio);
+            return 0;
+        }
+        if (w > 0) { /* partial: drop what left (a copy, but only on a full socket) */
+            for (ssize_t left = w; left > 0;) {
+                int k = BIO_read(c->wbio, c->e->rbuf, (int)(left > READ_BUF ? READ_BUF : left));
+                if (k <= 0) break;
+                left -= k;
+            }
+            continue;
+        }
+        if (w < 0 && errno == EINTR) continue;
+        if (w < 0 && errno == EAGAIN) return n;
+        conn_fail(c, "connection reset");
+        return -1;
+    }
+}
+
 /* Send everything nghttp2 has queued, through TLS, as far as the socket takes it. */
 static void conn_flush(struct fp_conn *c) {
     while (!c->o.dead && c->s) {
+        if (c->ssl) {
+            long pending = tls_push(c);
+            if (pending < 0) return;
+            if (pending >= OUT_CAP) break; /* the socket is full: wait for EPOLLOUT */
+        }
         if (c->out_off < c->out_len) {
             size_t len = c->out_len - c->out_off;
             ssize_t n;
-            if (c->ssl) {
+            if (c->ssl) { /* into the memory BIO: completes unless TLS itself fails */
                 ERR_clear_error();
                 int r = SSL_write(c->ssl, c->out + c->out_off, (int)(len > OUT_CAP ? OUT_CAP : len));
                 if (r > 0) n = r;
                 else {
-                    int err = SSL_get_error(c->ssl, r);
-                    if (err == SSL_ERROR_WANT_WRITE || err == SSL_ERROR_WANT_READ) break;
-                    conn_fail(c, err == SSL_ERROR_SYSCALL ? "connection reset" : ssl_reason());
+                    conn_fail(c, ssl_reason());
                     return;
                 }
             } else {
@@ -777,7 +808,10 @@ static void conn_flush(struct fp_conn *c) {
             memcpy(c->out + c->out_len, p, (size_t)n);
             c->out_len += (size_t)n;
         }
-        if (c->out_len == 0) break;
+        if (c->out_len == 0) {
+            if (c->ssl && tls_push(c) < 0) return;
+            break;
+        }
     }
     if (c->o.dead) return;
     if (c->s && !nghttp2_session_want_read(c->s) && !nghttp2_session_want_write(c->s) &&
@@ -873,6 +907,7 @@ static void conn_on_event(struct fp_conn *c, uint32_t events) {
     if (!c->up) {
         ERR_clear_error();
         int r = SSL_do_handshake(c->ssl);
+        if (tls_push(c) < 0) return;
         if (r != 1) {
             int err = SSL_get_error(c->ssl, r);
             if (err == SSL_ERROR_WANT_READ || err == SSL_ERROR_WANT_WRITE) {
@@ -940,10 +975,16 @@ static void do_conn(fp_engine *e, uint64_t id, int fd, SSL_CTX *ctx, int server)
     }
     c->ssl = SSL_new(ctx);
     SSL_CTX_free(ctx); /* the command held a reference */
-    if (!c->ssl || !SSL_set_fd(c->ssl, fd)) {
+    BIO *rbio = BIO_new_socket(fd, BIO_NOCLOSE);
+    c->wbio = BIO_new(BIO_s_mem());
+    if (!c->ssl || !rbio || !c->wbio) {
+        BIO_free(rbio);
+        BIO_free(c->wbio);
+        c->wbio = NULL;
         conn_fail(c, "SSL_new failed");
         return;
     }
+    SSL_set_bio(c->ssl, rbio, c->wbio); /* the SSL owns both BIOs now */
     if (server) SSL_set_accept_state(c->ssl);
     else SSL_set_connect_state(c->ssl);
     conn_on_event(c, EPOLLOUT);
@@ -1307,6 +1348,8 @@ SSL_CTX *fp_tls_ctx(const char *chain, const char *key, const char *roots, int s
     SSL_CTX_set_max_proto_version(ctx, TLS1_3_VERSION);
     SSL_CTX_set_mode(ctx, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
     SSL_CTX_set_options(ctx, SSL_OP_NO_TICKET);
+    SSL_CTX_set_read_ahead(ctx, 1); /* read many records per recv() */
+    SSL_CTX_set_default_read_buffer_len(ctx, READ_BUF);
     SSL_CTX_set_num_tickets(ctx, 0);
     b = BIO_new_mem_buf(chain, -1);
     while (b && (x = PEM_read_bio_X509(b, NULL, NULL, NULL))) {

@@ -1,0 +1,531 @@
+"""Data-plane benchmark: direct vs real Envoy sidecars vs ztunnel-py (Python byte path, C byte path).
+
+One run, one machine, same payloads; client and server are separate pods (network namespaces from
+``istiopy.testing.netns``) on separate nodes:
+
+1. ``direct``: the client talks to the server pod's IP (the physical baseline);
+2. ``sidecar``: a real Envoy in each pod, mTLS (TLS 1.3) TCP proxying, one worker each (Istio sidecars at
+   L4; the set-up of ``shared/reference/baselines.md``);
+3. ``ztunnel-python`` and 4. ``ztunnel-c``: a ztunnel-py node-proxy pair built from the data-plane byte path
+   (``HbonePool``/``HboneServer``/``relay``, or :class:`istiopy.dataplane.fastpath.FastPath`): the client
+   side listens in the client pod, opens pooled HBONE (mTLS + HTTP/2 CONNECT) to port 15008 in the server
+   pod, whose side dials the app. No capture or xDS: those cost nothing per byte, and this measures the
+   byte path alone;
+5. ``waypoint``: not measured (the C path is not wired through an Envoy waypoint yet).
+
+Per mode: iperf3 throughput with 1 and 8 connections; HTTP latency p50/p90/p99 at a fixed 1000 req/s with
+1 KB responses (fortio, built with ``go install`` into ``.build/tools``; without it a small open-loop
+Python generator is used and the table says so); proxy CPU seconds per 1000 requests (both proxies of the
+pair, measured over the latency run); proxy RSS (each, after the run). Printed as a table with ratios to
+``direct`` and ``sidecar``; saved as JSON under ``bench/results/``.
+
+Run: ``make bench`` or ``.venv/bin/python bench/dataplane.py [--modes ...] [--seconds 3]`` (root).
+Internal: ``bench/dataplane.py proxy --side out|in --byte-path c|python ...`` is the proxy process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+FORTIO_VERSION = "1.63.9"
+FORTIO = ROOT / ".build" / "tools" / f"fortio-{FORTIO_VERSION}" / "fortio"
+IPERF_PORT, HTTP_PORT = 5201, 8080
+OUT_IPERF, OUT_HTTP = 15001, 15002  # client-side proxy listeners (one per destination port)
+SIDECAR_IPERF, SIDECAR_HTTP = 15443, 15444
+HBONE = 15008
+CLIENT_ID = "spiffe://cluster.local/ns/default/sa/client"
+SERVER_ID = "spiffe://cluster.local/ns/default/sa/server"
+MODES = ("direct", "sidecar", "ztunnel-python", "ztunnel-c", "waypoint")
+
+
+# ------------------------------------------------------------------------------------------------------
+# The ztunnel-py proxy process (runs inside a pod netns)
+
+
+async def _proxy(args: argparse.Namespace) -> None:
+    from istiopy.api.identity import SpiffeId
+    from istiopy.api.tls import CertBundle, client_context, server_context
+    from istiopy.dataplane import fastpath
+    from istiopy.dataplane.hbone import (
+        Accept,
+        ConnectRequest,
+        Decision,
+        HbonePool,
+        HboneServer,
+        PoolKey,
+        TcpStream,
+        hbone_headers,
+        relay,
+    )
+
+    d = Path(args.certs)
+    bundle = CertBundle.from_pem(
+        (d / "key.pem").read_text(), (d / "chain.pem").read_text(), (d / "roots.pem").read_text()
+    )
+    loop = asyncio.get_running_loop()
+    fp = fastpath.FastPath() if args.byte_path == "c" else None
+
+    if args.side == "in":
+
+        async def on_connect(req: ConnectRequest) -> Decision:
+            if fp is not None:  # the engine takes a plain socket: no asyncio transport in between
+                s = socket.socket()
+                s.setblocking(False)
+                await loop.sock_connect(s, (req.host, req.port))
+                return Accept(s)  # type: ignore[arg-type]
+            r, w = await asyncio.open_connection(req.host, req.port)
+            return Accept(TcpStream(r, w))
+
+        lsock = socket.create_server(("0.0.0.0", HBONE), backlog=1024)
+        lsock.setblocking(False)
+        if fp is None:
+            server = HboneServer(on_connect, server_context(bundle))
+            await server.serve(lsock)
+            await asyncio.Event().wait()
+        tasks: set[asyncio.Task[None]] = set()
+        while True:
+            s, _ = await loop.sock_accept(lsock)
+            t = asyncio.ensure_future(fp.serve(s, bundle, on_connect))
+            tasks.add(t)
+            t.add_done_callback(tasks.discard)
+
+    # outbound: one listener per destination port, pooled HBONE to the server pod
+    dst_ip = args.dst
+    expected = {SpiffeId.parse(SERVER_ID)}
+    pool = HbonePool()
+    ctx = client_context(bundle)
+    conns: list[fastpath.FastConn] = []
+    lock = asyncio.Lock()
+
+    async def c_conn() -> fastpath.FastConn:
+        async with lock:
+            for c in conns:
+                if c.usable():
+                    return c
+            s = socket.create_connection((dst_ip, HBONE))
+            c = await fp.connect(s, bundle, expected)  # type: ignore[union-attr]
+            conns[:] = [x for x in conns if not x.closed] + [c]
+            return c
+
+    async def handle(sock: socket.socket, port: int) -> None:
+        peer = sock.getpeername()
+        authority = f"{dst_ip}:{port}"
+        headers = hbone_headers((peer[0], peer[1]))
+        try:
+            if fp is not None:
+                conn = await c_conn()
+                st = await conn.open(sock, authority, headers)
+                await st.result()
+                return
+            stream = await pool.open_stream(
+                PoolKey(CLIENT_ID, SERVER_ID, dst_ip),
+                (dst_ip, HBONE),
+                authority,
+                headers,
+                ctx,
+                expected_identities=expected,
+            )
+            await relay(await TcpStream.from_socket(sock), stream)
+        except Exception as e:  # a benchmark connection failing is reported by the load tools
+            print(f"proxy: {authority}: {e!r}", file=sys.stderr)
+            with contextlib.suppress(OSError):
+                sock.close()
+
+    async def serve(listen_port: int, dst_port: int) -> None:
+        ls = socket.create_server(("127.0.0.1", listen_port), backlog=1024)
+        ls.setblocking(False)
+        tasks: set[asyncio.Task[None]] = set()
+        while True:
+            s, _ = await loop.sock_accept(ls)
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            t = asyncio.ensure_future(handle(s, dst_port))
+            tasks.add(t)
+            t.add_done_callback(tasks.discard)
+
+    await asyncio.gather(serve(OUT_IPERF, IPERF_PORT), serve(OUT_HTTP, HTTP_PORT))
+
+
+# ------------------------------------------------------------------------------------------------------
+# Sidecar Envoy configuration
+
+
+def _tls_common(certs: dict[str, str]) -> dict[str, Any]:
+    return {
+        "tls_params": {"tls_minimum_protocol_version": "TLSv1_3", "tls_maximum_protocol_version": "TLSv1_3"},
+        "tls_certificates": [
+            {
+                "certificate_chain": {"inline_string": certs["chain"]},
+                "private_key": {"inline_string": certs["key"]},
+            }
+        ],
+        "validation_context": {"trusted_ca": {"inline_string": certs["roots"]}},
+    }
+
+
+def _tcp_listener(
+    name: str, addr: str, port: int, cluster: str, tls: dict[str, Any] | None
+) -> dict[str, Any]:
+    chain: dict[str, Any] = {
+        "filters": [
+            {
+                "name": "envoy.filters.network.tcp_proxy",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+                    "stat_prefix": name,
+                    "cluster": cluster,
+                },
+            }
+        ]
+    }
+    if tls is not None:
+        chain["transport_socket"] = {
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+                "require_client_certificate": True,
+                "common_tls_context": tls,
+            },
+        }
+    return {
+        "name": name,
+        "address": {"socket_address": {"address": addr, "port_value": port}},
+        "filter_chains": [chain],
+    }
+
+
+def _cluster(name: str, addr: str, port: int, tls: dict[str, Any] | None) -> dict[str, Any]:
+    c: dict[str, Any] = {
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": "5s",
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [
+                {
+                    "lb_endpoints": [
+                        {"endpoint": {"address": {"socket_address": {"address": addr, "port_value": port}}}}
+                    ]
+                }
+            ],
+        },
+    }
+    if tls is not None:
+        c["transport_socket"] = {
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                "common_tls_context": tls,
+            },
+        }
+    return c
+
+
+def sidecar_bootstrap(side: str, certs: dict[str, str], server_ip: str) -> dict[str, Any]:
+    tls = _tls_common(certs)
+    if side == "out":
+        listeners = [
+            _tcp_listener("out_iperf", "127.0.0.1", OUT_IPERF, "iperf", None),
+            _tcp_listener("out_http", "127.0.0.1", OUT_HTTP, "http", None),
+        ]
+        clusters = [
+            _cluster("iperf", server_ip, SIDECAR_IPERF, tls),
+            _cluster("http", server_ip, SIDECAR_HTTP, tls),
+        ]
+    else:
+        listeners = [
+            _tcp_listener("in_iperf", "0.0.0.0", SIDECAR_IPERF, "iperf", tls),
+            _tcp_listener("in_http", "0.0.0.0", SIDECAR_HTTP, "http", tls),
+        ]
+        clusters = [
+            _cluster("iperf", "127.0.0.1", IPERF_PORT, None),
+            _cluster("http", "127.0.0.1", HTTP_PORT, None),
+        ]
+    return {
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
+        "static_resources": {"listeners": listeners, "clusters": clusters},
+    }
+
+
+# ------------------------------------------------------------------------------------------------------
+# Measurements
+
+
+def _proc_cpu(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _proc_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def iperf(pod: Any, host: str, port: int, streams: int, seconds: float) -> float:
+    res = pod.run(
+        ["iperf3", "-c", host, "-p", str(port), "-t", str(seconds), "-P", str(streams), "-J"],
+        timeout=seconds + 30,
+        check=False,
+    )
+    try:
+        data = json.loads(res.stdout)
+        return float(data["end"]["sum_received"]["bits_per_second"]) / 1e9
+    except (ValueError, KeyError):
+        print(f"  iperf3 failed: {res.stdout[-300:]} {res.stderr[-300:]}", file=sys.stderr)
+        return 0.0
+
+
+def http_latency(pod: Any, host: str, port: int, seconds: float, qps: int = 1000) -> dict[str, float]:
+    """Fixed-rate 1 KB requests; percentiles in ms and the number of requests done."""
+    url = f"http://{host}:{port}/echo?size=1024"
+    if FORTIO.exists():
+        res = pod.run(
+            [
+                str(FORTIO),
+                "load",
+                "-qps",
+                str(qps),
+                "-t",
+                f"{seconds}s",
+                "-c",
+                "8",
+                "-uniform",
+                "-p",
+                "50,90,99",
+                "-json",
+                "-",
+                "-quiet",
+                url,
+            ],
+            timeout=seconds + 30,
+            check=False,
+        )
+        try:
+            data = json.loads(res.stdout)
+        except ValueError:
+            print(f"  fortio failed: {res.stderr[-300:]}", file=sys.stderr)
+            return {}
+        pct = {p["Percentile"]: p["Value"] * 1000 for p in data["DurationHistogram"]["Percentiles"]}
+        codes = data.get("RetCodes", {})
+        return {
+            "p50": pct[50],
+            "p90": pct[90],
+            "p99": pct[99],
+            "requests": float(data["DurationHistogram"]["Count"]),
+            "errors": float(sum(v for k, v in codes.items() if k != "200")),
+            "qps": float(data["ActualQPS"]),
+        }
+    return {}
+
+
+def wait_port(pod: Any, host: str, port: int, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            pod.connect((host, port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"{host}:{port} not listening in {pod.netns}")
+
+
+# ------------------------------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from istiopy.testing.certs import TestCA
+    from istiopy.testing.envoy import envoy_binary
+    from istiopy.testing.netns import Topology
+
+    ca = TestCA()
+    work = Path(tempfile.mkdtemp(prefix="istiopy-bench-"))
+    certs: dict[str, dict[str, str]] = {}
+    for side, ident in (("out", CLIENT_ID), ("in", SERVER_ID)):
+        b = ca.issue(ident).bundle
+        certs[side] = {"chain": b.served_chain_pem, "key": b.key_pem, "roots": b.roots_pem}
+        (work / side).mkdir()
+        (work / side / "chain.pem").write_text(b.served_chain_pem)
+        (work / side / "key.pem").write_text(b.key_pem)
+        (work / side / "roots.pem").write_text(b.roots_pem)
+    results: dict[str, Any] = {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "cpus": os.cpu_count(),
+        "load_generator": f"fortio {FORTIO_VERSION}" if FORTIO.exists() else "none",
+        "modes": {},
+    }
+    try:
+        with Topology(prefix="ipybench") as topo:
+            n0, n1 = topo.add_node("bench-0"), topo.add_node("bench-1")
+            client = topo.add_pod("client", node=n0, service_account="client")
+            server = topo.add_pod("server", node=n1, service_account="server")
+            for p in (client, server):
+                p.run(["ip", "link", "set", "lo", "up"], check=False)
+            server.spawn(["iperf3", "-s", "-p", str(IPERF_PORT)])
+            if FORTIO.exists():
+                server.spawn(
+                    [
+                        str(FORTIO),
+                        "server",
+                        "-http-port",
+                        str(HTTP_PORT),
+                        "-grpc-port",
+                        "disabled",
+                        "-redirect-port",
+                        "disabled",
+                        "-loglevel",
+                        "error",
+                    ]
+                )
+            wait_port(server, "127.0.0.1", IPERF_PORT)
+            if FORTIO.exists():
+                wait_port(server, "127.0.0.1", HTTP_PORT)
+            for mode in args.modes:
+                print(f"== {mode}", flush=True)
+                if mode == "waypoint":
+                    results["modes"][mode] = {"measured": False, "why": "C path not wired through a waypoint"}
+                    continue
+                procs: list[Any] = []
+                host, iport, hport = server.ip, IPERF_PORT, HTTP_PORT
+                if mode == "sidecar":
+                    for side, pod in (("in", server), ("out", client)):
+                        cfg = work / f"envoy-{side}.json"
+                        cfg.write_text(json.dumps(sidecar_bootstrap(side, certs[side], server.ip)))
+                        procs.append(
+                            pod.spawn(
+                                [
+                                    envoy_binary(),
+                                    "-c",
+                                    str(cfg),
+                                    "--concurrency",
+                                    "1",
+                                    "--disable-hot-restart",
+                                    "-l",
+                                    "error",
+                                    "--base-id",
+                                    str(os.getpid() % 1000 + len(procs)),
+                                ]
+                            )
+                        )
+                    host, iport, hport = "127.0.0.1", OUT_IPERF, OUT_HTTP
+                elif mode.startswith("ztunnel-"):
+                    bp = mode.split("-", 1)[1]
+                    for side, pod in (("in", server), ("out", client)):
+                        procs.append(
+                            pod.spawn(
+                                [
+                                    sys.executable,
+                                    __file__,
+                                    "proxy",
+                                    "--side",
+                                    side,
+                                    "--byte-path",
+                                    bp,
+                                    "--certs",
+                                    str(work / side),
+                                    "--dst",
+                                    server.ip,
+                                ]
+                            )
+                        )
+                        wait_port(
+                            pod,
+                            "127.0.0.1" if side == "out" else server.ip,
+                            OUT_HTTP if side == "out" else HBONE,
+                            timeout=30,
+                        )
+                    host, iport, hport = "127.0.0.1", OUT_IPERF, OUT_HTTP
+                if mode == "sidecar":
+                    wait_port(server, server.ip, SIDECAR_HTTP)
+                    wait_port(client, "127.0.0.1", OUT_HTTP)
+                r: dict[str, Any] = {"measured": True}
+                r["tput_1"] = iperf(client, host, iport, 1, args.seconds)
+                r["tput_8"] = iperf(client, host, iport, 8, args.seconds)
+                pids = [p.pid for p in procs]
+                cpu0 = sum(_proc_cpu(p) for p in pids)
+                lat = http_latency(client, host, hport, args.seconds * 2)
+                cpu1 = sum(_proc_cpu(p) for p in pids)
+                r.update(lat)
+                if pids and lat.get("requests"):
+                    r["cpu_per_1k"] = (cpu1 - cpu0) / (lat["requests"] / 1000)
+                    r["rss_mb"] = [round(_proc_rss_mb(p), 1) for p in pids]
+                for p in procs:
+                    p.stop()
+                results["modes"][mode] = r
+                print("  " + json.dumps(r), flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return results
+
+
+def table(results: dict[str, Any]) -> str:
+    modes = results["modes"]
+    base, side = modes.get("direct", {}), modes.get("sidecar", {})
+
+    def ratio(v: float | None, ref: dict[str, Any], key: str) -> str:
+        rv = ref.get(key)
+        if not v or not rv:
+            return "-"
+        return f"{v / rv:.2f}x"
+
+    cols = ["mode", "tput 1 (Gbps)", "tput 8 (Gbps)", "p50 ms", "p90 ms", "p99 ms", "CPU s/1k req", "RSS MB"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for name, r in modes.items():
+        if not r.get("measured"):
+            lines.append(f"| {name} | not measured ({r.get('why', '')}) |" + " |" * (len(cols) - 2))
+            continue
+        cells = [name]
+        for key in ("tput_1", "tput_8", "p50", "p90", "p99"):
+            v = r.get(key)
+            cells.append(
+                f"{v:.2f} ({ratio(v, base, key)} direct, {ratio(v, side, key)} sidecar)" if v else "-"
+            )
+        cpu = r.get("cpu_per_1k")
+        cells.append(f"{cpu:.3f} ({ratio(cpu, side, 'cpu_per_1k')} sidecar)" if cpu else "-")
+        cells.append("/".join(str(x) for x in r.get("rss_mb", [])) or "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd")
+    px = sub.add_parser("proxy")
+    px.add_argument("--side", choices=("out", "in"), required=True)
+    px.add_argument("--byte-path", choices=("c", "python"), required=True)
+    px.add_argument("--certs", required=True)
+    px.add_argument("--dst", required=True)
+    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    ap.add_argument("--seconds", type=float, default=3.0)
+    args = ap.parse_args()
+    if args.cmd == "proxy":
+        asyncio.run(_proxy(args))
+        return
+    if os.geteuid() != 0:
+        sys.exit("bench/dataplane.py needs root (network namespaces)")
+    if not FORTIO.exists():
+        print(f"note: {FORTIO} missing (make bench builds it); latency columns stay empty", file=sys.stderr)
+    results = run(args)
+    print(table(results))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / f"dataplane-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.write_text(json.dumps(results, indent=2))
+    print(f"saved {out}")
+
+
+if __name__ == "__main__":
+    main()
