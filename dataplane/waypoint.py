@@ -408,3 +408,95 @@ class WaypointLauncher:
         await site.start()
         sockets = getattr(site._server, "sockets", None) or []
         self.metrics_port = int(sockets[0].getsockname()[1]) if sockets else int(port)
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+def _parse_args(argv: list[str] | None) -> Any:
+    import argparse
+
+    env = os.environ.get
+    p = argparse.ArgumentParser(
+        prog="python -m istiopy.dataplane.waypoint",
+        description="Run a waypoint: a real Envoy fed by istiod-py (ADS), certificate via local SDS.",
+    )
+    p.add_argument("--name", default=env("WAYPOINT_NAME", "waypoint"), help="the waypoint Gateway's name")
+    p.add_argument("--namespace", default=env("POD_NAMESPACE", "default"))
+    p.add_argument("--service-account", default=env("SERVICE_ACCOUNT", ""), help="default: the Gateway name")
+    p.add_argument("--pod-name", default=env("POD_NAME", ""))
+    p.add_argument("--pod-ip", default=env("INSTANCE_IP", "127.0.0.1"))
+    p.add_argument("--trust-domain", default=env("TRUST_DOMAIN", "cluster.local"))
+    p.add_argument("--xds", default=env("XDS_ADDRESS", "istiod.istio-system.svc:15012"), help="host:port")
+    p.add_argument("--ca", default=env("CA_ADDRESS", ""), help="host:port (default: --xds)")
+    p.add_argument("--root", required=True, help="PEM file of the mesh root (verifies istiod)")
+    p.add_argument("--server-name", default="istiod.istio-system.svc", help="istiod's certificate name")
+    p.add_argument("--token-file", default="", help="bearer token for the CA (e.g. a projected SA token)")
+    p.add_argument("--cert", default="", help="bootstrap client certificate chain for the CA (PEM)")
+    p.add_argument("--key", default="", help="its key (PEM)")
+    p.add_argument("--listen", default="0.0.0.0", help="address connect_terminate binds (port 15008)")
+    p.add_argument("--metrics", default="0.0.0.0:15020", help="Prometheus metrics address ('' = off)")
+    p.add_argument("--admin-port", type=int, default=15000, help="Envoy admin on 127.0.0.1 (0 = any)")
+    p.add_argument("--concurrency", type=int, default=2)
+    p.add_argument("--workdir", default="", help="private dir for the bootstrap, agent socket and logs")
+    p.add_argument("--log-level", default="warning", help="Envoy's log level")
+    return p.parse_args(argv)
+
+
+async def _run(args: Any, roots: str, client_cert: tuple[str, str] | None) -> None:
+    from istiopy.api.ca_client import token_file_source
+
+    ca = CaClient.connect(
+        args.ca or args.xds,
+        roots,
+        server_name=args.server_name,
+        client_cert=client_cert,
+        token_source=token_file_source(args.token_file) if args.token_file else None,
+    )
+    launcher = WaypointLauncher(
+        WaypointOptions(
+            name=args.name,
+            namespace=args.namespace,
+            xds_address=args.xds,
+            service_account=args.service_account,
+            pod_name=args.pod_name,
+            pod_ip=args.pod_ip,
+            trust_domain=args.trust_domain,
+            xds_roots_pem=roots,
+            xds_server_name=args.server_name,
+            listen_address=args.listen,
+            metrics_address=args.metrics or None,
+            admin_port=args.admin_port,
+            concurrency=args.concurrency,
+            workdir=Path(args.workdir) if args.workdir else None,
+            log_level=args.log_level,
+        ),
+        ca,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await launcher.start()
+        print(f"ready admin=127.0.0.1:{launcher._admin_port()} metrics={launcher.metrics_port}", flush=True)
+        await stop.wait()
+    finally:
+        await launcher.stop()
+        await ca.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: ``python -m istiopy.dataplane.waypoint --root root.pem --token-file token ...``."""
+    args = _parse_args(argv)
+    if args.workdir:
+        os.makedirs(args.workdir, exist_ok=True)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    roots = Path(args.root).read_text()
+    client_cert = None
+    if args.cert and args.key:
+        client_cert = (Path(args.cert).read_text(), Path(args.key).read_text())
+    asyncio.run(_run(args, roots, client_cert))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
