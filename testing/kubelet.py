@@ -350,7 +350,8 @@ class KubeletStandIn:
                 "podIP": ip,
                 "podIPs": [{"ip": ip}],
                 "startTime": now,
-                "qosClass": "BestEffort",
+                # No qosClass: the API server derives it at creation and refuses a different one (a pod
+                # with resource requests is Burstable), which would leave the pod Pending forever.
                 "containerStatuses": statuses("containers", {"running": {"startedAt": now}}, True),
                 "initContainerStatuses": statuses(
                     "initContainers",
