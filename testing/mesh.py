@@ -780,6 +780,9 @@ class Mesh:
     def apply(self, documents: str, name: str = "applied.yaml", *, wait: bool = True) -> None:
         """Add (or replace) a YAML file in the kit's private config directory; by default wait until every
         connected proxy acknowledged the result."""
+        path = self.kit_dir / name
+        if path.exists() and path.read_text() == documents:
+            return  # nothing changes, nothing to wait for
         before = self._config_version()
         tmp = self.kit_dir / f".{name}.tmp"
         tmp.write_text(documents)
