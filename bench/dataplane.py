@@ -16,8 +16,10 @@ One run, one machine, same payloads; client and server are separate pods (networ
 Per mode: iperf3 throughput with 1 and 8 connections; HTTP latency p50/p90/p99 at a fixed 1000 req/s with
 1 KB responses (fortio, built with ``go install`` into ``.build/tools``; without it a small open-loop
 Python generator is used and the table says so); proxy CPU seconds per 1000 requests (both proxies of the
-pair, measured over the latency run); proxy RSS (each, after the run). Printed as a table with ratios to
-``direct`` and ``sidecar``; saved as JSON under ``bench/results/``.
+pair, measured over the latency run); proxy RSS (each, after the run). Each mode runs ``--rounds`` times
+and reports the best round per column (max throughput, min latency/CPU): the box is shared with other test
+runs, whose load only ever makes a round worse. Printed as a table with ratios to ``direct`` and
+``sidecar``; saved as JSON (every round included) under ``bench/results/``.
 
 Run: ``make bench`` or ``.venv/bin/python bench/dataplane.py [--modes ...] [--seconds 3]`` (root).
 Internal: ``bench/dataplane.py proxy --side out|in --byte-path c|python ...`` is the proxy process.
@@ -32,7 +34,6 @@ import json
 import os
 import shutil
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -205,6 +206,10 @@ def _tcp_listener(
         "address": {"socket_address": {"address": addr, "port_value": port}},
         "filter_chains": [chain],
     }
+
+
+def _sa(addr: str, port: int) -> dict[str, Any]:
+    return {"address": addr, "port_value": port}
 
 
 def _cluster(name: str, addr: str, port: int, tls: dict[str, Any] | None) -> dict[str, Any]:
@@ -452,21 +457,33 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 if mode == "sidecar":
                     wait_port(server, server.ip, SIDECAR_HTTP)
                     wait_port(client, "127.0.0.1", OUT_HTTP)
-                r: dict[str, Any] = {"measured": True}
-                r["tput_1"] = iperf(client, host, iport, 1, args.seconds)
-                r["tput_8"] = iperf(client, host, iport, 8, args.seconds)
+                r: dict[str, Any] = {"measured": True, "rounds": []}
                 pids = [p.pid for p in procs]
-                cpu0 = sum(_proc_cpu(p) for p in pids)
-                lat = http_latency(client, host, hport, args.seconds * 2)
-                cpu1 = sum(_proc_cpu(p) for p in pids)
-                r.update(lat)
-                if pids and lat.get("requests"):
-                    r["cpu_per_1k"] = (cpu1 - cpu0) / (lat["requests"] / 1000)
+                for _ in range(args.rounds):  # best of N: other work on a shared 2-core box only slows us
+                    one: dict[str, Any] = {
+                        "tput_1": iperf(client, host, iport, 1, args.seconds),
+                        "tput_8": iperf(client, host, iport, 8, args.seconds),
+                    }
+                    cpu0 = sum(_proc_cpu(p) for p in pids)
+                    lat = http_latency(client, host, hport, args.seconds * 2)
+                    cpu1 = sum(_proc_cpu(p) for p in pids)
+                    one.update(lat)
+                    if pids and lat.get("requests"):
+                        one["cpu_per_1k"] = (cpu1 - cpu0) / (lat["requests"] / 1000)
+                    r["rounds"].append(one)
+                rounds = r["rounds"]
+                for key in ("tput_1", "tput_8"):
+                    r[key] = max(x.get(key, 0.0) for x in rounds)
+                for key in ("p50", "p90", "p99", "cpu_per_1k"):
+                    vals = [x[key] for x in rounds if key in x]
+                    if vals:
+                        r[key] = min(vals)
+                if pids:
                     r["rss_mb"] = [round(_proc_rss_mb(p), 1) for p in pids]
                 for p in procs:
                     p.stop()
                 results["modes"][mode] = r
-                print("  " + json.dumps(r), flush=True)
+                print("  " + json.dumps({k: v for k, v in r.items() if k != "rounds"}), flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return results
@@ -511,6 +528,7 @@ def main() -> None:
     px.add_argument("--dst", required=True)
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--rounds", type=int, default=2, help="best of N rounds per mode")
     args = ap.parse_args()
     if args.cmd == "proxy":
         asyncio.run(_proxy(args))
