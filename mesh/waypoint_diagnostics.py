@@ -32,7 +32,10 @@ from istiopy.mesh.resources.networking import Destination, DestinationRule, Virt
 from istiopy.mesh.resources.security import Action, AuthorizationPolicy, RequestAuthentication
 
 __all__ = [
+    "DestinationRuleIndex",
     "WaypointDiagnostic",
+    "destination_rule_for",
+    "destination_rule_index",
     "jwks_problem",
     "regex_problem",
     "resolve_host",
@@ -228,22 +231,34 @@ def resolve_host(host: str, namespace: str, domain: str = DOMAIN) -> str:
     return host
 
 
-def destination_rule_for(store: StoreReader, hostname: str, prefer_namespace: str) -> DestinationRule | None:
+DestinationRuleIndex = dict[str, list[DestinationRule]]
+
+
+def destination_rule_index(store: StoreReader) -> DestinationRuleIndex:
+    """DestinationRules by resolved host, best first: build once per generation, look up per service
+    (a scan per lookup is quadratic in the number of services)."""
+    index: DestinationRuleIndex = {}
+    for dr in typed_list(store, DestinationRule):
+        index.setdefault(resolve_host(dr.spec.host, dr.namespace), []).append(dr)
+    return index
+
+
+def destination_rule_for(
+    store: StoreReader, hostname: str, prefer_namespace: str, index: DestinationRuleIndex | None = None
+) -> DestinationRule | None:
     """The DestinationRule for ``hostname``: one in ``prefer_namespace`` (the service's) wins, then the
-    oldest-named elsewhere (deterministic), as istiod picks the rule closest to the service."""
-    found = [
-        dr
-        for dr in typed_list(store, DestinationRule)
-        if resolve_host(dr.spec.host, dr.namespace) == hostname
-    ]
+    first by (namespace, name) elsewhere (deterministic), as istiod picks the rule closest to the service."""
+    found = list((index if index is not None else destination_rule_index(store)).get(hostname, ()))
     if not found:
         return None
     found.sort(key=lambda d: (d.namespace != prefer_namespace, d.namespace, d.name))
     return found[0]
 
 
-def subset_names(store: StoreReader, hostname: str, namespace: str) -> set[str]:
-    dr = destination_rule_for(store, hostname, namespace)
+def subset_names(
+    store: StoreReader, hostname: str, namespace: str, index: DestinationRuleIndex | None = None
+) -> set[str]:
+    dr = destination_rule_for(store, hostname, namespace, index)
     return {s.name for s in dr.spec.subsets} if dr is not None else set()
 
 
@@ -252,9 +267,13 @@ def _match_regexes(m: StringMatch | None) -> Iterable[str]:
         yield m.regex
 
 
-def virtual_service_problems(store: StoreReader, vs: VirtualService) -> dict[int, list[tuple[str, str]]]:
+def virtual_service_problems(
+    store: StoreReader, vs: VirtualService, index: DestinationRuleIndex | None = None
+) -> dict[int, list[tuple[str, str]]]:
     """Per HTTP route index: (field path, message) of what makes that route unusable at a waypoint."""
     out: dict[int, list[tuple[str, str]]] = {}
+    if index is None:
+        index = destination_rule_index(store)
     for i, route in enumerate(vs.spec.http):
         problems: list[tuple[str, str]] = []
         for j, match in enumerate(route.match):
@@ -289,7 +308,7 @@ def virtual_service_problems(store: StoreReader, vs: VirtualService) -> dict[int
                 continue
             host = resolve_host(dest.host, vs.namespace)
             svc_ns = host.split(".")[1] if host.endswith(".svc." + DOMAIN) else vs.namespace
-            if dest.subset not in subset_names(store, host, svc_ns):
+            if dest.subset not in subset_names(store, host, svc_ns, index):
                 problems.append(
                     (
                         f"{path}.subset",
@@ -305,8 +324,9 @@ def virtual_service_problems(store: StoreReader, vs: VirtualService) -> dict[int
 def waypoint_diagnostics(store: StoreReader) -> list[WaypointDiagnostic]:
     """Everything the waypoint generator leaves out or rejects, reported on the resource."""
     out: list[WaypointDiagnostic] = []
+    index = destination_rule_index(store)
     for vs in typed_list(store, VirtualService):
-        for _, problems in sorted(virtual_service_problems(store, vs).items()):
+        for _, problems in sorted(virtual_service_problems(store, vs, index).items()):
             for path, msg in problems:
                 reason = "ReferencedResourceNotFound" if path.endswith(".subset") else "InvalidRegex"
                 out.append(WaypointDiagnostic(vs.key, path, reason, msg))

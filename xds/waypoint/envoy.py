@@ -79,8 +79,20 @@ ORIGINAL_DST = "envoy.filters.listener.original_dst"
 T = "type.googleapis.com/"
 
 
+_PARSED: dict[tuple[str, str], Any] = {}
+
+
 def parse(data: dict[str, Any], message: Any) -> Any:
-    return json_format.ParseDict(data, message)
+    """The typed message for a JSON-shaped dict, memoized by content: a push regenerates every resource
+    of a type, and parsing is most of the cost, while most resources did not change. Callers never
+    mutate the result (it may be shared), which keeps generators pure."""
+    key = (message.DESCRIPTOR.full_name, json.dumps(data, sort_keys=True, separators=(",", ":")))
+    hit = _PARSED.get(key)
+    if hit is None:
+        if len(_PARSED) > 100_000:
+            _PARSED.clear()
+        hit = _PARSED[key] = json_format.ParseDict(data, message)
+    return hit
 
 
 def dur(seconds: float) -> str:
@@ -600,7 +612,7 @@ def apply_traffic_policy(data: dict[str, Any], policy: TrafficPolicy | None) -> 
 def cluster_endpoints(plan: WaypointPlan, target: ClusterTarget) -> Any:
     assert plan.store is not None
     lb = []
-    for ip, port in endpoints(plan.store, target):
+    for ip, port in endpoints(plan.store, target, plan.pod_index):
         addr = f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
         lb.append(
             {

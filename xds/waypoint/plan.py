@@ -32,7 +32,12 @@ from istiopy.mesh.ambient import (
 from istiopy.mesh.resources.core import Pod, Service, ServicePort
 from istiopy.mesh.resources.networking import DestinationRule, TrafficPolicy
 from istiopy.mesh.store import ConfigStore, selector_matches
-from istiopy.mesh.waypoint_diagnostics import destination_rule_for, resolve_host
+from istiopy.mesh.waypoint_diagnostics import (
+    DestinationRuleIndex,
+    destination_rule_for,
+    destination_rule_index,
+    resolve_host,
+)
 from istiopy.xds.proxy import Proxy
 
 DOMAIN = "cluster.local"
@@ -127,6 +132,9 @@ class WaypointPlan:
     workloads: list[Pod] = field(default_factory=list)
     clusters: dict[str, ClusterTarget] = field(default_factory=dict)
     store: StoreReader | None = None
+    # per-plan indexes: each lookup would otherwise scan the whole store (quadratic in services)
+    dr_index: DestinationRuleIndex = field(default_factory=dict)
+    pod_index: PodIndex | None = None
     # filled by the route builder: clusters routes refer to (so CDS includes them)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -207,7 +215,7 @@ def add_cluster(plan: WaypointPlan, svc: Service, port: ServicePort, subset: str
     if name in plan.clusters:
         return name
     assert plan.store is not None
-    dr = destination_rule_for(plan.store, hostname, svc.namespace)
+    dr = destination_rule_for(plan.store, hostname, svc.namespace, plan.dr_index)
     labels: tuple[tuple[str, str], ...] = ()
     if subset:
         match = [s for s in (dr.spec.subsets if dr else []) if s.name == subset]
@@ -231,7 +239,26 @@ def resolve_destination_port(svc: Service, wanted: int | None, incoming: int | N
     return ports[0] if ports else None
 
 
-def endpoints(store: StoreReader, target: ClusterTarget) -> list[tuple[str, int]]:
+class PodIndex:
+    """Ready pods with IPs by (namespace, label, value): a selector intersects its smallest group."""
+
+    def __init__(self, store: StoreReader) -> None:
+        self.groups: dict[tuple[str, str, str], list[Pod]] = {}
+        for p in typed_list(store, Pod):
+            if p.ready and p.ips:
+                for k, v in p.labels.items():
+                    self.groups.setdefault((p.namespace, k, v), []).append(p)
+
+    def select(self, namespace: str, selector: Mapping[str, str]) -> list[Pod]:
+        groups = [self.groups.get((namespace, k, v), []) for k, v in sorted(selector.items())]
+        if not groups:
+            return []
+        return [p for p in min(groups, key=len) if selector_matches(selector, p.labels)]
+
+
+def endpoints(
+    store: StoreReader, target: ClusterTarget, index: PodIndex | None = None
+) -> list[tuple[str, int]]:
     """(pod ip, target port) of ready pods the service (and subset) selects, sorted."""
     svc = target.service
     if not svc.spec.selector:
@@ -239,9 +266,7 @@ def endpoints(store: StoreReader, target: ClusterTarget) -> list[tuple[str, int]
     found: set[tuple[str, int]] = set()
     subset = dict(target.subset_labels)
     wanted = target.port.effective_target_port
-    for res in store.list(Pod.KIND, svc.namespace, svc.spec.selector):
-        if not isinstance(res, Pod) or not res.ready or not res.ips:
-            continue
+    for res in (index or PodIndex(store)).select(svc.namespace, svc.spec.selector):
         if subset and not selector_matches(subset, res.labels):
             continue
         if isinstance(wanted, int):
@@ -276,7 +301,14 @@ def plan_for(store: ConfigStore, proxy: Proxy) -> WaypointPlan | None:
     from istiopy.xds.waypoint import routes  # routes builds on this module
 
     reader = view(store)
-    plan = WaypointPlan(wid, served_ports(reader, wid), served_workloads(reader, wid), store=reader)
+    plan = WaypointPlan(
+        wid,
+        served_ports(reader, wid),
+        served_workloads(reader, wid),
+        store=reader,
+        dr_index=destination_rule_index(reader),
+        pod_index=PodIndex(reader),
+    )
     for sp in plan.served:
         if sp.http:
             add_cluster(plan, sp.service, sp.port)

@@ -92,7 +92,7 @@ def _routes_for(plan: WaypointPlan, sp: ServedPort) -> list[dict[str, Any]]:
     assert plan.store is not None
     gw_routes = [
         r
-        for r in typed_list(plan.store, GatewayHTTPRoute)
+        for r in _http_routes(plan).get((sp.service.namespace, sp.service.name), [])
         if any(
             p.kind == "Service"
             and p.group in ("", "core")
@@ -107,17 +107,12 @@ def _routes_for(plan: WaypointPlan, sp: ServedPort) -> list[dict[str, Any]]:
         for r in sorted(gw_routes, key=lambda r: (r.namespace, r.name)):
             out += _gateway_api_routes(plan, sp, r)
         return sorted(out, key=_gateway_precedence)
-    services = [
-        vs
-        for vs in typed_list(plan.store, VirtualService)
-        if (not vs.spec.gateways or "mesh" in vs.spec.gateways)
-        and sp.hostname in {resolve(h, vs.namespace) for h in vs.spec.hosts}
-    ]
+    services = _virtual_services(plan).get(sp.hostname, [])
     if not services:
         return [_default_route(sp)]
     out = []
     for vs in sorted(services, key=lambda v: (v.namespace, v.name)):
-        bad = virtual_service_problems(plan.store, vs)
+        bad = virtual_service_problems(plan.store, vs, plan.dr_index)
         for i, rule in enumerate(vs.spec.http):
             if i in bad or rule.delegate is not None:
                 continue
@@ -132,6 +127,36 @@ def _routes_for(plan: WaypointPlan, sp: ServedPort) -> list[dict[str, Any]]:
                 route.update(action)
                 out.append(route)
     return out
+
+
+def _http_routes(plan: WaypointPlan) -> dict[tuple[str, str], list[GatewayHTTPRoute]]:
+    """HTTPRoutes by the (namespace, name) of the Services they attach to, built once per plan."""
+    index: dict[tuple[str, str], list[GatewayHTTPRoute]] | None = plan.extra.get("route_index")
+    if index is None:
+        assert plan.store is not None
+        index = {}
+        for r in typed_list(plan.store, GatewayHTTPRoute):
+            for key in {
+                (p.namespace or r.namespace, p.name) for p in r.spec.parent_refs if p.kind == "Service"
+            }:
+                index.setdefault(key, []).append(r)
+        plan.extra["route_index"] = index
+    return index
+
+
+def _virtual_services(plan: WaypointPlan) -> dict[str, list[VirtualService]]:
+    """Mesh VirtualServices by resolved host, built once per plan."""
+    index: dict[str, list[VirtualService]] | None = plan.extra.get("vs_index")
+    if index is None:
+        assert plan.store is not None
+        index = {}
+        for vs in typed_list(plan.store, VirtualService):
+            if vs.spec.gateways and "mesh" not in vs.spec.gateways:
+                continue
+            for host in {resolve(h, vs.namespace) for h in vs.spec.hosts}:
+                index.setdefault(host, []).append(vs)
+        plan.extra["vs_index"] = index
+    return index
 
 
 def _default_route(sp: ServedPort) -> dict[str, Any]:
