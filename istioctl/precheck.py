@@ -93,7 +93,16 @@ async def checks(kube: Kube, istio_namespace: str, revision: str) -> list[Findin
     else:
         out.append(Finding("info", "you have the permissions needed to install"))
 
-    missing = [c for c in GATEWAY_CRDS if not await kube.crd_exists(c)]
+    try:
+        missing = [c for c in GATEWAY_CRDS if not await kube.crd_exists(c)]
+    except KubeError as e:
+        if e.status != 403:
+            raise
+        out.append(Finding("warning", "cannot check for Gateway API CRDs: not allowed to read CRDs"))
+        missing = []
+    else:
+        if not missing:
+            out.append(Finding("info", "Gateway API CRDs are installed"))
     if missing:
         out.append(
             Finding(
@@ -102,10 +111,16 @@ async def checks(kube: Kube, istio_namespace: str, revision: str) -> list[Findin
                 "waypoints need them",
             )
         )
-    else:
-        out.append(Finding("info", "Gateway API CRDs are installed"))
 
-    deployments = await kube.list(resource_path("apps", "v1", "deployments"), "app=istiod")
+    try:
+        deployments = await kube.list(resource_path("apps", "v1", "deployments"), "app=istiod")
+    except KubeError as e:
+        if e.status != 403:
+            raise
+        out.append(
+            Finding("warning", "cannot check for other Istio installations: not allowed to list Deployments")
+        )
+        deployments = []
     for d in deployments:
         meta = d.get("metadata") or {}
         labels = meta.get("labels") or {}

@@ -30,17 +30,20 @@ from typing import Any
 
 import pytest
 
-from istiopy.mesh.indexes import install_indexes
-from istiopy.mesh.store import ConfigStore
-from istiopy.operator.config import OperatorConfig, WaypointTemplate
-from istiopy.operator.kubeapi import KubeApi
-from istiopy.operator.runner import KubeOperator
-from istiopy.testing.cluster import TestCluster, free_port
-from istiopy.testing.kubelet import KubeletStandIn
+ROOT = Path(__file__).resolve().parents[2]
+if not (ROOT / "operator" / "runner.py").exists():  # the Kubernetes-mode operator lands with issue 9
+    pytest.skip("needs the Kubernetes-mode operator (operator/runner.py)", allow_module_level=True)
+
+from istiopy.mesh.indexes import install_indexes  # noqa: E402
+from istiopy.mesh.store import ConfigStore  # noqa: E402
+from istiopy.operator.config import OperatorConfig, WaypointTemplate  # noqa: E402
+from istiopy.operator.kubeapi import KubeApi  # noqa: E402
+from istiopy.operator.runner import KubeOperator  # noqa: E402
+from istiopy.testing.cluster import TestCluster, free_port  # noqa: E402
+from istiopy.testing.kubelet import KubeletStandIn  # noqa: E402
 
 pytestmark = [pytest.mark.k8s, pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parents[2]
 CHARTS = ROOT / "charts"
 ISTIOCTL = Path(sys.executable).parent / "istioctl-py"
 ISTIO_NS = "istio-system"
