@@ -50,7 +50,7 @@ def _packages() -> list[str]:
 
 def _fastpath_extension() -> Extension:
     """ztunnel-py's C byte path (dataplane/_c). ISTIOPY_FASTPATH_SANITIZE=1 builds it with ASan+UBSan."""
-    flags = ["-O2", "-g", "-Wall", "-Wextra", "-std=gnu11"]
+    flags = ["-O2", "-g", "-Wall", "-Wextra", "-Werror=implicit-function-declaration", "-std=gnu11"]
     link: list[str] = []
     if os.environ.get("ISTIOPY_FASTPATH_SANITIZE") == "1":
         flags = ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined"]

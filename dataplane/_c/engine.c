@@ -156,6 +156,7 @@ struct fp_engine {
 static void conn_fail(struct fp_conn *c, const char *why);
 static void stream_finish(stream *st, const char *why, int reset_app, uint32_t rst_code);
 static void conn_flush(struct fp_conn *c);
+static size_t enc_pending(struct fp_conn *c);
 static void stream_pump_app(stream *st);
 
 /* ---- small helpers ------------------------------------------------------------------------- */

@@ -11,6 +11,7 @@ import socket
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -48,6 +49,16 @@ def test_extension_is_built() -> None:
     assert fastpath.byte_path("python") == "python"
     with pytest.raises(ValueError):
         fastpath.byte_path("rust")
+
+
+def test_extension_is_current() -> None:
+    """A failed rebuild leaves the previous .so in place (and only a warning): catch the stale build."""
+    so = Path(fastpath._ext.__file__)
+    sources = Path(fastpath.__file__).parent / "_c"
+    newest = max(p.stat().st_mtime for p in sources.glob("*.[ch]"))
+    assert so.stat().st_mtime >= newest, (
+        f"{so} is older than {sources}: the C build failed (pip install -e .)"
+    )
 
 
 def test_byte_path_env(monkeypatch: pytest.MonkeyPatch) -> None:
