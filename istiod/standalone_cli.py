@@ -192,6 +192,12 @@ def exec_up(args: argparse.Namespace, *, hold: bool) -> int:
     if not Path(args.config_dir).exists():
         print(f"istiod-py: error: --config-dir {args.config_dir}: no such file or directory", file=sys.stderr)
         return 2
+    if os.geteuid() != 0:  # checked here too: the message must not depend on the runner being reachable
+        print(
+            "istiod-py up: this needs root (network namespaces and iptables); run it with sudo or as root.\n"
+            "The config alone can be inspected without it: istiod-py demo --config-only --config-dir DIR"
+        )
+        return 1
     argv = [sys.executable, "-P", "-m", "istiopy.testing.up", "--config-dir", str(args.config_dir)]
     argv += ["--state-dir", str(args.state_dir)]
     if getattr(args, "namespace", None):
@@ -202,4 +208,9 @@ def exec_up(args: argparse.Namespace, *, hold: bool) -> int:
         argv.append("--hold")
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execv(sys.executable, argv)
+    try:
+        os.execv(sys.executable, argv)
+    except OSError as e:
+        print(f"istiod-py: error: cannot start the mesh runner ({sys.executable}): {e}", file=sys.stderr)
+        return 1
+    return 0  # not reached: execv replaced this process
