@@ -160,6 +160,7 @@ LABELS = (
     "destination_workload_namespace",
     "destination_principal",
     "destination_app",
+    "destination_version",
     "destination_service",
     "destination_service_name",
     "destination_service_namespace",
@@ -222,6 +223,7 @@ class WaypointMetrics:
         svc_name, _, rest = host.partition(".")
         svc_ns = rest.split(".", 1)[0] if rest else UNKNOWN
         flags = _flags(common.response_flags)
+        dst = {k[4:]: v for k, v in common.custom_tags.items() if k.startswith("dst.") and v}
         return {
             "reporter": "waypoint",
             "source_workload": baggage.get("workload") or (src_sa if principal else UNKNOWN),
@@ -230,10 +232,11 @@ class WaypointMetrics:
             "source_app": baggage.get("service.name") or UNKNOWN,
             "source_version": baggage.get("service.version") or UNKNOWN,
             "source_cluster": baggage.get("k8s.cluster.name") or (self.cluster_id if principal else UNKNOWN),
-            "destination_workload": UNKNOWN,
-            "destination_workload_namespace": svc_ns,
-            "destination_principal": UNKNOWN,
-            "destination_app": UNKNOWN,
+            "destination_workload": dst.get("workload", UNKNOWN),
+            "destination_workload_namespace": dst.get("namespace", svc_ns),
+            "destination_principal": dst.get("principal", UNKNOWN),
+            "destination_app": dst.get("app", UNKNOWN),
+            "destination_version": dst.get("version", UNKNOWN),
             "destination_service": host or UNKNOWN,
             "destination_service_name": svc_name or UNKNOWN,
             "destination_service_namespace": svc_ns,

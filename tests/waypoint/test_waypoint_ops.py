@@ -100,6 +100,18 @@ async def test_istio_request_metrics(wmesh: WaypointMesh) -> None:
         == 3
     )
     assert sample(text, "istio_requests_total", response_code="403", source_workload="client", **common) == 1
+    # destination facts from the endpoint's metadata (the pod that served it); none for a local 403
+    dst = {
+        "destination_workload": "metered-1",
+        "destination_workload_namespace": "default",
+        "destination_principal": "spiffe://cluster.local/ns/default/sa/metered",
+        "destination_app": "metered",
+    }
+    assert sample(text, "istio_requests_total", response_code="200", **dst, **common) == 3
+    assert (
+        sample(text, "istio_requests_total", response_code="403", destination_workload="unknown", **common)
+        == 1
+    )
 
 
 async def test_waypoint_serves_its_own_ca_issued_identity(wmesh: WaypointMesh) -> None:

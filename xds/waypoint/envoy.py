@@ -57,7 +57,7 @@ from google.protobuf import json_format
 
 from istiopy.mesh.resources.common import duration_seconds
 from istiopy.mesh.resources.networking import SimpleLB, TrafficPolicy
-from istiopy.xds.waypoint.plan import ClusterTarget, ServedPort, WaypointPlan, endpoints
+from istiopy.xds.waypoint.plan import ClusterTarget, ServedPort, WaypointPlan, endpoint_pods, workload_meta
 
 CONNECT_TERMINATE = "connect_terminate"
 MAIN_INTERNAL = "main_internal"
@@ -75,6 +75,10 @@ PEER_PRINCIPAL = "io.istio.peer_principal"
 # service and revision in it): logged for the source labels of the request metrics.
 PEER_BAGGAGE = "io.istiopy.peer_baggage"
 ORIGINAL_DST = "envoy.filters.listener.original_dst"
+# Endpoint metadata naming the destination pod (workload, namespace, principal, app, version); the access
+# log copies it into custom tags ``dst.<field>`` for the destination labels of the request metrics.
+ENDPOINT_META = "istio"
+DESTINATION_TAGS = ("workload", "namespace", "principal", "app", "version")
 
 T = "type.googleapis.com/"
 
@@ -237,6 +241,16 @@ def access_log(sp: ServedPort) -> list[dict[str, Any]]:
                     "transport_api_version": "V3",
                     "grpc_service": {"envoy_grpc": {"cluster_name": ALS_CLUSTER}},
                     "filter_state_objects_to_log": [PEER_PRINCIPAL, PEER_BAGGAGE],
+                    "custom_tags": [
+                        {
+                            "tag": f"dst.{key}",
+                            "metadata": {
+                                "kind": {"host": {}},
+                                "metadata_key": {"key": ENDPOINT_META, "path": [{"key": key}]},
+                            },
+                        }
+                        for key in DESTINATION_TAGS
+                    ],
                     "buffer_flush_interval": "0.2s",
                 },
             },
@@ -612,7 +626,7 @@ def apply_traffic_policy(data: dict[str, Any], policy: TrafficPolicy | None) -> 
 def cluster_endpoints(plan: WaypointPlan, target: ClusterTarget) -> Any:
     assert plan.store is not None
     lb = []
-    for ip, port in endpoints(plan.store, target, plan.pod_index):
+    for ip, port, pod in endpoint_pods(plan.store, target, plan.pod_index):
         addr = f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
         lb.append(
             {
@@ -624,7 +638,12 @@ def cluster_endpoints(plan: WaypointPlan, target: ClusterTarget) -> Any:
                         }
                     }
                 },
-                "metadata": {"filter_metadata": {ORIGINAL_DST: {"local": addr}}},
+                "metadata": {
+                    "filter_metadata": {
+                        ORIGINAL_DST: {"local": addr},
+                        ENDPOINT_META: workload_meta(pod, plan.wid.trust_domain),
+                    }
+                },
             }
         )
     return parse(

@@ -24,10 +24,13 @@ from typing import Any
 from istiopy.mesh.ambient import (
     GATEWAY_NAME_LABEL,
     StoreReader,
+    canonical_service,
     pod_waypoint,
     service_waypoint,
+    spiffe_id,
     typed_list,
     view,
+    workload_name,
 )
 from istiopy.mesh.resources.core import Pod, Service, ServicePort
 from istiopy.mesh.resources.networking import DestinationRule, TrafficPolicy
@@ -260,10 +263,29 @@ def endpoints(
     store: StoreReader, target: ClusterTarget, index: PodIndex | None = None
 ) -> list[tuple[str, int]]:
     """(pod ip, target port) of ready pods the service (and subset) selects, sorted."""
+    return [(ip, port) for ip, port, _ in endpoint_pods(store, target, index)]
+
+
+def workload_meta(pod: Pod, trust_domain: str) -> dict[str, str]:
+    """What the waypoint's metrics report about a destination pod (endpoint metadata ``istio``)."""
+    app, version = canonical_service(pod.labels, workload_name(pod))
+    return {
+        "workload": workload_name(pod),
+        "namespace": pod.namespace,
+        "principal": spiffe_id(pod.namespace, pod.spec.service_account_name or "default", trust_domain),
+        "app": app,
+        "version": version,
+    }
+
+
+def endpoint_pods(
+    store: StoreReader, target: ClusterTarget, index: PodIndex | None = None
+) -> list[tuple[str, int, Pod]]:
+    """(pod ip, target port, pod) of ready pods the service (and subset) selects, sorted by address."""
     svc = target.service
     if not svc.spec.selector:
         return []
-    found: set[tuple[str, int]] = set()
+    found: dict[tuple[str, int], Pod] = {}
     subset = dict(target.subset_labels)
     wanted = target.port.effective_target_port
     for res in (index or PodIndex(store)).select(svc.namespace, svc.spec.selector):
@@ -278,8 +300,9 @@ def endpoints(
                 (cp.container_port for c in res.spec.containers for cp in c.ports if cp.name == wanted), None
             )
         if tp is not None:
-            found.update((ip, tp) for ip in res.ips)
-    return sorted(found)
+            for ip in res.ips:
+                found.setdefault((ip, tp), res)
+    return [(ip, port, found[(ip, port)]) for ip, port in sorted(found)]
 
 
 # ------------------------------------------------------------------------------------------ memo per store
