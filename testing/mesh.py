@@ -730,11 +730,12 @@ class Mesh:
         """``ns/name`` where name is the pod's name, a prefix of it (``backend-v1``) or its ``app`` label."""
         ns, _, name = ref.rpartition("/")
         cands = [p for p in self.pods.values() if not ns or p.namespace == ns]
-        for match in (
+        matchers: list[Callable[[MeshPod], bool]] = [
             lambda p: p.name == name,
             lambda p: p.name.startswith(name + "-"),
             lambda p: p.labels.get("app") == name,
-        ):
+        ]
+        for match in matchers:
             found = [p for p in cands if match(p)]
             if found:
                 return found[0]

@@ -152,9 +152,9 @@ def traffic_round(mesh: Mesh) -> list[Call]:
             if wp is not None:
                 chain.append(wp.pod.spiffe_id)
         chain.append(served.spiffe_id)
-        marks = ["✓" if (a, b) in seen else "?" for a, b in itertools.pairwise(chain)]
+        checks = ["✓" if (a, b) in seen else "?" for a, b in itertools.pairwise(chain)]
         c.identities = " → ".join(
-            _short(chain[0]) if i == 0 else f"{marks[i - 1]} {_short(x)}" for i, x in enumerate(chain)
+            _short(chain[0]) if i == 0 else f"{checks[i - 1]} {_short(x)}" for i, x in enumerate(chain)
         )
     return calls
 

@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import os
 import signal
-import sys
 from pathlib import Path
 
 
@@ -69,4 +68,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
