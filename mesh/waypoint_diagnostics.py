@@ -217,18 +217,12 @@ def _key_problem(key: dict[str, object]) -> str:
 
 
 def resolve_host(host: str, namespace: str, domain: str = DOMAIN) -> str:
-    """A VirtualService/DestinationRule host as an FQDN: short names are relative to the resource's
-    namespace (``reviews`` -> ``reviews.<ns>.svc.<domain>``), ``name.ns`` gets ``.svc.<domain>``."""
-    if host.endswith("." + domain) or host == "*" or host.startswith("*"):
+    """A VirtualService/DestinationRule host as istiod reads it: a short name (no dot) is relative to the
+    resource's namespace (``reviews`` -> ``reviews.<ns>.svc.<domain>``); anything with a dot is taken as
+    written (``api.example.com`` is an external host, not a namespace)."""
+    if "." in host or host == "*" or host.startswith("*"):
         return host
-    parts = host.split(".")
-    if len(parts) == 1:
-        return f"{host}.{namespace}.svc.{domain}"
-    if len(parts) == 2:
-        return f"{host}.svc.{domain}"
-    if len(parts) == 3 and parts[2] == "svc":
-        return f"{host}.{domain}"
-    return host
+    return f"{host}.{namespace}.svc.{domain}"
 
 
 DestinationRuleIndex = dict[str, list[DestinationRule]]

@@ -50,6 +50,38 @@ def full_store() -> ConfigStore:
         pod("solo-1", "10.1.0.9", {"app": "solo", "istio.io/use-waypoint": "waypoint"}),
         parse(
             {
+                "apiVersion": "networking.istio.io/v1",
+                "kind": "ServiceEntry",
+                "metadata": {
+                    "name": "ext",
+                    "namespace": "default",
+                    "labels": {"istio.io/use-waypoint": "waypoint"},
+                },
+                "spec": {
+                    "hosts": ["api.example.com"],
+                    "addresses": ["240.0.0.1"],
+                    "ports": [{"number": 443, "name": "http-tls", "protocol": "HTTP", "targetPort": 443}],
+                    "resolution": "DNS",
+                },
+            }
+        ),
+        istio(
+            "DestinationRule",
+            "ext",
+            {
+                "host": "api.example.com",
+                "trafficPolicy": {
+                    "tls": {
+                        "mode": "SIMPLE",
+                        "sni": "api.example.com",
+                        "subjectAltNames": ["api.example.com"],
+                    },
+                    "connectionPool": {"tcp": {"maxConnections": 5}},
+                },
+            },
+        ),
+        parse(
+            {
                 "apiVersion": "v1",
                 "kind": "Service",
                 "metadata": {
@@ -393,6 +425,7 @@ def test_only_bound_services_are_served() -> None:
         "inbound-vip|80|http|api.default.svc.cluster.local",
         "inbound-vip|5432|tcp|db.default.svc.cluster.local",
         "inbound-vip|80|http|web.default.svc.cluster.local",
+        "inbound-vip|443|http|api.example.com",
         "direct-http|default/solo-1",
     ]
     # a proxy of another waypoint (or not a waypoint at all) gets nothing from these generators

@@ -61,6 +61,7 @@ def generate_clusters(store: ConfigStore, proxy: Proxy) -> Iterable[tuple[str, A
         (ev.ENCAP, ev.encap_cluster()),
     ]
     out += [(name, ev.service_cluster(t)) for name, t in sorted(plan.clusters.items())]
+    out += [(name, ev.entry_cluster(ec)) for name, ec in sorted(plan.entry_clusters.items())]
     out += sorted(plan.extra.get("clusters", {}).items())
     return out
 

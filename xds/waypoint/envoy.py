@@ -57,7 +57,14 @@ from google.protobuf import json_format
 
 from istiopy.mesh.resources.common import duration_seconds
 from istiopy.mesh.resources.networking import SimpleLB, TrafficPolicy
-from istiopy.xds.waypoint.plan import ClusterTarget, ServedPort, WaypointPlan, endpoint_pods, workload_meta
+from istiopy.xds.waypoint.plan import (
+    ClusterTarget,
+    EntryCluster,
+    ServedPort,
+    WaypointPlan,
+    endpoint_pods,
+    workload_meta,
+)
 
 CONNECT_TERMINATE = "connect_terminate"
 MAIN_INTERNAL = "main_internal"
@@ -262,11 +269,11 @@ def main_internal(plan: WaypointPlan, http_filters: dict[str, list[dict[str, Any
     """One chain per served (VIP, port); ``http_filters`` maps a route name to its filter list."""
     chains: list[dict[str, Any]] = []
     for sp in plan.served:
-        vips = sp.service.vips
+        vips = sp.vips
         if not vips:
             continue
         match = {
-            "destination_port": sp.port.port,
+            "destination_port": sp.number,
             "prefix_ranges": [{"address_prefix": ip, "prefix_len": 128 if ":" in ip else 32} for ip in vips],
         }
         if sp.http:
@@ -621,6 +628,44 @@ def apply_traffic_policy(data: dict[str, Any], policy: TrafficPolicy | None) -> 
         data["outlier_detection"] = out
         # Istio: minHealthPercent (default 0) is the panic threshold; 0 never lets ejected hosts back.
         data["common_lb_config"] = {"healthy_panic_threshold": {"value": float(od.min_health_percent or 0)}}
+
+
+def entry_cluster(ec: EntryCluster) -> Any:
+    """A ServiceEntry host's cluster at an egress waypoint: the external endpoints themselves (STATIC, or
+    STRICT_DNS for DNS resolution), plain TCP unless the DestinationRule originates TLS (``SIMPLE``)."""
+    lb = [
+        {"endpoint": {"address": {"socket_address": {"address": host, "port_value": port}}}}
+        for host, port in ec.targets()
+    ]
+    data: dict[str, Any] = {
+        "name": ec.name,
+        "type": "STRICT_DNS" if ec.dns else "STATIC",
+        "connect_timeout": "10s",
+        "load_assignment": {"cluster_name": ec.name, "endpoints": [{"lb_endpoints": lb}] if lb else []},
+    }
+    if ec.dns:
+        data["dns_lookup_family"] = "V4_PREFERRED"
+    apply_traffic_policy(data, ec.policy)
+    tls = ec.policy.tls if ec.policy is not None else None
+    if tls is not None and tls.mode.value == "SIMPLE":
+        validation: dict[str, Any] = {}
+        if not tls.insecure_skip_verify:
+            validation["trusted_ca"] = {
+                "filename": tls.ca_certificates or "/etc/ssl/certs/ca-certificates.crt"
+            }
+            if tls.subject_alt_names:
+                validation["match_typed_subject_alt_names"] = [
+                    {"san_type": "DNS", "matcher": {"exact": n}} for n in tls.subject_alt_names
+                ]
+        data["transport_socket"] = {
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": T + "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                "sni": tls.sni or ec.host,
+                "common_tls_context": {"validation_context": validation} if validation else {},
+            },
+        }
+    return parse(data, cluster_pb2.Cluster())
 
 
 def cluster_endpoints(plan: WaypointPlan, target: ClusterTarget) -> Any:

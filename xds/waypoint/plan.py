@@ -33,7 +33,8 @@ from istiopy.mesh.ambient import (
     workload_name,
 )
 from istiopy.mesh.resources.core import Pod, Service, ServicePort
-from istiopy.mesh.resources.networking import DestinationRule, TrafficPolicy
+from istiopy.mesh.resources.networking import DestinationRule, Resolution, ServiceEntry, TrafficPolicy
+from istiopy.mesh.resources.networking import ServicePort as EntryPort
 from istiopy.mesh.store import ConfigStore, selector_matches
 from istiopy.mesh.waypoint_diagnostics import (
     DestinationRuleIndex,
@@ -89,30 +90,57 @@ def scope(proxy: Proxy) -> Hashable:
 
 @dataclass(frozen=True)
 class ServedPort:
-    """One (service, port) the waypoint serves: a filter chain and a route configuration."""
+    """One (Service or ServiceEntry host, port) the waypoint serves: a filter chain and a route config.
 
-    service: Service
-    port: ServicePort
+    ``kind`` is ``Service`` (``service``/``port`` set) or ``ServiceEntry`` (``entry``/``entry_port`` set:
+    an egress waypoint, the destination is outside the mesh and reached directly, not over HBONE)."""
+
+    kind: str
+    name: str
+    namespace: str
     hostname: str
+    number: int
+    port_name: str
+    app_protocol: str
+    vips: tuple[str, ...]
+    service: Service | None = None
+    port: ServicePort | None = None
+    entry: ServiceEntry | None = None
+    entry_port: EntryPort | None = None
+
+    @classmethod
+    def of_service(cls, svc: Service, port: ServicePort) -> ServedPort:
+        return cls(
+            "Service",
+            svc.name,
+            svc.namespace,
+            svc.hostname(DOMAIN),
+            port.port,
+            port.name,
+            port.app_protocol or "",
+            tuple(svc.vips),
+            service=svc,
+            port=port,
+        )
 
     @property
     def http(self) -> bool:
-        """HTTP unless the port says otherwise (appProtocol / name prefix, as Istio's protocol sniffing
-        by name). Waypoints exist for L7, so unknown means HTTP here."""
-        proto = (self.port.app_protocol or self.port.name.split("-", 1)[0]).lower()
-        return proto not in ("tcp", "tls", "mongo", "mysql", "redis")
+        """HTTP unless the port says otherwise (appProtocol / protocol / name prefix, as Istio's protocol
+        selection by name). Waypoints exist for L7, so unknown means HTTP here."""
+        proto = (self.app_protocol or self.port_name.split("-", 1)[0]).lower()
+        return proto not in ("tcp", "tls", "https", "mongo", "mysql", "redis")
 
     @property
     def cluster(self) -> str:
         return (
-            cluster_name(self.port.port, self.hostname)
+            cluster_name(self.number, self.hostname)
             if self.http
-            else tcp_cluster_name(self.port.port, self.hostname)
+            else tcp_cluster_name(self.number, self.hostname)
         )
 
     @property
     def route_name(self) -> str:
-        return cluster_name(self.port.port, self.hostname)
+        return cluster_name(self.number, self.hostname)
 
 
 @dataclass(frozen=True)
@@ -137,6 +165,7 @@ class WaypointPlan:
     store: StoreReader | None = None
     # per-plan indexes: each lookup would otherwise scan the whole store (quadratic in services)
     dr_index: DestinationRuleIndex = field(default_factory=dict)
+    entry_clusters: dict[str, EntryCluster] = field(default_factory=dict)
     pod_index: PodIndex | None = None
     # filled by the route builder: clusters routes refer to (so CDS includes them)
     extra: dict[str, Any] = field(default_factory=dict)
@@ -156,7 +185,35 @@ def served_ports(store: StoreReader, wid: WaypointId) -> list[ServedPort]:
             continue
         for port in svc.spec.ports:
             if port.protocol == "TCP":
-                out.append(ServedPort(svc, port, svc.hostname(DOMAIN)))
+                out.append(ServedPort.of_service(svc, port))
+    for se in typed_list(store, ServiceEntry):
+        if se.spec.resolution not in (Resolution.DNS, Resolution.DNS_ROUND_ROBIN, Resolution.STATIC):
+            continue  # NONE is passthrough: nothing to route to by name
+        if se.spec.workload_selector is not None or not se.spec.addresses:
+            continue  # mesh workloads are reached through their own entries; no VIP, no tunnel target
+        wp = service_waypoint(store, se).waypoint
+        if wp is None or (wp.namespace, wp.name) != (wid.namespace, wid.name):
+            continue
+        vips = tuple(a for a in se.spec.addresses if "/" not in a)
+        for host in se.spec.hosts:
+            if host.startswith("*"):
+                continue
+            for eport in se.spec.ports:
+                proto = (eport.protocol or eport.name.split("-", 1)[0]).lower()
+                out.append(
+                    ServedPort(
+                        "ServiceEntry",
+                        se.name,
+                        se.namespace,
+                        host,
+                        eport.number,
+                        eport.name,
+                        proto,
+                        vips,
+                        entry=se,
+                        entry_port=eport,
+                    )
+                )
     return out
 
 
@@ -227,6 +284,49 @@ def add_cluster(plan: WaypointPlan, svc: Service, port: ServicePort, subset: str
         labels = tuple(sorted(match[0].labels.items()))
     plan.clusters[name] = ClusterTarget(name, svc, port, subset, labels, merged_policy(dr, subset, port.port))
     return name
+
+
+@dataclass(frozen=True)
+class EntryCluster:
+    """A cluster for a ServiceEntry host and port: external endpoints, reached directly (not HBONE)."""
+
+    name: str
+    entry: ServiceEntry
+    host: str
+    port: EntryPort
+    policy: TrafficPolicy | None
+
+    @property
+    def dns(self) -> bool:
+        return self.entry.spec.resolution in (Resolution.DNS, Resolution.DNS_ROUND_ROBIN)
+
+    def targets(self) -> list[tuple[str, int]]:
+        out = [
+            (ep.address, ep.ports.get(self.port.name) or self.port.target_port or self.port.number)
+            for ep in self.entry.spec.endpoints
+            if ep.address and not ep.is_uds
+        ]
+        if self.dns and not out:
+            out = [(self.host, self.port.target_port or self.port.number)]
+        return sorted(set(out))
+
+
+def add_entry_cluster(plan: WaypointPlan, se: ServiceEntry, host: str, port: EntryPort, name: str) -> str:
+    if name not in plan.entry_clusters:
+        dr = destination_rule_for(plan.store, host, se.namespace, plan.dr_index)  # type: ignore[arg-type]
+        plan.entry_clusters[name] = EntryCluster(name, se, host, port, merged_policy(dr, "", port.number))
+    return name
+
+
+def entry_cluster_for(plan: WaypointPlan, host: str, wanted: int | None, incoming: int | None) -> str | None:
+    """The cluster of a served ServiceEntry host (a route destination naming it), or None."""
+    ports = [sp for sp in plan.served if sp.kind == "ServiceEntry" and sp.hostname == host]
+    if not ports:
+        return None
+    pick = next((sp for sp in ports if sp.number == wanted), None) if wanted else None
+    if pick is None and not wanted:
+        pick = next((sp for sp in ports if sp.number == incoming), None) or ports[0]
+    return pick.cluster if pick is not None else None
 
 
 def resolve_destination_port(svc: Service, wanted: int | None, incoming: int | None) -> ServicePort | None:
@@ -333,7 +433,11 @@ def plan_for(store: ConfigStore, proxy: Proxy) -> WaypointPlan | None:
         pod_index=PodIndex(reader),
     )
     for sp in plan.served:
-        if sp.http:
+        if sp.entry is not None and sp.entry_port is not None:
+            add_entry_cluster(plan, sp.entry, sp.hostname, sp.entry_port, sp.cluster)
+        elif sp.service is None or sp.port is None:
+            continue
+        elif sp.http:
             add_cluster(plan, sp.service, sp.port)
         else:
             plan.clusters.setdefault(sp.cluster, ClusterTarget(sp.cluster, sp.service, sp.port, "", (), None))

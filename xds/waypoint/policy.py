@@ -74,7 +74,11 @@ def _targets(refs: list[PolicyTargetReference], ns: str, plan: WaypointPlan, sp:
     for ref in refs:
         group, kind = ref.group_kind
         rns = ref.namespace or ns
-        if kind == "Service" and group == "" and rns == sp.service.namespace and ref.name == sp.service.name:
+        if (group, kind) in (("", "Service"), ("networking.istio.io", "ServiceEntry")) and (
+            kind,
+            rns,
+            ref.name,
+        ) == (sp.kind, sp.namespace, sp.name):
             return True
         if (
             kind == "Gateway"

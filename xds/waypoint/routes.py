@@ -38,9 +38,11 @@ from istiopy.mesh.waypoint_diagnostics import regex_problem, virtual_service_pro
 from istiopy.xds.waypoint import envoy as ev
 from istiopy.xds.waypoint import policy
 from istiopy.xds.waypoint.plan import (
+    DOMAIN,
     ServedPort,
     WaypointPlan,
     add_cluster,
+    entry_cluster_for,
     find_service,
     resolve,
     resolve_destination_port,
@@ -92,13 +94,13 @@ def _routes_for(plan: WaypointPlan, sp: ServedPort) -> list[dict[str, Any]]:
     assert plan.store is not None
     gw_routes = [
         r
-        for r in _http_routes(plan).get((sp.service.namespace, sp.service.name), [])
+        for r in _http_routes(plan).get((sp.namespace, sp.name), [])
         if any(
-            p.kind == "Service"
-            and p.group in ("", "core")
-            and p.name == sp.service.name
-            and (p.namespace or r.namespace) == sp.service.namespace
-            and (p.port is None or p.port == sp.port.port)
+            p.kind == sp.kind
+            and p.group in (("", "core") if sp.kind == "Service" else ("networking.istio.io",))
+            and p.name == sp.name
+            and (p.namespace or r.namespace) == sp.namespace
+            and (p.port is None or p.port == sp.number)
             for p in r.spec.parent_refs
         )
     ]
@@ -121,7 +123,7 @@ def _routes_for(plan: WaypointPlan, sp: ServedPort) -> list[dict[str, Any]]:
                 continue
             matches: list[HTTPMatchRequest | None] = list(rule.match) or [None]
             for j, m in enumerate(matches):
-                if m is not None and m.port and m.port != sp.port.port:
+                if m is not None and m.port and m.port != sp.number:
                     continue
                 route = {"name": f"{vs.namespace}.{vs.name}.{rule.name or i}.{j}", "match": _vs_match(m)}
                 route.update(action)
@@ -136,9 +138,12 @@ def _http_routes(plan: WaypointPlan) -> dict[tuple[str, str], list[GatewayHTTPRo
         assert plan.store is not None
         index = {}
         for r in typed_list(plan.store, GatewayHTTPRoute):
-            for key in {
-                (p.namespace or r.namespace, p.name) for p in r.spec.parent_refs if p.kind == "Service"
-            }:
+            parents = {
+                (p.namespace or r.namespace, p.name)
+                for p in r.spec.parent_refs
+                if p.kind in ("Service", "ServiceEntry")
+            }
+            for key in parents:
                 index.setdefault(key, []).append(r)
         plan.extra["route_index"] = index
     return index
@@ -257,9 +262,13 @@ def _cluster_for(
     plan: WaypointPlan, dest: Destination, namespace: str, incoming: int | None
 ) -> tuple[str, Any] | None:
     """(cluster name, its traffic policy) for a destination; None when the host is no known Service."""
-    svc = find_service(plan.store, resolve(dest.host, namespace))  # type: ignore[arg-type]
+    host = resolve(dest.host, namespace)
+    svc = find_service(plan.store, host)  # type: ignore[arg-type]
     if svc is None:
-        return None
+        if dest.subset:
+            return None
+        name = entry_cluster_for(plan, host, dest.port.number if dest.port else None, incoming)
+        return None if name is None else (name, plan.entry_clusters[name].policy)
     port = resolve_destination_port(svc, dest.port.number if dest.port else None, incoming)
     if port is None:
         return None
@@ -421,7 +430,7 @@ def _vs_action(
     dests = [d for d in rule.route if d.weight > 0] or rule.route[:1]
     targets = []
     for d in dests:
-        hit = _cluster_for(plan, d.destination, vs.namespace, sp.port.port)
+        hit = _cluster_for(plan, d.destination, vs.namespace, sp.number)
         if hit is None:
             return None  # a destination we cannot reach: leave the whole rule out (never half a split)
         targets.append((hit, d))
@@ -469,7 +478,7 @@ def _vs_action(
     mirrors += [(m.destination, m.percentage.value if m.percentage else None) for m in rule.mirrors]
     policies = []
     for dest, pct in mirrors:
-        hit = _cluster_for(plan, dest, vs.namespace, sp.port.port)
+        hit = _cluster_for(plan, dest, vs.namespace, sp.number)
         if hit is not None:
             policies.append({"cluster": hit[0], "runtime_fraction": {"default_value": _percent(pct)}})
     if policies:
@@ -600,7 +609,7 @@ def _gw_action(
                 else (100.0 * rm.fraction.numerator / rm.fraction.denominator if rm.fraction else None)
             )
             dest = Destination(
-                host=rm.backend_ref.name + "." + (rm.backend_ref.namespace or r.namespace),
+                host=f"{rm.backend_ref.name}.{rm.backend_ref.namespace or r.namespace}.svc.{DOMAIN}",
                 port={"number": rm.backend_ref.port} if rm.backend_ref.port else None,
             )
             mirrors.append((dest, pct))
@@ -614,9 +623,10 @@ def _gw_action(
         if b.kind != "Service" or b.group not in ("", "core"):
             return None
         dest = Destination(
-            host=f"{b.name}.{b.namespace or r.namespace}", port={"number": b.port} if b.port else None
+            host=f"{b.name}.{b.namespace or r.namespace}.svc.{DOMAIN}",
+            port={"number": b.port} if b.port else None,
         )
-        hit = _cluster_for(plan, dest, r.namespace, sp.port.port)
+        hit = _cluster_for(plan, dest, r.namespace, sp.number)
         if hit is None:
             return None
         entry: dict[str, Any] = {"name": hit[0], "weight": b.weight or 1}
@@ -640,7 +650,7 @@ def _gw_action(
             action["retry_policy"] = {"per_try_timeout": ev.dur(duration_seconds(timeouts.backend_request))}
     policies = []
     for dest, pct in mirrors:
-        hit = _cluster_for(plan, dest, r.namespace, sp.port.port)
+        hit = _cluster_for(plan, dest, r.namespace, sp.number)
         if hit is not None:
             policies.append({"cluster": hit[0], "runtime_fraction": {"default_value": _percent(pct)}})
     if policies:
