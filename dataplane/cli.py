@@ -26,7 +26,7 @@ import grpc
 import istiopy
 from istiopy.api.ca_client import CaClient, token_file_source
 from istiopy.api.xds_client import DeltaXdsClient
-from istiopy.dataplane import sockets
+from istiopy.dataplane import fastpath, sockets
 from istiopy.dataplane.admin import LocalWorkloadInfo
 from istiopy.dataplane.identity import SecretManager, ca_fetcher
 from istiopy.dataplane.proxy import ProxyConfig, Ztunnel, build_node
@@ -120,6 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--instance-ip", default=_env("INSTANCE_IP", "127.0.0.1"), help="[INSTANCE_IP]")
     n.add_argument("--network", default=_env("NETWORK", ""))
     n.add_argument(
+        "--byte-path",
+        choices=("c", "python"),
+        default=None,
+        help="established-tunnel byte path: the C extension or the pure-Python twin [ISTIOPY_BYTE_PATH] "
+        "(default: c when built)",
+    )
+    n.add_argument(
         "--zds-socket",
         default=_env("INPOD_UDS", DEFAULT_ZDS),
         help="unix socket the node agent hands pods over [INPOD_UDS] (default: %(default)s)",
@@ -179,6 +186,7 @@ async def run(args: argparse.Namespace) -> int:
         cluster_id=args.cluster_id,
         trust_domain=args.trust_domain,
         network=args.network,
+        byte_path=fastpath.byte_path(args.byte_path),
     )
     ca = CaClient.connect(
         args.ca_address or args.xds_address,

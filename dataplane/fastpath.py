@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -156,6 +157,18 @@ class FastStream:
         if not self.done.done() and self._fp._engine is not None:
             self._fp._engine.reset(self.id)
 
+    def attach(self, app: socket.socket | TcpStream) -> None:
+        """Hand the app side of a stream opened with ``app=None`` to the engine (bytes flow from now on).
+        A TcpStream's ``reset`` is redirected here, so callers that keep it (policy re-checks) still work."""
+        fd, buffered = _take_fd(app)
+        if isinstance(app, TcpStream):
+            app.reset = self.reset  # type: ignore[method-assign]
+        self._fp._require().attach(self.id, fd, buffered)
+
+    # ByteStream-ish surface for callers that only close or reset what they were given
+    async def aclose(self) -> None:
+        self.reset()
+
 
 class FastConn:
     """A client HBONE connection in the engine (mTLS and h2 done in C; identity checked here)."""
@@ -177,13 +190,14 @@ class FastConn:
         return not self.closed and len(self.streams) < self.max_streams
 
     async def open(
-        self, app: socket.socket | TcpStream, authority: str, headers: Sequence[tuple[str, str]] = ()
+        self, app: socket.socket | TcpStream | None, authority: str, headers: Sequence[tuple[str, str]] = ()
     ) -> FastStream:
-        """Send CONNECT ``authority``; on 200 the engine relays ``app`` (which it now owns) to the stream.
-        Any other answer raises :class:`HboneError` with the status (the app side is reset by the engine)."""
+        """Send CONNECT ``authority``; on 200 the engine relays ``app`` (which it now owns) to the stream,
+        or, with ``app=None``, keeps the stream for :meth:`FastStream.attach`. Any other answer raises
+        :class:`HboneError` with the status (the app side is reset by the engine)."""
         if self.closed:
             raise HboneError(f"connection closed: {self.down.result()}")
-        fd, buffered = _take_fd(app)
+        fd, buffered = _take_fd(app) if app is not None else (-1, b"")
         if buffered:
             raise HboneError("app bytes already consumed by asyncio; pass a plain socket")
         eng = self._fp._require()
@@ -194,7 +208,7 @@ class FastConn:
         status_wait = asyncio.ensure_future(st.status)
         waiting: list[asyncio.Future[Any]] = [status_wait, st.done]
         await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-        if status_wait.done():
+        if status_wait.done() and not status_wait.cancelled():
             status = status_wait.result()
             if status == 200:
                 return st
@@ -279,6 +293,8 @@ class _ServerConn:
             upstream.reset()
             return
         fd, buffered = _take_fd(upstream)
+        if isinstance(upstream, TcpStream):  # callers keep it to reset on policy change: reach the engine
+            upstream.reset = st.reset  # type: ignore[method-assign]
         eng.accept(st.id, self.id, sid, fd, buffered)
         result = await st.result()
         if decision.on_done is not None:
@@ -371,6 +387,9 @@ class FastPath:
                     if data:
                         s.sendall(data)
         st = self._register(self._require().relay(fa, fb))
+        for side in (a, b):
+            if isinstance(side, TcpStream):
+                side.reset = st.reset  # type: ignore[method-assign]
         return await st.result()
 
     async def connect(
@@ -456,3 +475,240 @@ class FastPath:
                 c.up.exception()
         self._streams.clear()
         self._conns.clear()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Drop-in replacements for the pure-Python HboneServer / HbonePool / relay, used by ztunnel-py's core when
+# its byte path is "c". One engine per event loop, shared and reference-counted by its users.
+
+_engines: dict[int, tuple[FastPath, int]] = {}
+
+
+def _acquire() -> FastPath:
+    key = id(asyncio.get_running_loop())
+    fp, n = _engines.get(key, (None, 0))
+    if fp is None or fp._engine is None:
+        fp, n = FastPath(), 0
+    _engines[key] = (fp, n + 1)
+    return fp
+
+
+async def _release(fp: FastPath) -> None:
+    key = id(fp._loop)
+    cur, n = _engines.get(key, (None, 0))
+    if cur is not fp:
+        return
+    if n <= 1:
+        _engines.pop(key, None)
+        await fp.close()
+    else:
+        _engines[key] = (fp, n - 1)
+
+
+BundlePicker = CertBundle | Callable[[str], CertBundle]
+
+
+class FastHboneServer:
+    """``HboneServer`` with the byte path in C: the same ``on_connect`` decisions, status codes and
+    ``Accept.on_done`` byte counts; ``bundle`` may pick a certificate by local (destination) IP."""
+
+    def __init__(
+        self,
+        on_connect: OnConnect,
+        bundle: BundlePicker,
+        *,
+        trust_domain: str | None = None,
+        handshake_timeout: float = 10.0,
+    ) -> None:
+        self.on_connect = on_connect
+        self.bundle = bundle
+        self.trust_domain = trust_domain
+        self.handshake_timeout = handshake_timeout
+        self._fp: FastPath | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._listeners: list[socket.socket] = []
+        self.handshake_failures = 0
+
+    @property
+    def connections(self) -> int:
+        return self._fp.stats()["conns_active"] if self._fp is not None and self._fp._engine else 0
+
+    async def serve(self, sock: socket.socket) -> asyncio.Task[None]:
+        if self._fp is None:
+            self._fp = _acquire()
+        sock.setblocking(False)
+        self._listeners.append(sock)
+        t = asyncio.ensure_future(self._accept_loop(sock))
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+        return t
+
+    async def _accept_loop(self, lsock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                s, _ = await loop.sock_accept(lsock)
+            except OSError:
+                return  # listener closed
+            t = asyncio.ensure_future(self.handle_socket(s))
+            self._tasks.add(t)
+            t.add_done_callback(self._tasks.discard)
+
+    async def handle_socket(self, sock: socket.socket) -> None:
+        if self._fp is None:
+            self._fp = _acquire()
+        try:
+            local = sock.getsockname()
+            bundle = self.bundle if isinstance(self.bundle, CertBundle) else self.bundle(local[0])
+        except (OSError, ConnectionError, LookupError, ValueError) as e:
+            self.handshake_failures += 1
+            log.debug("HBONE connection refused before the handshake: %r", e)
+            sock.close()
+            return
+        await self._fp.serve(
+            sock,
+            bundle,
+            self.on_connect,
+            trust_domain=self.trust_domain,
+            handshake_timeout=self.handshake_timeout,
+        )
+
+    async def close(self) -> None:
+        for ls in self._listeners:
+            ls.close()
+        self._listeners.clear()
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._fp is not None:
+            fp, self._fp = self._fp, None
+            await _release(fp)
+
+
+Dialer = Callable[[tuple[str, int]], Awaitable[socket.socket]]
+
+
+class FastPool:
+    """``HbonePool`` with the byte path in C: connections per key, at most ``max_streams_per_conn``
+    streams each, closed after ``idle_timeout`` without streams. ``open_stream`` returns a
+    :class:`FastStream` already answered 200, whose app side :func:`relay` attaches."""
+
+    def __init__(
+        self,
+        max_streams_per_conn: int = DEFAULT_MAX_STREAMS,
+        idle_timeout: float = 300.0,
+        connect_timeout: float = 10.0,
+    ) -> None:
+        self.max_streams = max_streams_per_conn
+        self.idle_timeout = idle_timeout
+        self.connect_timeout = connect_timeout
+        self._fp: FastPath | None = None
+        self._conns: dict[Any, list[FastConn]] = {}
+        self._locks: dict[Any, asyncio.Lock] = {}
+        self._idle: dict[int, asyncio.TimerHandle] = {}
+
+    def connection_count(self, key: Any = None) -> int:
+        lists = [self._conns.get(key, [])] if key is not None else list(self._conns.values())
+        return sum(1 for cs in lists for c in cs if not c.closed)
+
+    async def _conn(
+        self,
+        key: Any,
+        dst: tuple[str, int],
+        bundle: CertBundle,
+        expected: Collection[SpiffeId] | None,
+        connect: Dialer | None,
+    ) -> FastConn:
+        if self._fp is None:
+            self._fp = _acquire()
+        async with self._locks.setdefault(key, asyncio.Lock()):
+            live = [c for c in self._conns.get(key, []) if not c.closed]
+            self._conns[key] = live
+            for c in live:
+                if len(c.streams) < self.max_streams:
+                    return c
+            if connect is not None:
+                sock = await asyncio.wait_for(connect(dst), self.connect_timeout)
+            else:
+                loop = asyncio.get_running_loop()
+                sock = socket.socket(socket.AF_INET6 if ":" in dst[0] else socket.AF_INET)
+                sock.setblocking(False)
+                try:
+                    await asyncio.wait_for(loop.sock_connect(sock, dst), self.connect_timeout)
+                except BaseException:
+                    sock.close()
+                    raise
+            c = await self._fp.connect(sock, bundle, expected, handshake_timeout=self.connect_timeout)
+            c.max_streams = self.max_streams
+            live.append(c)
+            return c
+
+    async def open_stream(
+        self,
+        key: Any,
+        dst: tuple[str, int],
+        authority: str,
+        headers: Sequence[tuple[str, str]],
+        bundle: CertBundle,
+        *,
+        expected_identities: Collection[SpiffeId] | None = None,
+        connect: Dialer | None = None,
+    ) -> FastStream:
+        conn = await self._conn(key, dst, bundle, expected_identities, connect)
+        timer = self._idle.pop(conn.id, None)
+        if timer is not None:
+            timer.cancel()
+        st = await conn.open(None, authority, headers)
+        st.done.add_done_callback(functools.partial(self._idle_check, conn))
+        return st
+
+    def _idle_check(self, conn: FastConn, _done: object) -> None:
+        # runs before FastConn drops the stream from conn.streams (callback order): defer one tick
+        asyncio.get_running_loop().call_soon(self._maybe_idle, conn)
+
+    def _maybe_idle(self, conn: FastConn) -> None:
+        if conn.closed or conn.streams or self._fp is None:
+            return
+        old = self._idle.pop(conn.id, None)
+        if old is not None:
+            old.cancel()
+        self._idle[conn.id] = self._fp._loop.call_later(self.idle_timeout, self._close_idle, conn)
+
+    def _close_idle(self, conn: FastConn) -> None:
+        self._idle.pop(conn.id, None)
+        if not conn.streams:
+            conn.close()
+
+    async def close(self) -> None:
+        for t in self._idle.values():
+            t.cancel()
+        self._idle.clear()
+        for cs in self._conns.values():
+            for c in cs:
+                c.close()
+        self._conns.clear()
+        if self._fp is not None:
+            fp, self._fp = self._fp, None
+            await _release(fp)
+
+
+async def relay(a: Any, b: Any, *, splice: bool = False) -> RelayResult:
+    """``hbone.relay`` that hands the bytes to C when it can: a :class:`FastStream` on either side is
+    attached to the other (an app socket); two plain TCP legs are spliced when ``splice``; anything else
+    runs the Python relay. Byte counts keep ``hbone.relay``'s meaning (a_to_b: from ``a`` to ``b``)."""
+    from istiopy.dataplane import hbone
+
+    if isinstance(b, FastStream):
+        b.attach(a)
+        return await b.result()  # up (app -> tunnel) is a -> b
+    if isinstance(a, FastStream):
+        a.attach(b)
+        r = await a.result()
+        return RelayResult(r.b_to_a, r.a_to_b, r.error)
+    if splice and available() and isinstance(a, TcpStream) and isinstance(b, TcpStream):
+        fp = _acquire()
+        try:
+            return await fp.relay(a, b)
+        finally:
+            await _release(fp)
+    return await hbone.relay(a, b)

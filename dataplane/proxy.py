@@ -35,7 +35,7 @@ from typing import Any
 
 from istiopy.api.identity import DEFAULT_TRUST_DOMAIN, SpiffeId
 from istiopy.api.xds_client import DeltaUpdate, DeltaXdsClient
-from istiopy.dataplane import sockets
+from istiopy.dataplane import fastpath, sockets
 from istiopy.dataplane.admin import AdminServer, AdminSources, LocalWorkloadInfo
 from istiopy.dataplane.hbone import (
     Accept,
@@ -50,7 +50,6 @@ from istiopy.dataplane.hbone import (
     TcpStream,
     build_baggage,
     hbone_headers,
-    relay,
 )
 from istiopy.dataplane.identity import SecretManager
 from istiopy.dataplane.inbound import InboundAuthorizer, InboundRefused
@@ -86,6 +85,8 @@ class ProxyConfig:
     pool_idle_timeout: float = 300.0
     connect_timeout: float = 10.0
     preserve_source_ip: bool = True  # [ENABLE_ORIG_SRC]: the app sees the client's IP, not the pod's
+    # "c" (istiopy.dataplane.fastpath) or "python" (hbone.py); [ISTIOPY_BYTE_PATH], the CLI's --byte-path
+    byte_path: str = field(default_factory=lambda: os.environ.get(fastpath.BYTE_PATH_ENV, "python"))
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -146,7 +147,11 @@ class _PodProxy:
         self.info = info
         self.netns = netns
         self.netns_fd = netns.fd
-        self.hbone = HboneServer(self.on_connect, self._server_ctx, trust_domain=None)
+        self.hbone: HboneServer | fastpath.FastHboneServer = (
+            fastpath.FastHboneServer(self.on_connect, self._server_bundle)
+            if zt.config.byte_path == "c"
+            else HboneServer(self.on_connect, self._server_ctx, trust_domain=None)
+        )
         self._servers: list[asyncio.Server] = []
         self._tasks: set[asyncio.Task[None]] = set()
         # Live inbound connections with what their authorization was decided on, so a policy change can
@@ -174,6 +179,12 @@ class _PodProxy:
         """The pod's addresses per WDS; empty (refuse everything) while WDS does not know the pod yet."""
         wl = self.workload
         return set(wl.addresses) if wl is not None else set()
+
+    def _server_bundle(self, _local_ip: str) -> Any:
+        bundle = self.zt.secrets.current(self.identity)
+        if bundle is None:
+            raise ConnectionRefusedError(f"no certificate for {self.identity} yet")
+        return bundle
 
     def _server_ctx(self, _local_ip: str) -> Any:
         ctx = self.zt.secrets.server_context_nowait(self.identity)
@@ -336,7 +347,7 @@ class _PodProxy:
         )
         self.inbound_conns[conn.id] = (target.connection, target.workload.uid, upstream)
         try:
-            result = await relay(down, upstream)
+            result = await fastpath.relay(down, upstream, splice=self.zt.config.byte_path == "c")
         finally:
             self.inbound_conns.pop(conn.id, None)
         self.zt.tracker.add_bytes(conn, received=result.a_to_b, sent=result.b_to_a)
@@ -399,7 +410,7 @@ class _PodProxy:
             protocol=plan.protocol,
             labels=labels,
         )
-        result = await relay(down, upstream)
+        result = await fastpath.relay(down, upstream, splice=self.zt.config.byte_path == "c")
         if result.error is not None:
             log.debug("outbound %s -> %s ended with %r", _addr(peer), _addr(dst), result.error)
         self.zt.tracker.add_bytes(conn, sent=result.a_to_b, received=result.b_to_a)
@@ -407,7 +418,11 @@ class _PodProxy:
 
     async def _open_hbone(self, plan: OutboundPlan, peer: tuple[str, int]) -> Any:
         src_id = self.identity
-        ctx = await self.zt.secrets.client_context(src_id)
+        ctx: Any = (
+            await self.zt.secrets.fetch(src_id)  # the C path takes the PEM bundle, not an SSLContext
+            if self.zt.config.byte_path == "c"
+            else await self.zt.secrets.client_context(src_id)
+        )
         wl = self.workload
         baggage = build_baggage(
             cluster=wl.cluster_id or self.zt.config.cluster_id if wl else self.zt.config.cluster_id,
@@ -478,7 +493,7 @@ class Ztunnel:
         self.outbound = OutboundResolver(self.state)
         self.inbound = InboundAuthorizer(self.state)
         self.pods: dict[str, _PodProxy] = {}
-        self._pools: dict[str, HbonePool] = {}
+        self._pools: dict[str, HbonePool | fastpath.FastPool] = {}
         self._stream_seen: dict[str, int] = {}  # type URL -> xDS client connect count of its last response
         self.xds = xds
         self.stopped = asyncio.Event()
@@ -599,10 +614,11 @@ class Ztunnel:
         for uid in [u for u in self.pods if u not in wanted]:
             await self.remove_pod(uid)
 
-    def pool_for(self, uid: str) -> HbonePool:
+    def pool_for(self, uid: str) -> HbonePool | fastpath.FastPool:
         pool = self._pools.get(uid)
         if pool is None:
-            pool = self._pools[uid] = HbonePool(
+            cls = fastpath.FastPool if self.config.byte_path == "c" else HbonePool
+            pool = self._pools[uid] = cls(
                 max_streams_per_conn=self.config.pool_max_streams,
                 idle_timeout=self.config.pool_idle_timeout,
                 connect_timeout=self.config.connect_timeout,

@@ -32,7 +32,7 @@
 
 #define PIPE_CAP (256 * 1024)
 #define UP_CAP (256 * 1024)
-#define OUT_CAP (128 * 1024)
+#define OUT_CAP (256 * 1024)
 #define READ_BUF (64 * 1024)
 #define STREAM_WINDOW (4 * 1024 * 1024)
 #define CONN_WINDOW (16 * 1024 * 1024)
@@ -136,7 +136,7 @@ typedef struct cmd {
     char *hdrs;
     size_t hdrs_len;
 } cmd;
-enum { C_RELAY = 1, C_CONN, C_OPEN, C_ACCEPT, C_REJECT, C_RESET, C_CLOSE };
+enum { C_RELAY = 1, C_CONN, C_OPEN, C_ACCEPT, C_REJECT, C_RESET, C_CLOSE, C_ATTACH };
 
 struct fp_engine {
     int ep, wake_fd, ev_fd;
@@ -1061,7 +1061,7 @@ static void do_conn(fp_engine *e, uint64_t id, int fd, SSL_CTX *ctx, int server)
 static void do_open(fp_engine *e, uint64_t id, uint64_t conn_id, int app_fd, char *hdrs, size_t hl) {
     obj *o = tbl_get(e, conn_id);
     if (!o || o->type != T_CONN || !((struct fp_conn *)o)->up) {
-        close_rst(app_fd);
+        if (app_fd >= 0) close_rst(app_fd);
         emit(e, FP_EV_DONE, id, 0, 0, 0, 0, "no such connection", NULL, 0);
         return;
     }
@@ -1078,8 +1078,8 @@ static void do_open(fp_engine *e, uint64_t id, uint64_t conn_id, int app_fd, cha
     }
     stream *st = stream_new(c, id);
     st->client = 1;
-    st->app_fd = app_fd;
-    set_nonblock(app_fd);
+    st->app_fd = app_fd; /* -1: the app is attached later (fp_cmd_attach), tunnel bytes wait meanwhile */
+    if (app_fd >= 0) set_nonblock(app_fd);
     nghttp2_data_provider prd = {.source.ptr = st, .read_callback = data_read_cb};
     int32_t sid = nghttp2_submit_request(c->s, NULL, nva, n, &prd, st);
     if (sid < 0) {
@@ -1133,6 +1133,32 @@ static void do_answer(fp_engine *e, uint64_t id, uint64_t conn_id, int32_t sid, 
     conn_flush(c);
 }
 
+/* Give an open client stream its app socket (and bytes Python had already read from it). */
+static void do_attach(fp_engine *e, uint64_t id, int app_fd, const char *prefix, size_t plen) {
+    obj *o = tbl_get(e, id);
+    stream *st = o && o->type == T_STREAM ? (stream *)o : NULL;
+    if (!st || st->app_fd >= 0) {
+        close_rst(app_fd);
+        if (!st) emit(e, FP_EV_DONE, id, 0, 0, 0, 0, "stream gone", NULL, 0);
+        return;
+    }
+    st->app_fd = app_fd;
+    set_nonblock(app_fd);
+    if (plen > 0) { /* nothing was read from the app yet, so the whole buffer is free */
+        if (!st->up) st->up = xcalloc(1, UP_CAP);
+        size_t n = plen < UP_CAP - st->up_len ? plen : UP_CAP - st->up_len;
+        memcpy(st->up + st->up_len, prefix, n);
+        st->up_len += n;
+        if (st->deferred) {
+            st->deferred = 0;
+            nghttp2_session_resume_data(st->c->s, st->sid);
+        }
+    }
+    struct fp_conn *c = st->c;
+    stream_pump_app(st);
+    if (!c->o.dead) conn_flush(c);
+}
+
 static void do_reset(fp_engine *e, uint64_t id) {
     obj *o = tbl_get(e, id);
     if (!o) return;
@@ -1175,6 +1201,7 @@ static void run_cmds(fp_engine *e) {
         case C_REJECT: do_answer(e, 0, c->conn, c->stream, -1, c->status, NULL, 0); break;
         case C_RESET: do_reset(e, c->id); break;
         case C_CLOSE: do_close(e, c->id); break;
+        case C_ATTACH: do_attach(e, c->id, c->fd, c->hdrs, c->hdrs_len); break;
         }
         free(c->hdrs);
         free(c);
@@ -1372,6 +1399,19 @@ void fp_cmd_reject(fp_engine *e, uint64_t conn, int32_t sid, int status) {
     c->conn = conn;
     c->stream = sid;
     c->status = status;
+    push(e, c, 0);
+}
+
+void fp_cmd_attach(fp_engine *e, uint64_t id, int app_fd, const char *prefix, size_t plen) {
+    cmd *c = xcalloc(1, sizeof *c);
+    c->op = C_ATTACH;
+    c->id = id;
+    c->fd = app_fd;
+    if (plen) {
+        c->hdrs = xcalloc(1, plen);
+        memcpy(c->hdrs, prefix, plen);
+        c->hdrs_len = plen;
+    }
     push(e, c, 0);
 }
 

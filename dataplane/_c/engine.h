@@ -57,6 +57,7 @@ uint64_t fp_cmd_open(fp_engine *e, uint64_t conn, int app_fd, const char *hdrs, 
 uint64_t fp_cmd_accept(fp_engine *e, uint64_t id, uint64_t conn, int32_t stream, int app_fd, const char *prefix,
                        size_t plen);
 void fp_cmd_reject(fp_engine *e, uint64_t conn, int32_t stream, int status);
+void fp_cmd_attach(fp_engine *e, uint64_t id, int app_fd, const char *prefix, size_t plen); /* open(fd=-1) */
 void fp_cmd_reset(fp_engine *e, uint64_t id);
 void fp_cmd_close(fp_engine *e, uint64_t conn);
 

@@ -176,6 +176,21 @@ static PyObject *engine_accept(Engine *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+static PyObject *engine_attach(Engine *self, PyObject *args) {
+    unsigned long long id;
+    int fd;
+    const char *prefix = "";
+    Py_ssize_t plen = 0;
+    fp_engine *e = live(self);
+    if (!e || !PyArg_ParseTuple(args, "Ki|y#", &id, &fd, &prefix, &plen)) return NULL;
+    if (plen > 256 * 1024) {
+        PyErr_SetString(PyExc_ValueError, "prefix larger than the stream buffer");
+        return NULL;
+    }
+    fp_cmd_attach(e, id, fd, prefix, (size_t)plen);
+    Py_RETURN_NONE;
+}
+
 static PyObject *engine_reject(Engine *self, PyObject *args) {
     unsigned long long conn;
     int sid, status;
@@ -275,6 +290,7 @@ static PyMethodDef engine_methods[] = {
     {"conn", (PyCFunction)engine_conn, METH_VARARGS, "conn(fd, tls|None, server) -> id: an HBONE connection"},
     {"open", (PyCFunction)engine_open, METH_VARARGS, "open(conn, app_fd, headers) -> id: a CONNECT stream"},
     {"accept", (PyCFunction)engine_accept, METH_VARARGS, "accept(id, conn, stream, app_fd, prefix=b''): answer 200"},
+    {"attach", (PyCFunction)engine_attach, METH_VARARGS, "attach(id, app_fd, prefix=b''): app of open(fd=-1)"},
     {"reject", (PyCFunction)engine_reject, METH_VARARGS, "reject(conn, stream, status)"},
     {"reset", (PyCFunction)engine_reset, METH_VARARGS, "reset(id): abort a relay/stream/connection"},
     {"close_conn", (PyCFunction)engine_close_conn, METH_VARARGS, "close_conn(conn): GOAWAY and close"},
