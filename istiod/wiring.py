@@ -174,7 +174,11 @@ async def start_istiod(options: IstiodOptions) -> Istiod:
         plane.store,
         registry,
         server_options,
-        authenticate=stream_authenticator(authenticators, AuthenticationError),
+        # A plaintext listener means development mode: a stream with no credential at all is served without
+        # identity (and SDS gives it nothing); one *with* a bad credential is still refused.
+        authenticate=stream_authenticator(
+            authenticators, AuthenticationError, required=options.plaintext_port is None
+        ),
         monitoring_host=options.host,
         monitoring_port=options.monitoring_port,
         debounce_after=options.debounce_after,

@@ -44,6 +44,7 @@ class Istiod:
         self.proc: subprocess.Popen[bytes] | None = None
         self.ports: dict[str, int] = {}
         self.state_flag = ["--state-dir", str(self.state)]
+        self.extra_flags: list[str] = []
 
     def start(self) -> Istiod:
         with contextlib.suppress(FileNotFoundError):
@@ -57,7 +58,15 @@ class Istiod:
             "--extra-config-dir",
             str(self.extra),
         ]
-        argv += ["--state-dir", str(self.state), "--xds-port", "0", "--monitoring-port", "0"]
+        argv += [
+            "--state-dir",
+            str(self.state),
+            "--xds-port",
+            "0",
+            "--monitoring-port",
+            "0",
+            *self.extra_flags,
+        ]
         self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, cwd=self.tmp)
         deadline = time.monotonic() + 30
         while not (self.state / "ports").exists():
@@ -196,3 +205,49 @@ def test_root_persists_across_restarts_and_port_in_use_is_one_line(istiod: Istio
         assert "error" in busy.stderr
     finally:
         again.stop()
+
+
+def test_tokens_instead_of_client_certificates_and_explicit_plaintext(tmp_path: Path) -> None:
+    d = Istiod(tmp_path)
+    d.extra_flags = ["--allow-tokens", "--plaintext-port", "0"]
+    d.start()
+    try:
+        token = subprocess.run(
+            [
+                sys.executable,
+                "-P",
+                "-m",
+                "istiopy.ca",
+                "token",
+                "--tokens-file",
+                str(d.state / "tokens.yaml"),
+                "--identity",
+                "istio-system/ztunnel",
+                "--node",
+                "node-1",
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        roots = (d.state / "root-cert.pem").read_text()
+
+        async def fetch() -> None:
+            ca = CaClient.connect(f"127.0.0.1:{d.ports['tls']}", roots, token_source=lambda: token)
+            try:
+                bundle = await ca.fetch(SpiffeId("cluster.local", "frontend", "frontend"), impersonate=True)
+                assert bundle.identity == SpiffeId("cluster.local", "frontend", "frontend")
+            finally:
+                await ca.close()
+            plain = DeltaXdsClient(
+                f"127.0.0.1:{d.ports['plaintext']}",
+                _node("ztunnel~10.10.0.1~z.istio-system~istio-system.svc.cluster.local"),
+                backoff_initial=0.05,
+            )
+            plain.subscribe(ADDRESS_TYPE)
+            async with plain, asyncio.timeout(20):
+                await plain.wait_for(lambda c: bool(c.resources(ADDRESS_TYPE)))
+
+        asyncio.run(fetch())
+    finally:
+        d.stop()
