@@ -32,6 +32,7 @@ from istiopy.mesh.resources.gateway import Gateway
 from istiopy.mesh.resources.networking import Destination, DestinationRule, ServiceEntry, VirtualService
 from istiopy.mesh.resources.security import AuthorizationPolicy
 from istiopy.mesh.store import selector_matches
+from istiopy.mesh.waypoint_diagnostics import waypoint_diagnostics as waypoint_diagnostics_of
 
 __all__ = [
     "ANALYZERS",
@@ -42,6 +43,7 @@ __all__ = [
     "destination_rule_diagnostics",
     "diagnostics_for",
     "virtual_service_diagnostics",
+    "waypoint_config_diagnostics",
     "waypoint_diagnostics",
 ]
 
@@ -284,12 +286,30 @@ def _labels(labels: Mapping[str, str]) -> str:
     return ",".join(f"{k}={v}" for k, v in sorted(labels.items())) or "no labels"
 
 
+_WAYPOINT_SEVERITY: dict[str, Severity] = {"InvalidRegex": "Error", "InvalidJwks": "Error"}
+
+
+def waypoint_config_diagnostics(store: StoreReader, settings: MeshSettings) -> list[Diagnostic]:
+    """What the waypoint generator leaves out or enforces fail-closed (``mesh.waypoint_diagnostics``):
+    RE2-incompatible regexes, broken inline JWKS, CUSTOM policies at a waypoint. Unknown subsets are
+    reported by ``virtualservice.destinations`` already (with upstream's IST0101 wording)."""
+    out: list[Diagnostic] = []
+    for d in waypoint_diagnostics_of(store):
+        if d.reason == "ReferencedResourceNotFound":
+            continue
+        out.append(
+            Diagnostic(d.resource, d.field, d.reason, d.message, _WAYPOINT_SEVERITY.get(d.reason, "Warning"))
+        )
+    return out
+
+
 Analyzer = Callable[[StoreReader, MeshSettings], list[Diagnostic]]
 ANALYZERS: dict[str, Analyzer] = {
     "ambient.authorizationpolicy": authorization_policy_diagnostics,
     "ambient.waypoint": waypoint_diagnostics,
     "virtualservice.destinations": virtual_service_diagnostics,
     "destinationrule.subsets": destination_rule_diagnostics,
+    "waypoint.config": waypoint_config_diagnostics,
 }
 
 

@@ -156,3 +156,35 @@ spec: {rules: [{from: [{source: {namespaces: [shop]}}]}]}
     assert (
         capsys.readouterr().out.strip() == "\u2714 No validation issues found when analyzing namespace: shop."
     )
+
+
+def test_waypoint_generator_findings_are_reported_once() -> None:
+    store = store_from(
+        """
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: ext, namespace: default}
+spec:
+  targetRefs: [{kind: Service, group: "", name: reviews}]
+  action: CUSTOM
+  provider: {name: opa}
+  rules: [{}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: reviews, namespace: default}
+spec: {clusterIP: 10.96.0.5, selector: {app: reviews}, ports: [{port: 9080}]}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews, namespace: default}
+spec:
+  hosts: [reviews]
+  http: [{route: [{destination: {host: reviews, subset: v9}}]}]
+"""
+    )
+    found = analyze(store)
+    ext = [d for d in found if d.resource == ResourceKey("AuthorizationPolicy", "default", "ext")]
+    assert ("spec.action", "UnsupportedValue") in [(d.field, d.reason) for d in ext]
+    vs = [d for d in found if d.resource == ResourceKey("VirtualService", "default", "reviews")]
+    assert [(d.code, d.field) for d in vs] == [("IST0101", "spec.http[0].route[0].destination.subset")]
