@@ -19,11 +19,14 @@ import argparse
 import collections
 import contextlib
 import itertools
+import json
 import re
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -47,7 +50,7 @@ class Call:
 
 
 def _console() -> Console:
-    return Console(highlight=False, width=None if sys.stdout.isatty() else 150)
+    return Console(highlight=False, width=None if sys.stdout.isatty() else 200)
 
 
 def _targets(mesh: Mesh) -> list[tuple[str, int, str]]:
@@ -108,12 +111,72 @@ def _short(spiffe: str) -> str:
     return spiffe.removeprefix("spiffe://").split("/", 1)[-1].replace("ns/", "").replace("/sa/", "/")
 
 
+def _policies(mesh: Mesh) -> list[dict[str, Any]]:
+    """The AuthorizationPolicies istiod-py holds now (its ``/debug/configz``), to name who decided."""
+    try:
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{mesh.ports['monitoring']}/debug/configz", timeout=5
+        ) as r:
+            data = json.loads(r.read())
+    except (OSError, ValueError):
+        return []
+    return [x for x in data.get("resources", []) if x.get("kind") == "AuthorizationPolicy"]
+
+
+def _name(p: dict[str, Any]) -> str:
+    m = p.get("metadata") or {}
+    action = (p.get("spec") or {}).get("action") or "ALLOW"
+    return f"{m.get('namespace')}/{m.get('name')} ({action})"
+
+
+def _l4_for(pod: MeshPod, policies: list[dict[str, Any]]) -> list[str]:
+    """Policies ztunnel applies to ``pod``: selector (or none) in its namespace, or the root namespace."""
+    out = []
+    for p in policies:
+        spec, ns = p.get("spec") or {}, (p.get("metadata") or {}).get("namespace")
+        if spec.get("targetRefs") or spec.get("targetRef"):
+            continue
+        if ns not in (pod.namespace, "istio-system"):
+            continue
+        sel = (spec.get("selector") or {}).get("matchLabels") or {}
+        if all(pod.labels.get(k) == v for k, v in sel.items()):
+            out.append(_name(p))
+    return out
+
+
+def _l7_for(target: str, policies: list[dict[str, Any]]) -> list[str]:
+    """Policies the waypoint applies to Service ``target`` (``targetRefs`` naming it)."""
+    ns, name = target.split("/")
+    out = []
+    for p in policies:
+        spec = p.get("spec") or {}
+        refs = list(spec.get("targetRefs") or []) + ([spec["targetRef"]] if spec.get("targetRef") else [])
+        if (p.get("metadata") or {}).get("namespace") == ns and any(
+            r.get("kind") == "Service" and r.get("name") == name for r in refs
+        ):
+            out.append(_name(p))
+    return out
+
+
+def _by(names: list[str], none: str) -> str:
+    return ", ".join(names) if names else none
+
+
 def traffic_round(mesh: Mesh) -> list[Call]:
     waypoints = _service_waypoints(mesh)
+    policies = _policies(mesh)
     calls: list[Call] = []
     clients = [p for p in mesh.pods.values() if p.ambient and p.waypoint_for is None]
+    # Besides every Service, each pod that an L4 policy protects, addressed directly (no Service, so no
+    # waypoint either): the destination ztunnel's decision alone.
+    direct: dict[tuple[str, str], tuple[str, int, str]] = {}
+    for p in sorted(mesh.pods.values(), key=lambda p: p.name):
+        if p.ambient and p.waypoint_for is None and _l4_for(p, policies):
+            direct.setdefault(
+                (p.namespace, p.labels.get("app", p.name)), (f"{p.namespace}/{p.name}", p.ports[0], "/direct")
+            )
     for src in clients:
-        for target, port, path in _targets(mesh):
+        for target, port, path in _targets(mesh) + list(direct.values()):
             try:
                 if mesh.pod(target).name == src.name:
                     continue
@@ -125,26 +188,35 @@ def traffic_round(mesh: Mesh) -> list[Call]:
                 call.response = src.request(target, port, path, timeout=5)
             except (ConnectionError, OSError) as e:
                 call.error = type(e).__name__
+            l7 = _l7_for(target, policies)
             if call.response is None:
                 time.sleep(0.1)  # the destination logs its refusal just after the reset
                 refusals = _refusals_since(mesh, marks)
+                guard = ""
+                if target not in mesh.services:
+                    with contextlib.suppress(KeyError):
+                        guard = " under " + _by(_l4_for(mesh.pod(target), policies), "no policy")
                 call.decision = (
-                    "L4 deny at ztunnel: " + "; ".join(refusals) if refusals else "connection refused"
+                    f"L4 deny at ztunnel{guard}: " + "; ".join(refusals) if refusals else "connection refused"
                 )
-            elif (call.response.via_waypoint or call.waypoint) and call.response.status == 403:
-                call.decision = "L7 deny at waypoint (" + call.response.text.strip()[:40] + ")"
-            elif call.response.via_waypoint or call.waypoint:
-                call.decision = "allowed: waypoint L7 + ztunnel L4"
+            elif (call.response.via_waypoint or call.waypoint) and call.response.status in (401, 403):
+                call.decision = (
+                    f"L7 deny at waypoint by {_by(l7, 'its policy')}: {call.response.text.strip()[:40]}"
+                )
             else:
-                call.decision = "allowed: ztunnel L4"
+                served = _served_pod(mesh, call)
+                l4 = _by(_l4_for(served, policies), "no L4 policy") if served else "?"
+                if call.response.via_waypoint or call.waypoint:
+                    call.decision = f"allowed at waypoint by {_by(l7, 'no L7 policy')}; at ztunnel by {l4}"
+                else:
+                    call.decision = f"allowed at ztunnel by {l4}"
             calls.append(call)
     seen = _principals_seen(mesh)
     for c in calls:
         if c.response is None:
             continue
-        try:
-            served = mesh.pod(f"{c.target.split('/')[0]}/{c.response.json().get('pod', '')}")
-        except (KeyError, ValueError):
+        served = _served_pod(mesh, c)
+        if served is None:
             continue
         chain = [c.source.spiffe_id]
         if c.response.via_waypoint or c.waypoint:
@@ -157,6 +229,15 @@ def traffic_round(mesh: Mesh) -> list[Call]:
             _short(chain[0]) if i == 0 else f"{checks[i - 1]} {_short(x)}" for i, x in enumerate(chain)
         )
     return calls
+
+
+def _served_pod(mesh: Mesh, c: Call) -> MeshPod | None:
+    if c.response is None:
+        return None
+    try:
+        return mesh.pod(f"{c.target.split('/')[0]}/{c.response.json().get('pod', '')}")
+    except (KeyError, ValueError, AttributeError):
+        return None
 
 
 def canary(mesh: Mesh) -> list[tuple[str, dict[str, int]]]:
