@@ -443,10 +443,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     host = "127.0.0.1" if local else server.ip
                     iport, hport = (OUT_IPERF, OUT_HTTP) if local else (IPERF_PORT, HTTP_PORT)
                     pids = [p.pid for p in procs]
-                    one: dict[str, Any] = {
-                        "tput_1": iperf(client, host, iport, 1, args.seconds),
-                        "tput_8": iperf(client, host, iport, 8, args.seconds),
-                    }
+                    c0 = sum(_proc_cpu(p) for p in pids)
+                    one: dict[str, Any] = {"tput_1": iperf(client, host, iport, 1, args.seconds)}
+                    if pids and one["tput_1"]:  # proxy CPU seconds per GB moved (both proxies)
+                        gb = one["tput_1"] * args.seconds / 8
+                        one["cpu_per_gb"] = (sum(_proc_cpu(p) for p in pids) - c0) / gb
+                    one["tput_8"] = iperf(client, host, iport, 8, args.seconds)
                     cpu0 = sum(_proc_cpu(p) for p in pids)
                     lat = http_latency(client, host, hport, args.seconds * 2)
                     cpu1 = sum(_proc_cpu(p) for p in pids)
@@ -464,7 +466,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     continue
                 for key in ("tput_1", "tput_8"):  # best of N: other load only ever slows a round down
                     r[key] = max(x.get(key, 0.0) for x in rounds)
-                for key in ("p50", "p90", "p99", "cpu_per_1k"):
+                for key in ("p50", "p90", "p99", "cpu_per_1k", "cpu_per_gb"):
                     vals = [x[key] for x in rounds if key in x]
                     if vals:
                         r[key] = min(vals)
@@ -486,7 +488,17 @@ def table(results: dict[str, Any]) -> str:
             return "-"
         return f"{v / rv:.2f}x"
 
-    cols = ["mode", "tput 1 (Gbps)", "tput 8 (Gbps)", "p50 ms", "p90 ms", "p99 ms", "CPU s/1k req", "RSS MB"]
+    cols = [
+        "mode",
+        "tput 1 (Gbps)",
+        "tput 8 (Gbps)",
+        "p50 ms",
+        "p90 ms",
+        "p99 ms",
+        "CPU s/1k req",
+        "CPU s/GB",
+        "RSS MB",
+    ]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for name, r in modes.items():
         if not r.get("measured"):
@@ -500,6 +512,8 @@ def table(results: dict[str, Any]) -> str:
             )
         cpu = r.get("cpu_per_1k")
         cells.append(f"{cpu:.3f} ({ratio(cpu, side, 'cpu_per_1k')} sidecar)" if cpu else "-")
+        gbc = r.get("cpu_per_gb")
+        cells.append(f"{gbc:.2f} ({ratio(gbc, side, 'cpu_per_gb')} sidecar)" if gbc else "-")
         cells.append("/".join(str(x) for x in r.get("rss_mb", [])) or "-")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

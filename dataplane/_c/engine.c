@@ -647,10 +647,28 @@ static int on_data_chunk(nghttp2_session *s, uint8_t flags, int32_t sid, const u
         nghttp2_session_consume_connection(s, len);
         return 0;
     }
-    /* Queue it; the connection flushes every stream after the read batch (one send() per stream per
-     * batch, instead of one per TLS record). Acknowledged only once the app took it. */
+    /* Straight to the app when nothing is queued before it (the read loop hands nghttp2 many TLS records
+     * at once, so chunks are large); the rest is queued and acknowledged only once the app took it. */
     size_t off = 0;
-    st->c->down_pending += len;
+    if (st->app_fd >= 0 && st->down_off == st->down_len) {
+        while (off < len) {
+            ssize_t n = send(st->app_fd, data + off, len - off, MSG_NOSIGNAL);
+            if (n > 0) off += (size_t)n;
+            else if (n < 0 && errno == EINTR) continue;
+            else if (n < 0 && errno == EAGAIN) break;
+            else {
+                nghttp2_session_consume_connection(s, len);
+                stream_finish(st, "reset", 1, NGHTTP2_CANCEL);
+                return 0;
+            }
+        }
+        if (off) {
+            st->received += off;
+            __atomic_add_fetch(&st->c->e->st.bytes_down, off, __ATOMIC_RELAXED);
+            nghttp2_session_consume(s, sid, off);
+        }
+    }
+    if (off < len) st->c->down_pending += len - off;
     if (off < len) { /* the rest waits; bounded by the stream window we advertised */
         size_t need = st->down_len + (len - off);
         if (need > st->down_cap) {
@@ -989,10 +1007,18 @@ static void conn_on_event(struct fp_conn *c, uint32_t events) {
         ssize_t n;
         if (c->ssl) {
             ERR_clear_error();
-            int r = SSL_read(c->ssl, e->rbuf, READ_BUF);
-            if (r > 0) n = r;
-            else {
-                int err = SSL_get_error(c->ssl, r);
+            /* gather several records (SSL_read returns one at a time) so nghttp2 sees big chunks */
+            size_t got = 0;
+            int err = SSL_ERROR_NONE;
+            while (got < READ_BUF - 16384) {
+                int r = SSL_read(c->ssl, e->rbuf + got, (int)(READ_BUF - got));
+                if (r <= 0) {
+                    err = SSL_get_error(c->ssl, r);
+                    break;
+                }
+                got += (size_t)r;
+            }
+            if (got == 0) {
                 if (err == SSL_ERROR_WANT_READ) break;
                 if (err == SSL_ERROR_WANT_WRITE) {
                     c->want_write = 1;
@@ -1003,6 +1029,7 @@ static void conn_on_event(struct fp_conn *c, uint32_t events) {
                                                           : ssl_reason());
                 return;
             }
+            n = (ssize_t)got; /* an error after data is seen again by the next SSL_read */
         } else {
             n = recv(c->fd, e->rbuf, READ_BUF, 0);
             if (n < 0 && errno == EINTR) continue;
@@ -1013,9 +1040,9 @@ static void conn_on_event(struct fp_conn *c, uint32_t events) {
             }
         }
         if (conn_feed(c, e->rbuf, (size_t)n) < 0) return;
-        if (c->down_pending >= UP_CAP) conn_flush_streams(c);
+        if (c->down_pending > 0) conn_flush_streams(c);
     }
-    conn_flush_streams(c);
+    if (c->down_pending > 0) conn_flush_streams(c);
     if (c->o.dead) return;
     conn_flush(c);
 }
