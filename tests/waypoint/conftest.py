@@ -123,6 +123,7 @@ class WaypointMesh:
         self.pipeline = PushPipeline(self.store, self.registry, debounce_after=0.02, debounce_max=0.5)
         self.server: XdsServer | None = None
         self.outcomes: list[RequestOutcome] = []
+        self.validations = 0
         self.backends: dict[str, Backend] = {}
         self.pool = HbonePool(idle_timeout=30.0)
         self._next_ip = 2
@@ -219,11 +220,28 @@ class WaypointMesh:
         for r in resources:
             self.store.apply(r)
         await self.synced()
+        await self.validate()
 
     async def delete(self, *resources: Resource) -> None:
         for r in resources:
             self.store.delete(r.key)
         await self.synced()
+        await self.validate()
+
+    async def validate(self) -> None:
+        """Every configuration a test makes the waypoint run also passes ``envoy --mode validate``
+        (everything the generators produce for it, inlined into the launcher's bootstrap)."""
+        from wp_helpers import envoy_validate, validation_bootstrap
+
+        from istiopy.dataplane.waypoint import bootstrap as launcher_bootstrap
+
+        assert self.launcher is not None
+        assert self.server is not None
+        proxy = next(c.proxy for c in self.server.connections.values() if c.proxy is not None)
+        base = launcher_bootstrap(self.launcher.opts, self.launcher.agent_socket)
+        ok, out = await asyncio.to_thread(envoy_validate, validation_bootstrap(self.store, proxy, base))
+        assert ok, out[-3000:]
+        self.validations += 1
 
     async def synced(self, timeout: float = 15.0) -> None:  # noqa: ASYNC109 - a polling deadline
         """Until every change is pushed and the waypoint acknowledged (or rejected) all of it."""
