@@ -207,8 +207,12 @@ def service_entry_services(
                 s.addresses.append(na)
         for sp in se.spec.ports:
             proto = _APP_PROTOCOLS.get(sp.protocol.lower(), wl.UNKNOWN) if sp.protocol else wl.UNKNOWN
-            s.ports.add(service_port=sp.number, target_port=sp.target_port, app_protocol=proto)
+            s.ports.add(service_port=sp.number, target_port=sp.target_port or sp.number, app_protocol=proto)
         s.subject_alt_names.extend(se.spec.subject_alt_names)
+        if se.spec.resolution == Resolution.NONE:
+            # No endpoints to balance over: ztunnel passes traffic through to the address dialled.
+            lb = wl.LoadBalancing
+            s.load_balancing.CopyFrom(lb(mode=lb.PASSTHROUGH, health_policy=lb.ALLOW_ALL))
         if binding.waypoint is not None:
             s.waypoint.CopyFrom(gateway_address(binding.waypoint))
         out.append(s)
@@ -371,14 +375,47 @@ def service_address(store: StoreReader, svc: Service, settings: MeshSettings = M
     binding = service_waypoint(store, svc, settings)
     if binding.waypoint is not None:
         s.waypoint.CopyFrom(gateway_address(binding.waypoint))
-    distribution = svc.spec.traffic_distribution or svc.metadata.annotations.get(
-        "networking.istio.io/traffic-distribution"
+    namespace = store.get_typed(Namespace, "", svc.namespace)
+    lb = _traffic_distribution(
+        svc.spec.traffic_distribution,
+        svc.metadata.annotations,
+        namespace.metadata.annotations if namespace else {},
     )
-    if distribution == "PreferClose":
-        lb = wl.LoadBalancing
-        s.load_balancing.routing_preference.extend([lb.NETWORK, lb.REGION, lb.ZONE, lb.SUBZONE])
-        s.load_balancing.mode = lb.FAILOVER
+    if lb is not None:
+        s.load_balancing.CopyFrom(lb)
+    families = {ipaddress.ip_address(v).version for v in svc.vips}
+    if families == {4, 6}:
+        s.ip_families = wl.DUAL
+    elif families:
+        s.ip_families = wl.IPV4_ONLY if families == {4} else wl.IPV6_ONLY
+    # A Kubernetes Service is always canonical for its hostname (upstream): other definitions of the same
+    # host only apply inside their own namespace.
+    s.canonical = True
     return s
+
+
+TRAFFIC_DISTRIBUTION_ANNOTATION = "networking.istio.io/traffic-distribution"
+
+
+def _traffic_distribution(
+    spec_value: str | None, annotations: Mapping[str, str], namespace_annotations: Mapping[str, str]
+) -> Any | None:
+    """Locality preference from ``spec.trafficDistribution``, else the Service's or its namespace's
+    annotation: PreferClose/PreferSameZone keeps traffic in the zone, PreferSameNode on the node,
+    each failing over outward as upstream does."""
+    value = (
+        spec_value
+        or annotations.get(TRAFFIC_DISTRIBUTION_ANNOTATION)
+        or namespace_annotations.get(TRAFFIC_DISTRIBUTION_ANNOTATION)
+    )
+    scope = wl.LoadBalancing
+    if value in ("PreferClose", "PreferSameZone"):
+        prefs = [scope.NETWORK, scope.REGION, scope.ZONE]
+    elif value == "PreferSameNode":
+        prefs = [scope.NETWORK, scope.REGION, scope.ZONE, scope.SUBZONE, scope.NODE]
+    else:
+        return None
+    return wl.LoadBalancing(routing_preference=prefs, mode=scope.FAILOVER)
 
 
 def generate_addresses(store: StoreReader, settings: MeshSettings = MeshSettings()) -> list[tuple[str, Any]]:

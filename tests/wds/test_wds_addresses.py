@@ -144,6 +144,8 @@ spec: {type: ExternalName, externalName: example.com}
             wl.Port(service_port=9000, target_port=9000, app_protocol=wl.GRPC),
             wl.Port(service_port=5432, target_port=5432, app_protocol=wl.TCP),
         ],
+        ip_families=wl.DUAL,
+        canonical=True,
     )
     assert svc == expected
     assert len(svc.addresses[1].address) == 16
@@ -306,9 +308,34 @@ spec: {clusterIP: 10.96.0.30, trafficDistribution: PreferClose, ports: [{port: 8
         wl.LoadBalancing.NETWORK,
         wl.LoadBalancing.REGION,
         wl.LoadBalancing.ZONE,
-        wl.LoadBalancing.SUBZONE,
     ]
     assert lb.mode == wl.LoadBalancing.FAILOVER
+
+
+def test_namespace_annotation_prefer_same_node_and_ip_families() -> None:
+    store = store_from(
+        """
+apiVersion: v1
+kind: Namespace
+metadata: {name: edge, annotations: {networking.istio.io/traffic-distribution: PreferSameNode}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: v6, namespace: edge}
+spec: {clusterIP: "fd00::10", ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: v4, namespace: edge}
+spec: {clusterIP: 10.96.9.9, ports: [{port: 80}]}
+"""
+    )
+    got = addresses(store)
+    v6 = got["edge/v6.edge.svc.cluster.local"].service
+    assert v6.ip_families == wl.IPV6_ONLY
+    assert got["edge/v4.edge.svc.cluster.local"].service.ip_families == wl.IPV4_ONLY
+    assert list(v6.load_balancing.routing_preference)[-1] == wl.LoadBalancing.NODE
+    assert v6.load_balancing.mode == wl.LoadBalancing.FAILOVER
 
 
 def test_generation_is_deterministic_byte_for_byte() -> None:

@@ -53,7 +53,7 @@ spec:
         hostname="api.example.com",
         addresses=[wl.NetworkAddress(address=ip("240.0.0.1"))],
         ports=[
-            wl.Port(service_port=443, target_port=0, app_protocol=wl.TLS),
+            wl.Port(service_port=443, target_port=443, app_protocol=wl.TLS),
             wl.Port(service_port=80, target_port=8080, app_protocol=wl.HTTP11),
         ],
     )
@@ -155,3 +155,26 @@ spec:
     ports = w.services["ext/internal.example.com"].ports
     assert [(p.service_port, p.target_port) for p in ports] == [(80, 8080)]
     assert "ext/internal.example.com" in got
+
+
+def test_resolution_none_service_entry_passes_through() -> None:
+    store = store_from(
+        NS
+        + """
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: egress, namespace: ext}
+spec:
+  hosts: [files.example.com]
+  addresses: [203.0.113.0/24]
+  resolution: NONE
+  ports: [{number: 443, name: tls, protocol: TLS}]
+"""
+    )
+    svc = dict(generate_addresses(store))["ext/files.example.com"].service
+    assert svc.load_balancing == wl.LoadBalancing(
+        mode=wl.LoadBalancing.PASSTHROUGH, health_policy=wl.LoadBalancing.ALLOW_ALL
+    )
+    assert list(svc.addresses) == [wl.NetworkAddress(address=ip("203.0.113.0"), length=24)]
+    assert not svc.canonical
