@@ -8,6 +8,12 @@ Which pods: every non-terminal pod with an IP, as upstream sends them; enrolled 
 workloads, the rest are sent with tunnel protocol NONE so ztunnel can still reach them in plaintext and
 attribute their traffic. The derivations (enrollment, waypoints, membership) are ``istiopy.mesh.ambient``;
 this module only shapes them into protobuf.
+
+Other sources, with upstream's uids: a WorkloadEntry is one workload
+(``<cluster>/networking.istio.io/WorkloadEntry/<ns>/<name>``); a ServiceEntry gives one Service per host and
+one workload per inline endpoint (``.../ServiceEntry/<ns>/<name>/<address>``), or per host when it is a DNS
+entry without endpoints. Each generation pass reads the store through a ``CachedView`` so that the per-pod
+lookups stay linear in the size of the mesh.
 """
 
 from __future__ import annotations
