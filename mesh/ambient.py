@@ -671,6 +671,13 @@ class AmbientIndex:
             # Selector-less services reach pods through EndpointSlices; be safe and take the namespace.
             if any(isinstance(s, Service) and not s.spec.selector for s in versions):
                 out.workloads |= self._pods_in(change.key.namespace)
+        elif kind == "Node":
+            # Pods take their locality from their node's topology labels.
+            out.workloads |= {
+                self.workload_uid(p)
+                for p in typed_list(self.store, Pod)
+                if p.spec.node_name == change.key.name
+            }
         elif kind == "EndpointSlice":
             out.workloads |= self._pods_in(change.key.namespace)
         elif kind == "Namespace":

@@ -54,7 +54,7 @@ from istiopy.mesh.ambient import (
 )
 from istiopy.mesh.authz import workload_policy_names
 from istiopy.mesh.meta import Resource
-from istiopy.mesh.resources.core import Namespace, Pod, Service, ServicePort
+from istiopy.mesh.resources.core import Namespace, Node, Pod, Service, ServicePort
 from istiopy.mesh.resources.networking import Resolution, ServiceEntry, WorkloadEntry, WorkloadEntrySpec
 from istiopy.mesh.store import Change, selector_matches
 from istiopy.xds.registry import Generator, GeneratorRegistry, shared
@@ -66,6 +66,7 @@ __all__ = [
     "app_protocol",
     "gateway_address",
     "generate_addresses",
+    "node_locality",
     "pod_workload",
     "register_ambient_generators",
     "service_address",
@@ -88,7 +89,7 @@ _APP_PROTOCOLS = {
     "https": wl.TLS,
 }
 _KINDS = frozenset(
-    {"Pod", "Service", "Namespace", "EndpointSlice", "Gateway", "GatewayClass"}
+    {"Pod", "Service", "Namespace", "Node", "EndpointSlice", "Gateway", "GatewayClass"}
     | {"AuthorizationPolicy", "PeerAuthentication", "ServiceEntry", "WorkloadEntry"}
 )
 
@@ -107,6 +108,24 @@ def gateway_address(waypoint: Waypoint) -> Any:
         hostname=wl.NamespacedHostname(namespace=waypoint.namespace, hostname=waypoint.hostname),
         hbone_mtls_port=HBONE_PORT,
     )
+
+
+REGION_LABEL = "topology.kubernetes.io/region"
+ZONE_LABEL = "topology.kubernetes.io/zone"
+SUBZONE_LABEL = "topology.istio.io/subzone"
+
+
+def node_locality(store: StoreReader, node_name: str) -> Any | None:
+    """A pod's locality is its node's topology labels (what locality load balancing compares)."""
+    if not node_name:
+        return None
+    node = store.get_typed(Node, "", node_name)
+    if node is None:
+        return None
+    region, zone, subzone = (node.labels.get(k, "") for k in (REGION_LABEL, ZONE_LABEL, SUBZONE_LABEL))
+    if not (region or zone or subzone):
+        return None
+    return wl.Locality(region=region, zone=zone, subzone=subzone)
 
 
 def _is_waypoint_pod(store: StoreReader, pod: Pod) -> bool:
@@ -153,6 +172,8 @@ def pod_workload(store: StoreReader, pod: Pod, settings: MeshSettings = MeshSett
         w.native_tunnel = True  # speaks HBONE itself: no capture needed
     if pod.spec.host_network:
         w.network_mode = wl.HOST_NETWORK
+    if (loc := node_locality(store, pod.spec.node_name)) is not None:
+        w.locality.CopyFrom(loc)
     binding = pod_waypoint(store, pod, settings)
     if binding.waypoint is not None:
         w.waypoint.CopyFrom(gateway_address(binding.waypoint))

@@ -364,3 +364,24 @@ spec: {clusterIP: 10.96.0.11, selector: {app: web}, ports: [{port: 82}]}
     assert first == serialize(forward)
     assert first == serialize(backward)
     assert [n for n, _ in first] == sorted(n for n, _ in first)
+
+
+def test_pod_locality_comes_from_its_node() -> None:
+    store = store_from(
+        NAMESPACES
+        + """
+---
+apiVersion: v1
+kind: Node
+metadata:
+  name: node-1
+  labels:
+    topology.kubernetes.io/region: eu
+    topology.kubernetes.io/zone: eu-1a
+    topology.istio.io/subzone: rack7
+"""
+        + pod("here", "amb", "10.0.0.1", node="node-1")
+        + pod("elsewhere", "amb", "10.0.0.2", node="node-2")
+    )
+    assert workload(store, "amb", "here").locality == wl.Locality(region="eu", zone="eu-1a", subzone="rack7")
+    assert not workload(store, "amb", "elsewhere").HasField("locality")

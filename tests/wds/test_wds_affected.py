@@ -167,6 +167,13 @@ metadata: {name: global-deny, namespace: istio-system}
 spec: {action: DENY, rules: [{from: [{source: {ipBlocks: [1.2.3.4]}}]}]}
 """
     ),
+    "node topology labels": yaml_change(
+        """
+apiVersion: v1
+kind: Node
+metadata: {name: node-0, labels: {topology.kubernetes.io/zone: z1}}
+"""
+    ),
     "peer authentication strict": yaml_change(
         """
 apiVersion: security.istio.io/v1
