@@ -33,7 +33,7 @@ def test_ztunnel_suites_pass_on_the_c_byte_path() -> None:
     suites = [s for s in SUITES if (ROOT / s).exists()]
     env = dict(os.environ, **{fastpath.BYTE_PATH_ENV: "c"})
     res = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *suites],
+        [sys.executable, "-P", "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *suites],
         cwd=ROOT,
         env=env,
         capture_output=True,
