@@ -404,6 +404,7 @@ class Mesh:
         self.ports: dict[str, int] = {}
         self._procs: list[subprocess.Popen[bytes]] = []
         self._etc_dirs: list[Path] = []
+        self.rundir: Path | None = None  # short paths for unix sockets (set by start)
         self._started = False
 
     # --------------------------------------------------------------------------------- lifecycle
@@ -464,6 +465,8 @@ class Mesh:
         for d in self._etc_dirs:
             shutil.rmtree(d, ignore_errors=True)
         self._etc_dirs.clear()
+        if self.rundir is not None:
+            shutil.rmtree(self.rundir, ignore_errors=True)
         if self._own_workdir and not self.keep_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
@@ -475,7 +478,16 @@ class Mesh:
         return proc
 
     def _kill_previous(self) -> None:
-        """Process groups a crashed earlier run in this workdir left behind (only our own commands)."""
+        """Process groups a crashed earlier run in this workdir left behind (only our own commands), and its
+        per-run files (unix sockets would refuse to bind again); the CA state is kept."""
+        for sub in ("nodes", "waypoints", "creds"):
+            shutil.rmtree(self.workdir / sub, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            old = Path((self.workdir / "rundir").read_text().strip())
+            if old.name.startswith("ipymesh-run-"):
+                shutil.rmtree(old, ignore_errors=True)
+        self.rundir = Path(tempfile.mkdtemp(prefix="ipymesh-run-"))
+        (self.workdir / "rundir").write_text(str(self.rundir))
         path = self.workdir / "pids"
         if not path.exists():
             return
@@ -643,7 +655,8 @@ class Mesh:
             self.progress(f"starting node agent and ztunnel-py on {node.name}")
             ndir = self.workdir / "nodes" / node.name
             ndir.mkdir(parents=True, exist_ok=True)
-            zds = ndir / "zds.sock"
+            assert self.rundir is not None
+            zds = self.rundir / f"{node.name}.zds"
             argv = [sys.executable, "-P", "-m", "istiopy.dataplane.nodeagent", "--socket", str(zds)]
             for mp in self.pods.values():
                 if mp.ambient and mp.pod.node is node:
@@ -701,8 +714,16 @@ class Mesh:
             sa = mp.service_account if mp.service_account != "default" else name
             root, chain, key = self._bootstrap(f"{ns}/{sa}", mp.node)
             port = mp.pod.forward_host_port(self.ports["tls"])
-            wdir = self.workdir / "waypoints" / f"{ns}.{name}"
+            # Unix socket paths (the launcher's agent.sock) are limited to 107 bytes: a short run directory,
+            # linked from the workdir so the logs are where the others are.
+            assert self.rundir is not None
+            wdir = self.rundir / f"wp-{len(self.waypoints)}"
             wdir.mkdir(parents=True, exist_ok=True)
+            link = self.workdir / "waypoints" / f"{ns}.{name}"
+            link.parent.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                link.unlink()
+            link.symlink_to(wdir)
             argv = [
                 sys.executable, "-P", "-m", "istiopy.testing.waypointd",
                 "--name", name, "--namespace", ns, "--service-account", sa, "--pod-name", mp.name,
