@@ -28,6 +28,7 @@ from typing import Any
 
 import grpc
 from envoy.config.core.v3 import base_pb2
+from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from envoy.service.discovery.v3 import discovery_pb2
@@ -171,6 +172,8 @@ LABELS = (
     "response_flags",
     "connection_security_policy",
 )
+# Istio's TCP metrics carry the same labels minus the per-request ones.
+TCP_LABELS = tuple(x for x in LABELS if x not in ("response_code", "grpc_response_status"))
 _DURATION_BUCKETS = (0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 300000)
 _BYTES_BUCKETS = (1, 10, 100, 1000, 10000, 100000, 1000000, 10000000, 100000000)
 
@@ -201,6 +204,18 @@ class WaypointMetrics:
             LABELS,
             buckets=_BYTES_BUCKETS,
             registry=self.registry,
+        )
+        self.tcp_opened = Counter(
+            "istio_tcp_connections_opened", "TCP connections opened", TCP_LABELS, registry=self.registry
+        )
+        self.tcp_closed = Counter(
+            "istio_tcp_connections_closed", "TCP connections closed", TCP_LABELS, registry=self.registry
+        )
+        self.tcp_received = Counter(
+            "istio_tcp_received_bytes", "Bytes received from clients", TCP_LABELS, registry=self.registry
+        )
+        self.tcp_sent = Counter(
+            "istio_tcp_sent_bytes", "Bytes sent to clients", TCP_LABELS, registry=self.registry
         )
         self.entries = 0
 
@@ -242,11 +257,26 @@ class WaypointMetrics:
             "destination_service_namespace": svc_ns,
             "destination_cluster": self.cluster_id,
             "request_protocol": "http",
-            "response_code": str(entry.response.response_code.value or 0),
+            "response_code": str(entry.response.response_code.value or 0)
+            if "response" in entry.DESCRIPTOR.fields_by_name
+            else "0",
             "grpc_response_status": "",
             "response_flags": flags,
             "connection_security_policy": "mutual_tls" if principal else UNKNOWN,
         }
+
+    def record_tcp(self, log_name: str, entry: Any) -> None:
+        """A TCP chain's log: ``TcpUpstreamConnected`` opens, ``TcpConnectionEnd`` closes and counts bytes."""
+        labels = self.labels_for(log_name, entry)
+        labels = {k: v for k, v in labels.items() if k in TCP_LABELS} | {"request_protocol": "tcp"}
+        kind = entry.common_properties.access_log_type
+        if kind == accesslog_pb2.TcpUpstreamConnected:
+            self.tcp_opened.labels(**labels).inc()
+            return
+        self.tcp_closed.labels(**labels).inc()
+        self.tcp_received.labels(**labels).inc(entry.connection_properties.received_bytes)
+        self.tcp_sent.labels(**labels).inc(entry.connection_properties.sent_bytes)
+        self.entries += 1
 
     def record(self, log_name: str, entry: Any) -> None:
         labels = self.labels_for(log_name, entry)
@@ -330,6 +360,11 @@ class AlsService(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]
                     self.metrics.record(log_name, entry)
                 except Exception:  # a malformed entry must not end the stream
                     log.exception("waypoint ALS: cannot record an entry")
+            for tcp in msg.tcp_logs.log_entry:
+                try:
+                    self.metrics.record_tcp(log_name, tcp)
+                except Exception:
+                    log.exception("waypoint ALS: cannot record a TCP entry")
         return als_pb2.StreamAccessLogsResponse()
 
 

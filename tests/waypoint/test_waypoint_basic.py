@@ -3,8 +3,11 @@ the launcher's local SDS) -> HBONE out to the pod; plus envoy --mode validate of
 
 from __future__ import annotations
 
+import asyncio
+import urllib.request
+
 import pytest
-from conftest import WaypointMesh
+from conftest import WaypointMesh, eventually
 from wp_helpers import gateway, service
 
 from istiopy.dataplane.hbone import HboneError
@@ -57,3 +60,27 @@ async def test_tcp_port_is_proxied_as_tcp(wmesh: WaypointMesh) -> None:
     r = await wmesh.request(f"{wmesh.vip(12)}:80", "/bytes")
     assert (r.status, r.text) == (200, "raw-1 /bytes")
     assert "server" not in r.headers or r.headers["server"] != "envoy"  # no HTTP processing on the way
+
+    # Istio's TCP metrics for it, from the TCP proxy's access log (opened on connect, bytes on close)
+    assert wmesh.launcher is not None
+    port = wmesh.launcher.metrics_port
+
+    def scrape() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/stats/prometheus", timeout=5) as resp:
+            return str(resp.read().decode())
+
+    def value(text: str, name: str) -> float:
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith(name + "{") and 'destination_service="raw.default.svc.cluster.local"' in line
+        )
+
+    async def closed() -> bool:
+        return value(await asyncio.to_thread(scrape), "istio_tcp_connections_closed_total") >= 1
+
+    await eventually(closed, what="istio_tcp_connections_closed_total for raw")
+    text = await asyncio.to_thread(scrape)
+    assert value(text, "istio_tcp_connections_opened_total") >= 1
+    assert value(text, "istio_tcp_received_bytes_total") > 0
+    assert value(text, "istio_tcp_sent_bytes_total") > len("raw-1 /bytes")

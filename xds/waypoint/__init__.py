@@ -80,9 +80,27 @@ def generate_routes(store: ConfigStore, proxy: Proxy) -> Iterable[tuple[str, Any
     return sorted(plan.extra.get("routes", {}).items())
 
 
+# What waypoint config is made of (bindings, endpoints, routing, policy); anything else (PeerAuthentication,
+# WorkloadEntry, ConfigMaps...) cannot change it. Within these the content hash suppresses resends.
+_INPUT_KINDS = frozenset(
+    {
+        "Namespace",
+        "Service",
+        "Pod",
+        "Gateway",
+        "GatewayClass",
+        "ServiceEntry",
+        "VirtualService",
+        "DestinationRule",
+        "HTTPRoute",
+        "AuthorizationPolicy",
+        "RequestAuthentication",
+    }
+)
+
+
 def _affects(change: Change, proxy: Proxy) -> bool:
-    # Routes, policies, bindings and endpoints all read many kinds; the content hash suppresses resends.
-    return True
+    return change.key.kind in _INPUT_KINDS
 
 
 def waypoint_generators() -> list[Generator]:

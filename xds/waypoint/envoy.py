@@ -235,14 +235,16 @@ def connect_terminate(plan: WaypointPlan) -> Any:
     )
 
 
-def access_log(sp: ServedPort) -> list[dict[str, Any]]:
-    """HTTP access log to the launcher's ALS server: the source of Istio's request metrics. The log name
-    is the chain's service route, so the server knows the destination even for local replies."""
+def access_log(sp: ServedPort, tcp: bool = False) -> list[dict[str, Any]]:
+    """Access log to the launcher's ALS server: the source of Istio's request (HTTP) and connection (TCP)
+    metrics. The log name is the chain's service route, so the server knows the destination even for
+    local replies."""
+    kind = "Tcp" if tcp else "Http"
     return [
         {
-            "name": "envoy.access_loggers.http_grpc",
+            "name": f"envoy.access_loggers.{kind.lower()}_grpc",
             "typed_config": {
-                "@type": T + "envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig",
+                "@type": T + f"envoy.extensions.access_loggers.grpc.v3.{kind}GrpcAccessLogConfig",
                 "common_config": {
                     "log_name": sp.route_name,
                     "transport_api_version": "V3",
@@ -308,6 +310,8 @@ def main_internal(plan: WaypointPlan, http_filters: dict[str, list[dict[str, Any
                         "@type": T + "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
                         "stat_prefix": sp.cluster,
                         "cluster": sp.cluster,
+                        "access_log": access_log(sp, tcp=True),
+                        "access_log_options": {"flush_access_log_on_connected": True},
                     },
                 }
             ]
