@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import shutil
@@ -58,6 +57,9 @@ MODES = ("direct", "sidecar", "ztunnel-python", "ztunnel-c", "waypoint")
 
 
 async def _proxy(args: argparse.Namespace) -> None:
+    """One side of the pair, built from exactly what ztunnel-py's core (``dataplane/proxy.py``) selects per
+    byte path: ``HboneServer``/``HbonePool``/``hbone.relay`` or ``FastHboneServer``/``FastPool``/
+    ``fastpath.relay``; the inbound side dials the app per CONNECT, as ``_PodProxy.on_connect`` does."""
     from istiopy.api.identity import SpiffeId
     from istiopy.api.tls import CertBundle, client_context, server_context
     from istiopy.dataplane import fastpath
@@ -70,94 +72,61 @@ async def _proxy(args: argparse.Namespace) -> None:
         PoolKey,
         TcpStream,
         hbone_headers,
-        relay,
     )
 
     d = Path(args.certs)
     bundle = CertBundle.from_pem(
         (d / "key.pem").read_text(), (d / "chain.pem").read_text(), (d / "roots.pem").read_text()
     )
-    loop = asyncio.get_running_loop()
-    fp = fastpath.FastPath() if args.byte_path == "c" else None
+    c_path = args.byte_path == "c"
 
     if args.side == "in":
 
         async def on_connect(req: ConnectRequest) -> Decision:
-            if fp is not None:  # the engine takes a plain socket: no asyncio transport in between
-                s = socket.socket()
-                s.setblocking(False)
-                await loop.sock_connect(s, (req.host, req.port))
-                return Accept(s)  # type: ignore[arg-type]
             r, w = await asyncio.open_connection(req.host, req.port)
             return Accept(TcpStream(r, w))
 
         lsock = socket.create_server(("0.0.0.0", HBONE), backlog=1024)
-        lsock.setblocking(False)
-        if fp is None:
-            server = HboneServer(on_connect, server_context(bundle))
-            await server.serve(lsock)
-            await asyncio.Event().wait()
-        tasks: set[asyncio.Task[None]] = set()
-        while True:
-            s, _ = await loop.sock_accept(lsock)
-            t = asyncio.ensure_future(fp.serve(s, bundle, on_connect))
-            tasks.add(t)
-            t.add_done_callback(tasks.discard)
+        server: Any = (
+            fastpath.FastHboneServer(on_connect, bundle)
+            if c_path
+            else HboneServer(on_connect, server_context(bundle))
+        )
+        await server.serve(lsock)
+        await asyncio.Event().wait()
 
-    # outbound: one listener per destination port, pooled HBONE to the server pod
     dst_ip = args.dst
     expected = {SpiffeId.parse(SERVER_ID)}
-    pool = HbonePool()
-    ctx = client_context(bundle)
-    conns: list[fastpath.FastConn] = []
-    lock = asyncio.Lock()
+    pool: Any = fastpath.FastPool() if c_path else HbonePool()
+    tls: Any = bundle if c_path else client_context(bundle)
+    key = PoolKey(CLIENT_ID, SERVER_ID, dst_ip)
 
-    async def c_conn() -> fastpath.FastConn:
-        async with lock:
-            for c in conns:
-                if c.usable():
-                    return c
-            s = socket.create_connection((dst_ip, HBONE))
-            c = await fp.connect(s, bundle, expected)  # type: ignore[union-attr]
-            conns[:] = [x for x in conns if not x.closed] + [c]
-            return c
-
-    async def handle(sock: socket.socket, port: int) -> None:
-        peer = sock.getpeername()
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, port: int) -> None:
+        down = TcpStream(reader, writer)
+        peer = writer.get_extra_info("peername")
         authority = f"{dst_ip}:{port}"
-        headers = hbone_headers((peer[0], peer[1]))
         try:
-            if fp is not None:
-                conn = await c_conn()
-                st = await conn.open(sock, authority, headers)
-                await st.result()
-                return
-            stream = await pool.open_stream(
-                PoolKey(CLIENT_ID, SERVER_ID, dst_ip),
+            up = await pool.open_stream(
+                key,
                 (dst_ip, HBONE),
                 authority,
-                headers,
-                ctx,
+                hbone_headers((peer[0], peer[1])),
+                tls,
                 expected_identities=expected,
             )
-            await relay(await TcpStream.from_socket(sock), stream)
+            await fastpath.relay(down, up, splice=c_path)
         except Exception as e:  # a benchmark connection failing is reported by the load tools
             print(f"proxy: {authority}: {e!r}", file=sys.stderr)
-            with contextlib.suppress(OSError):
-                sock.close()
+            down.reset()
 
-    async def serve(listen_port: int, dst_port: int) -> None:
-        ls = socket.create_server(("127.0.0.1", listen_port), backlog=1024)
-        ls.setblocking(False)
-        tasks: set[asyncio.Task[None]] = set()
-        while True:
-            s, _ = await loop.sock_accept(ls)
-            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            t = asyncio.ensure_future(handle(s, dst_port))
-            tasks.add(t)
-            t.add_done_callback(tasks.discard)
+    servers = []
+    for listen_port, dst_port in ((OUT_IPERF, IPERF_PORT), (OUT_HTTP, HTTP_PORT)):
 
-    await asyncio.gather(serve(OUT_IPERF, IPERF_PORT), serve(OUT_HTTP, HTTP_PORT))
+        async def cb(r: asyncio.StreamReader, w: asyncio.StreamWriter, p: int = dst_port) -> None:
+            await handle(r, w, p)
+
+        servers.append(await asyncio.start_server(cb, "127.0.0.1", listen_port, backlog=1024))
+    await asyncio.gather(*(s.serve_forever() for s in servers))
 
 
 # ------------------------------------------------------------------------------------------------------
