@@ -10,6 +10,18 @@
     -> internal listener connect_originate (original_dst from that metadata) -> TCP proxy tunnelling
         CONNECT <pod ip>:<port> -> cluster connect_originate (ORIGINAL_DST, port 15008, mTLS, HTTP/2)
 
+Two more kinds of chain in ``main_internal``: ``direct-http|<ns>/<pod>`` for traffic addressed to a pod's
+own IP when the waypoint serves workloads (``waypoint-for`` workload/all), sent through ``encap`` straight
+to ``connect_originate`` with the pod address as original destination; and ServiceEntry hosts bound to
+the waypoint (egress), whose clusters are the external endpoints themselves (STATIC/STRICT_DNS, plain or
+DestinationRule ``tls.mode: SIMPLE``), not HBONE.
+
+Gotchas found on the way (each has a test): filter state reaches an internal listener only through the
+``internal_upstream`` transport socket, so ``main_internal``'s cluster has one too; an updated EDS cluster
+needs its assignment re-sent, which delta xDS does not do for a name already subscribed, so EDS names
+carry a digest of the traffic policy (``eds_name``); Envoy's default RE2 program-size limit (100) refuses
+ordinary regexes, so the launcher raises it as Istio's bootstrap does.
+
 Why the layout: the client's peer identity is only known on the outer connection, so it is carried into
 ``main_internal`` as the filter state ``io.istio.peer_principal`` (shared with the upstream internal
 connection), where RBAC matches it and the access log reports it. The mTLS certificate comes over SDS from

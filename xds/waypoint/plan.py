@@ -4,11 +4,12 @@ A waypoint proxy is recognised by its node (kind ``waypoint``) and names its Gat
 ``gateway.networking.k8s.io/gateway-name`` in node metadata ``LABELS`` (as istiod's waypoint pods carry it),
 or ``WAYPOINT_NAME`` for a hand-started one; its namespace is the node's. It serves exactly the Services
 ``istio.io/use-waypoint`` binds to that Gateway (``mesh.ambient.service_waypoint``: ``waypoint-for``
-service/all), one filter chain per (VIP, port).
+service/all), one filter chain per (VIP, port); ServiceEntries bound the same way (egress, by their
+``addresses``); and, for workload/all waypoints, the IPs of pods bound to it (``pod_waypoint``).
 
 Clusters: ``inbound-vip|<port>|http|<hostname>`` per served port, plus
-``inbound-vip|<port>|<subset>|<hostname>``
-per DestinationRule subset, plus whatever routes name elsewhere (other services, mirrors). Endpoints are
+``inbound-vip|<port>|<subset>|<hostname>`` per DestinationRule subset, plus whatever routes name elsewhere
+(other services, mirrors). Endpoints are
 the selected ready pods' ``ip:targetPort``, addressed as internal endpoints of ``connect_originate`` so the
 HBONE hop is one shared tunnel cluster while load balancing, outlier detection and circuit breaking
 happen per pod at the service cluster (upstream's layout).
