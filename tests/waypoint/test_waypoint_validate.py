@@ -412,6 +412,38 @@ def test_unloadable_jwks_keys_are_reported() -> None:
     assert "crv" in jwks_problem('{"keys":[{"kty":"EC","x":"AA","y":"AA"}]}')
 
 
+def test_clashing_addresses_are_not_nacked(tmp_path: Any) -> None:
+    """One VIP:port claimed twice (a duplicated clusterIP; a ServiceEntry with two hosts on one address)
+    would be identical filter-chain matches, which Envoy rejects: the first keeps it, the config loads."""
+    store = full_store()
+    store.apply(service("twin", "10.96.0.10"))  # web's VIP
+    store.apply(
+        parse(
+            {
+                "apiVersion": "networking.istio.io/v1",
+                "kind": "ServiceEntry",
+                "metadata": {
+                    "name": "multi",
+                    "namespace": "default",
+                    "labels": {"istio.io/use-waypoint": "waypoint"},
+                },
+                "spec": {
+                    "hosts": ["a.example.com", "b.example.com"],
+                    "addresses": ["240.0.0.2"],
+                    "ports": [{"number": 80, "name": "http", "protocol": "HTTP"}],
+                    "resolution": "DNS",
+                },
+            }
+        )
+    )
+    base = bootstrap(WaypointOptions("waypoint", "default", "127.0.0.1:15012"), str(tmp_path / "s"))
+    ok, out = envoy_validate(validation_bootstrap(store, proxy(), base))
+    assert ok, out[-3000:]
+    chains = [c.name for c in dict(generate_listeners(store, proxy()))["main_internal"].filter_chains]
+    assert "inbound-vip|80|http|a.example.com" in chains
+    assert "inbound-vip|80|http|b.example.com" not in chains
+
+
 def test_only_bound_services_are_served() -> None:
     store = full_store()
     clusters = {n for n, _ in generate_clusters(store, proxy())}

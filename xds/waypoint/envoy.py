@@ -282,8 +282,13 @@ def access_log(sp: ServedPort, tcp: bool = False) -> list[dict[str, Any]]:
 def main_internal(plan: WaypointPlan, http_filters: dict[str, list[dict[str, Any]]]) -> Any:
     """One chain per served (VIP, port); ``http_filters`` maps a route name to its filter list."""
     chains: list[dict[str, Any]] = []
+    claimed: set[tuple[str, int]] = set()
     for sp in plan.served:
-        vips = sp.vips
+        # Two served names on one VIP:port (a ServiceEntry with several hosts and one address, or a
+        # duplicated clusterIP) would be identical filter-chain matches, which Envoy rejects: the first
+        # (services before entries, then by name) keeps the address.
+        vips = [ip for ip in sp.vips if (ip, sp.number) not in claimed]
+        claimed.update((ip, sp.number) for ip in vips)
         if not vips:
             continue
         match = {
@@ -328,7 +333,8 @@ def main_internal(plan: WaypointPlan, http_filters: dict[str, list[dict[str, Any
                 }
             ]
         chains.append({"name": sp.cluster, "filter_chain_match": match, "filters": filters})
-    chains += [direct_chain(pod) for pod in plan.workloads]
+    pod_ips = {ip for ip, _ in claimed}
+    chains += [direct_chain(pod) for pod in plan.workloads if not pod_ips & set(pod.ips)]
     # Envoy's in-place filter-chain update loses an internal listener from the workers' registry (new
     # tunnels then fail with "Invalid argument"): a listener-level field that changes with the chains
     # forces the full update path, which re-registers it.
