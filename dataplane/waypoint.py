@@ -87,6 +87,7 @@ class WaypointOptions:
     xds_server_name: str = "istiod.istio-system.svc"
     listen_address: str = "0.0.0.0"
     metrics_address: str | None = "0.0.0.0:15020"
+    status_address: str | None = None  # readiness ``/healthz/ready`` (a waypoint pod's :15021)
     admin_port: int = 0  # 0: any free loopback port (learned from Envoy)
     concurrency: int = 2
     cert_ttl_seconds: int = 24 * 3600
@@ -232,6 +233,7 @@ class WaypointLauncher:
         self.admin_port: int | None = None
         self.restarts = 0
         self.metrics_port: int | None = None
+        self.status_port: int | None = None
         self._server: Any = None
         self._runner: web.AppRunner | None = None
         self._supervisor: asyncio.Task[None] | None = None
@@ -244,8 +246,8 @@ class WaypointLauncher:
         self.sds.update(bundle)
         self._unsubscribe = self.certs.subscribe(self._on_cert)
         self._server = await start_agent_server(self.agent_socket, self.sds, self.als)
-        if self.opts.metrics_address:
-            await self._start_metrics(self.opts.metrics_address)
+        if self.opts.metrics_address or self.opts.status_address:
+            await self._start_metrics(self.opts.metrics_address, self.opts.status_address)
         (self.workdir / "bootstrap.json").write_text(json.dumps(bootstrap(self.opts, self.agent_socket)))
         await self._spawn()
         self._supervisor = asyncio.get_running_loop().create_task(self._supervise(), name="waypoint-envoy")
@@ -388,15 +390,27 @@ class WaypointLauncher:
             return "<no log>"
 
     # --------------------------------------------------------------------------------------- metrics
-    async def _start_metrics(self, address: str) -> None:
-        host, _, port = address.rpartition(":")
+    async def envoy_ready(self) -> bool:
+        """Envoy is running, LIVE, and serving ``connect_terminate`` (what the readiness probe asks)."""
+        if self.proc is None or self.proc.returncode is not None:
+            return False
+        try:
+            if (await asyncio.to_thread(self.admin_get, "/ready", 2.0)).strip() != "LIVE":
+                return False
+            return "connect_terminate" in await asyncio.to_thread(self.active_listeners)
+        except Exception:
+            return False
+
+    async def _start_metrics(self, metrics: str | None, status: str | None) -> None:
+        """Metrics on ``metrics`` (``:15020``) and readiness on ``status`` (``:15021``): one small app,
+        served on each address given."""
 
         async def prom(_: web.Request) -> web.Response:
             return web.Response(body=self.metrics.exposition(), content_type="text/plain", charset="utf-8")
 
         async def ready(_: web.Request) -> web.Response:
-            ok = self.proc is not None and self.proc.returncode is None
-            return web.Response(status=200 if ok else 503, text="ok" if ok else "envoy down")
+            ok = await self.envoy_ready()
+            return web.Response(status=200 if ok else 503, text="ok" if ok else "envoy not ready")
 
         app = web.Application()
         app.router.add_get("/stats/prometheus", prom)
@@ -404,10 +418,14 @@ class WaypointLauncher:
         app.router.add_get("/healthz/ready", ready)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host.strip("[]") or "0.0.0.0", int(port))
-        await site.start()
-        sockets = getattr(site._server, "sockets", None) or []
-        self.metrics_port = int(sockets[0].getsockname()[1]) if sockets else int(port)
+        for address, attr in ((metrics, "metrics_port"), (status, "status_port")):
+            if not address:
+                continue
+            host, _, port = address.rpartition(":")
+            site = web.TCPSite(self._runner, host.strip("[]") or "0.0.0.0", int(port))
+            await site.start()
+            sockets = getattr(site._server, "sockets", None) or []
+            setattr(self, attr, int(sockets[0].getsockname()[1]) if sockets else int(port))
 
 
 # ---------------------------------------------------------------------------------------------------- CLI
@@ -419,24 +437,47 @@ def _parse_args(argv: list[str] | None) -> Any:
         prog="python -m istiopy.dataplane.waypoint",
         description="Run a waypoint: a real Envoy fed by istiod-py (ADS), certificate via local SDS.",
     )
-    p.add_argument("--name", default=env("WAYPOINT_NAME", "waypoint"), help="the waypoint Gateway's name")
-    p.add_argument("--namespace", default=env("POD_NAMESPACE", "default"))
+    # Defaults follow the waypoint Deployment's environment (POD_NAME, POD_NAMESPACE, INSTANCE_IP,
+    # SERVICE_ACCOUNT, ISTIO_META_WAYPOINT=<ns>/<name>, XDS_ADDRESS) and Istio's mounted files.
+    meta_waypoint = env("ISTIO_META_WAYPOINT", "")
+    p.add_argument(
+        "--name",
+        default=env("WAYPOINT_NAME") or meta_waypoint.rpartition("/")[2] or "waypoint",
+        help="the waypoint Gateway's name",
+    )
+    p.add_argument(
+        "--namespace", default=env("POD_NAMESPACE") or meta_waypoint.partition("/")[0] or "default"
+    )
     p.add_argument("--service-account", default=env("SERVICE_ACCOUNT", ""), help="default: the Gateway name")
     p.add_argument("--pod-name", default=env("POD_NAME", ""))
     p.add_argument("--pod-ip", default=env("INSTANCE_IP", "127.0.0.1"))
     p.add_argument("--trust-domain", default=env("TRUST_DOMAIN", "cluster.local"))
     p.add_argument("--xds", default=env("XDS_ADDRESS", "istiod.istio-system.svc:15012"), help="host:port")
     p.add_argument("--ca", default=env("CA_ADDRESS", ""), help="host:port (default: --xds)")
-    p.add_argument("--root", required=True, help="PEM file of the mesh root (verifies istiod)")
+    p.add_argument(
+        "--root",
+        default="/var/run/secrets/istio/root-cert.pem",
+        help="PEM file of the mesh root (verifies istiod)",
+    )
     p.add_argument("--server-name", default="istiod.istio-system.svc", help="istiod's certificate name")
-    p.add_argument("--token-file", default="", help="bearer token for the CA (e.g. a projected SA token)")
+    default_token = "/var/run/secrets/tokens/istio-token"
+    p.add_argument(
+        "--token-file",
+        default=default_token if os.path.exists(default_token) else "",
+        help="bearer token for the CA (the projected service-account token)",
+    )
     p.add_argument("--cert", default="", help="bootstrap client certificate chain for the CA (PEM)")
     p.add_argument("--key", default="", help="its key (PEM)")
     p.add_argument("--listen", default="0.0.0.0", help="address connect_terminate binds (port 15008)")
     p.add_argument("--metrics", default="0.0.0.0:15020", help="Prometheus metrics address ('' = off)")
+    p.add_argument("--status", default="0.0.0.0:15021", help="readiness /healthz/ready address ('' = off)")
     p.add_argument("--admin-port", type=int, default=15000, help="Envoy admin on 127.0.0.1 (0 = any)")
     p.add_argument("--concurrency", type=int, default=2)
-    p.add_argument("--workdir", default="", help="private dir for the bootstrap, agent socket and logs")
+    p.add_argument(
+        "--workdir",
+        default=env("ISTIOPY_WAYPOINT_WORKDIR", ""),
+        help="private writable dir for the bootstrap, agent socket and logs (default: a temp dir)",
+    )
     p.add_argument("--log-level", default="warning", help="Envoy's log level")
     return p.parse_args(argv)
 
@@ -464,6 +505,7 @@ async def _run(args: Any, roots: str, client_cert: tuple[str, str] | None) -> No
             xds_server_name=args.server_name,
             listen_address=args.listen,
             metrics_address=args.metrics or None,
+            status_address=args.status or None,
             admin_port=args.admin_port,
             concurrency=args.concurrency,
             workdir=Path(args.workdir) if args.workdir else None,
@@ -477,7 +519,11 @@ async def _run(args: Any, roots: str, client_cert: tuple[str, str] | None) -> No
         loop.add_signal_handler(sig, stop.set)
     try:
         await launcher.start()
-        print(f"ready admin=127.0.0.1:{launcher._admin_port()} metrics={launcher.metrics_port}", flush=True)
+        print(
+            f"ready admin=127.0.0.1:{launcher._admin_port()} metrics={launcher.metrics_port} "
+            f"status={launcher.status_port}",
+            flush=True,
+        )
         await stop.wait()
     finally:
         await launcher.stop()

@@ -50,10 +50,10 @@ async def test_cli_runs_a_waypoint_until_sigterm() -> None:
     root, chain, key = plane.bootstrap_files("node-0", workdir, namespace="shop", service_account="waypoint")
     argv = [
         sys.executable, "-m", "istiopy.dataplane.waypoint",
-        "--name", "waypoint", "--namespace", "shop", "--pod-ip", "127.0.0.1",
+        "--pod-ip", "127.0.0.1",
         "--xds", f"127.0.0.1:{plane.xds_port}", "--ca", f"127.0.0.1:{plane.ca_port}",
         "--root", root, "--cert", chain, "--key", key,
-        "--listen", "127.0.0.1", "--metrics", "127.0.0.1:0", "--admin-port", "0",
+        "--listen", "127.0.0.1", "--metrics", "127.0.0.1:0", "--status", "127.0.0.1:0", "--admin-port", "0",
         "--concurrency", "1", "--workdir", os.path.join(workdir, "wp"),
     ]  # fmt: skip
     # not from the repository root: its ``xds/`` folder would shadow the xds-protos package
@@ -64,13 +64,21 @@ async def test_cli_runs_a_waypoint_until_sigterm() -> None:
         text=True,
         start_new_session=True,
         cwd=workdir,
+        env={**os.environ, "ISTIO_META_WAYPOINT": "shop/waypoint"},  # as the waypoint Deployment sets it
     )
     try:
         import asyncio
 
         line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 60)  # type: ignore[union-attr]
         assert line.startswith("ready"), (line, proc.stderr.read() if proc.poll() is not None else "")  # type: ignore[union-attr]
-        admin = dict(kv.split("=", 1) for kv in line.split()[1:])["admin"]
+        fields = dict(kv.split("=", 1) for kv in line.split()[1:])
+        admin = fields["admin"]
+
+        def ready() -> tuple[int, bytes]:
+            with urllib.request.urlopen(f"http://127.0.0.1:{fields['status']}/healthz/ready", timeout=5) as r:
+                return r.status, r.read()
+
+        assert await asyncio.to_thread(ready) == (200, b"ok")
 
         def dump() -> dict[str, object]:
             with urllib.request.urlopen(
