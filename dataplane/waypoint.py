@@ -88,6 +88,7 @@ class WaypointOptions:
     listen_address: str = "0.0.0.0"
     metrics_address: str | None = "0.0.0.0:15020"
     status_address: str | None = None  # readiness ``/healthz/ready`` (a waypoint pod's :15021)
+    drain_seconds: float = 0.0  # on stop: graceful listener drain before Envoy is terminated
     admin_port: int = 0  # 0: any free loopback port (learned from Envoy)
     concurrency: int = 2
     cert_ttl_seconds: int = 24 * 3600
@@ -254,11 +255,16 @@ class WaypointLauncher:
         await self.wait_ready(timeout)
 
     async def stop(self) -> None:
+        """Drain (``drain_seconds``: listeners stop accepting, requests in flight finish), then stop."""
         self._stopping = True
         if self._supervisor is not None:
             self._supervisor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._supervisor
+        if self.opts.drain_seconds > 0 and self.proc is not None and self.proc.returncode is None:
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(self.admin_post, "/drain_listeners?graceful")
+                await asyncio.sleep(self.opts.drain_seconds)
         await self._kill()
         if self._unsubscribe is not None:
             self._unsubscribe()
@@ -287,7 +293,7 @@ class WaypointLauncher:
             "-l", self.opts.log_level,
             "--admin-address-path", str(admin_path),
             "--log-path", str(self.workdir / "envoy.log"),
-            "--drain-time-s", "1",
+            "--drain-time-s", str(max(1, int(self.opts.drain_seconds))),
         ]  # fmt: skip
         self.proc = await asyncio.create_subprocess_exec(
             *cmd, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL, start_new_session=True
@@ -342,6 +348,14 @@ class WaypointLauncher:
         if port is None:
             raise ConnectionError("envoy admin is not up")
         with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=timeout) as resp:
+            return str(resp.read().decode())
+
+    def admin_post(self, path: str, timeout: float = 5.0) -> str:
+        port = self._admin_port()
+        if port is None:
+            raise ConnectionError("envoy admin is not up")
+        req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=b"", method="POST")
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
             return str(resp.read().decode())
 
     def config_dump(self, resource: str = "") -> dict[str, Any]:
@@ -479,6 +493,7 @@ def _parse_args(argv: list[str] | None) -> Any:
         help="private writable dir for the bootstrap, agent socket and logs (default: a temp dir)",
     )
     p.add_argument("--log-level", default="warning", help="Envoy's log level")
+    p.add_argument("--drain-seconds", type=float, default=1.0, help="graceful drain on SIGTERM")
     return p.parse_args(argv)
 
 
@@ -510,6 +525,7 @@ async def _run(args: Any, roots: str, client_cert: tuple[str, str] | None) -> No
             concurrency=args.concurrency,
             workdir=Path(args.workdir) if args.workdir else None,
             log_level=args.log_level,
+            drain_seconds=args.drain_seconds,
         ),
         ca,
     )

@@ -1,5 +1,6 @@
-"""Certificate rotation: the launcher re-certifies a new key at half-life and pushes it over its local SDS;
-the running Envoy serves the new certificate on 15008 without a restart and traffic keeps flowing."""
+"""Lifecycle with a private waypoint: certificate rotation (the launcher re-certifies a new key at half-life
+and pushes it over its local SDS; the running Envoy serves it on 15008 without a restart, traffic keeps
+flowing), then a graceful stop that lets a request in flight finish."""
 
 from __future__ import annotations
 
@@ -63,3 +64,18 @@ async def test_rotation_without_restart(short_lived: WaypointMesh) -> None:
     assert wmesh.launcher.proc.pid == pid  # same Envoy, no restart
     assert wmesh.launcher.sds.version >= 2
     assert (await wmesh.request(target, "/")).status == 200
+
+
+async def test_graceful_stop_finishes_requests_in_flight(short_lived: WaypointMesh) -> None:
+    """Runs last in this module: it stops the module's waypoint."""
+    wmesh = short_lived
+    assert wmesh.launcher is not None
+    target = f"{wmesh.vip(70)}:80"
+    wmesh.launcher.opts.drain_seconds = 1.5
+    slow = asyncio.create_task(wmesh.request(target, "/?delay=0.6"))
+    await asyncio.sleep(0.2)  # the request is at the backend now
+    await wmesh.launcher.stop()
+    r = await slow
+    assert r.status == 200
+    with pytest.raises(OSError):
+        await served_certificate(wmesh)  # and nothing listens any more
