@@ -377,9 +377,10 @@ class Mesh:
         if (config is None) == (documents is None):
             raise ValueError("give exactly one of config (a directory or file) or documents (YAML text)")
         self._own_workdir = workdir is None
+        # Absolute: the children run with their own working directories.
         self.workdir = (
             Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="istiopy-mesh-"))
-        )
+        ).resolve()
         self.keep_workdir = keep_workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.kit_dir = self.workdir / "kit-config"
