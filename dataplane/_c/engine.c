@@ -32,6 +32,7 @@
 
 #define PIPE_CAP (256 * 1024)
 #define UP_CAP (256 * 1024)
+#define UP_HEAD 16 /* headroom before app bytes: a DATA frame header is written there (no payload copy) */
 #define OUT_CAP (256 * 1024)
 #define READ_BUF (64 * 1024)
 #define STREAM_WINDOW (4 * 1024 * 1024)
@@ -94,6 +95,7 @@ struct fp_conn {
     uint8_t *out;
     size_t out_len, out_off, out_cap;
     size_t down_pending; /* tunnel bytes queued toward apps in this read batch */
+    int paused;          /* send_data_cb stopped nghttp2 because ciphertext piled up */
     stream *streams;
     char *peer;
 };
@@ -471,19 +473,26 @@ static void stream_flush_down(stream *st) {
     }
 }
 
+static void stream_up_init(stream *st) {
+    if (!st->up) {
+        st->up = xcalloc(1, UP_HEAD + UP_CAP);
+        st->up_off = st->up_len = UP_HEAD;
+    }
+}
+
 /* Read from the app into the up buffer (bounded) and wake nghttp2's deferred DATA. */
 static void stream_read_app(stream *st) {
     fp_engine *e = st->c->e;
+    stream_up_init(st);
     if (st->up_off == st->up_len) {
-        st->up_off = st->up_len = 0;
-    } else if (st->up_off > 0 && UP_CAP - st->up_len < UP_CAP / 4) { /* compact only when the tail is short */
-        memmove(st->up, st->up + st->up_off, st->up_len - st->up_off);
-        st->up_len -= st->up_off;
-        st->up_off = 0;
+        st->up_off = st->up_len = UP_HEAD;
+    } else if (st->up_off > UP_HEAD && UP_HEAD + UP_CAP - st->up_len < UP_CAP / 4) { /* tail short: compact */
+        memmove(st->up + UP_HEAD, st->up + st->up_off, st->up_len - st->up_off);
+        st->up_len -= st->up_off - UP_HEAD;
+        st->up_off = UP_HEAD;
     }
-    if (!st->up) st->up = xcalloc(1, UP_CAP);
-    while (!st->app_eof && st->up_len < UP_CAP) {
-        ssize_t n = recv(st->app_fd, st->up + st->up_len, UP_CAP - st->up_len, 0);
+    while (!st->app_eof && st->up_len < UP_HEAD + UP_CAP) {
+        ssize_t n = recv(st->app_fd, st->up + st->up_len, UP_HEAD + UP_CAP - st->up_len, 0);
         if (n > 0) {
             st->up_len += (size_t)n;
         } else if (n == 0) {
@@ -533,6 +542,14 @@ static ssize_t data_read_cb(nghttp2_session *s, int32_t sid, uint8_t *buf, size_
         return NGHTTP2_ERR_DEFERRED;
     }
     size_t n = avail < length ? avail : length;
+    if (st->c->ssl) { /* TLS: send_data_cb encrypts straight from the up buffer */
+        *flags |= NGHTTP2_DATA_FLAG_NO_COPY;
+        if (n == avail && st->app_eof) {
+            *flags |= NGHTTP2_DATA_FLAG_EOF;
+            st->end_sent = 1;
+        }
+        return (ssize_t)n;
+    }
     memcpy(buf, st->up + st->up_off, n);
     st->up_off += n;
     st->sent += n;
@@ -555,6 +572,43 @@ static ssize_t read_length_cb(nghttp2_session *s, uint8_t type, int32_t sid, int
     if ((uint32_t)n > remote_max_frame) n = (int32_t)remote_max_frame;
     if (n > SEND_FRAME) n = SEND_FRAME;
     return n > 0 ? n : 1;
+}
+
+static int tls_write_raw(struct fp_conn *c, const uint8_t *p, size_t n);
+
+/* A DATA frame chosen by data_read_cb (NO_COPY): gathered control frames first, then the 9-byte header
+ * written into the headroom just before the payload (those bytes were sent already) so header and payload
+ * go into TLS as one piece. Pauses nghttp2 once enough ciphertext waits for the socket. */
+static int send_data_cb(nghttp2_session *s, nghttp2_frame *frame, const uint8_t *framehd, size_t length,
+                        nghttp2_data_source *src, void *user) {
+    (void)s;
+    struct fp_conn *c = user;
+    stream *st = src->ptr;
+    if (!st || st->o.dead || frame->data.padlen > 0 || st->up_len - st->up_off < length)
+        return NGHTTP2_ERR_CALLBACK_FAILURE;
+    if (c->out_len) {
+        if (tls_write_raw(c, c->out, c->out_len) < 0) return NGHTTP2_ERR_CALLBACK_FAILURE;
+        c->out_len = 0;
+    }
+    uint8_t *p = st->up + st->up_off;
+    int rc;
+    if (st->up_off >= 9) {
+        memcpy(p - 9, framehd, 9);
+        rc = tls_write_raw(c, p - 9, length + 9);
+    } else {
+        rc = tls_write_raw(c, framehd, 9);
+        if (rc == 0) rc = tls_write_raw(c, p, length);
+    }
+    if (rc < 0) return NGHTTP2_ERR_CALLBACK_FAILURE;
+    st->up_off += length;
+    st->sent += length;
+    __atomic_add_fetch(&c->e->st.bytes_up, length, __ATOMIC_RELAXED);
+    stream_watch(st); /* room again: resume reading the app */
+    if (enc_pending(c) >= OUT_CAP) {
+        c->paused = 1;
+        return NGHTTP2_ERR_PAUSE;
+    }
+    return 0;
 }
 
 /* ---- nghttp2 callbacks --------------------------------------------------------------------- */
@@ -807,20 +861,23 @@ static long tls_push(struct fp_conn *c) {
     return 0;
 }
 
-/* Encrypt plaintext into enc (always completes: the BIO takes everything). */
-static int tls_write(struct fp_conn *c, const uint8_t *p, size_t n) {
+/* Encrypt plaintext into enc (always completes: the BIO takes everything); -1 on a TLS failure. */
+static int tls_write_raw(struct fp_conn *c, const uint8_t *p, size_t n) {
     while (n > 0) {
         int chunk = n > (1u << 30) ? (1 << 30) : (int)n;
         ERR_clear_error();
         int r = SSL_write(c->ssl, p, chunk);
-        if (r <= 0) {
-            conn_fail(c, ssl_reason());
-            return -1;
-        }
+        if (r <= 0) return -1;
         p += r;
         n -= (size_t)r;
     }
     return 0;
+}
+
+static int tls_write(struct fp_conn *c, const uint8_t *p, size_t n) {
+    if (tls_write_raw(c, p, n) == 0) return 0;
+    conn_fail(c, ssl_reason());
+    return -1;
 }
 
 /* Send everything nghttp2 has queued, through TLS, as far as the socket takes it. Small frames are
@@ -845,8 +902,9 @@ static void conn_flush(struct fp_conn *c) {
             continue;
         }
         c->out_off = c->out_len = 0;
+        c->paused = 0;
         size_t produced = 0;
-        while (produced < OUT_CAP) {
+        while (produced < OUT_CAP && !c->paused) {
             const uint8_t *p;
             ssize_t n = nghttp2_session_mem_send(c->s, &p);
             if (n < 0) {
@@ -876,7 +934,7 @@ static void conn_flush(struct fp_conn *c) {
             if (tls_write(c, c->out, c->out_len) < 0) return;
             c->out_len = 0;
         }
-        if (produced == 0) {
+        if (produced == 0 && !c->paused) {
             if (c->ssl && tls_push(c) < 0) return;
             break;
         }
@@ -900,6 +958,7 @@ static int conn_start_h2(struct fp_conn *c) {
     nghttp2_session_callbacks_set_on_data_chunk_recv_callback(cb, on_data_chunk);
     nghttp2_session_callbacks_set_on_stream_close_callback(cb, on_stream_close);
     nghttp2_session_callbacks_set_data_source_read_length_callback(cb, read_length_cb);
+    nghttp2_session_callbacks_set_send_data_callback(cb, send_data_cb);
     nghttp2_option_new(&opt);
     nghttp2_option_set_no_auto_window_update(opt, 1); /* we acknowledge only what the app took */
     nghttp2_option_set_max_send_header_block_length(opt, MAX_HDRS);
@@ -1146,9 +1205,9 @@ static void do_answer(fp_engine *e, uint64_t id, uint64_t conn_id, int32_t sid, 
     set_nonblock(app_fd);
     st->open = 1;
     if (plen > 0 && plen <= UP_CAP) {
-        st->up = xcalloc(1, UP_CAP);
-        memcpy(st->up, prefix, plen);
-        st->up_len = plen;
+        stream_up_init(st);
+        memcpy(st->up + st->up_len, prefix, plen);
+        st->up_len += plen;
     }
     nghttp2_data_provider prd = {.source.ptr = st, .read_callback = data_read_cb};
     if (nghttp2_submit_response(c->s, sid, &nv, 1, &prd) != 0) {
@@ -1172,8 +1231,9 @@ static void do_attach(fp_engine *e, uint64_t id, int app_fd, const char *prefix,
     st->app_fd = app_fd;
     set_nonblock(app_fd);
     if (plen > 0) { /* nothing was read from the app yet, so the whole buffer is free */
-        if (!st->up) st->up = xcalloc(1, UP_CAP);
-        size_t n = plen < UP_CAP - st->up_len ? plen : UP_CAP - st->up_len;
+        stream_up_init(st);
+        size_t room = UP_HEAD + UP_CAP - st->up_len;
+        size_t n = plen < room ? plen : room;
         memcpy(st->up + st->up_len, prefix, n);
         st->up_len += n;
         if (st->deferred) {
