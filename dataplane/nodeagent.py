@@ -152,21 +152,26 @@ class NodeAgent:
         self._accept_task = asyncio.create_task(self._accept_loop(sock))
 
     async def stop(self, *, remove_capture_rules: bool = False) -> None:
-        """Close the socket and every proxy connection; pods and their rules stay unless asked."""
+        """Close the socket and every proxy connection; pods and their rules stay unless asked.
+
+        The listening socket goes first: while it exists the kernel completes connects into its backlog
+        even though nothing accepts any more, so a proxy reconnecting during the teardown of its old
+        connection would count a connection to an agent that is gone (and be reset moments later).
+        """
         if self._accept_task is not None:
             self._accept_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._accept_task
-        for p in list(self._proxies):
-            p.sock.close()
-        for t in list(self._conn_tasks):
-            t.cancel()
-        await asyncio.gather(*self._conn_tasks, return_exceptions=True)
         if self._listener is not None:
             self._listener.close()
             self._listener = None
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
+        for p in list(self._proxies):
+            p.sock.close()
+        for t in list(self._conn_tasks):
+            t.cancel()
+        await asyncio.gather(*self._conn_tasks, return_exceptions=True)
         for uid in list(self.pods):
             if remove_capture_rules and self.capture is not None:
                 with contextlib.suppress(Exception):
