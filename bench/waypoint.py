@@ -33,8 +33,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "waypoint"))
 
-from conftest import CLIENT_ID, WaypointMesh  # noqa: E402
 from wp_helpers import istio, service  # noqa: E402
+from wp_mesh import CLIENT_ID, WaypointMesh  # noqa: E402
 
 from istiopy.testing.envoy import EnvoyProcess, free_port  # noqa: E402
 

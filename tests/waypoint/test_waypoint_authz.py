@@ -6,8 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from conftest import CLIENT_ID, TD, WaypointMesh
 from wp_helpers import istio, service
+from wp_mesh import CLIENT_ID, TD, WaypointMesh
 
 from istiopy.api.identity import SpiffeId
 from istiopy.mesh.waypoint_diagnostics import waypoint_diagnostics

@@ -7,8 +7,8 @@ import asyncio
 import urllib.request
 
 import pytest
-from conftest import WaypointMesh, eventually
 from wp_helpers import gateway, service
+from wp_mesh import WaypointMesh, eventually
 
 from istiopy.dataplane.hbone import HboneError
 

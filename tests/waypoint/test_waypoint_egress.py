@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 import pytest_asyncio
 from aiohttp import web
-from conftest import Backend, WaypointMesh
 from wp_helpers import istio
+from wp_mesh import Backend, WaypointMesh
 
 from istiopy.testing.envoy import free_port
 

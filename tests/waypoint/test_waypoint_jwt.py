@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 import pytest_asyncio
 from aiohttp import web
-from conftest import WaypointMesh
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from wp_helpers import istio, service
+from wp_mesh import WaypointMesh
 
 from istiopy.mesh.resources.security import RequestAuthentication
 from istiopy.mesh.waypoint_diagnostics import waypoint_diagnostics

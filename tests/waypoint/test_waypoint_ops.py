@@ -9,8 +9,8 @@ import signal
 import urllib.request
 
 import pytest
-from conftest import CLIENT_ID, WAYPOINT_ID, WaypointMesh, eventually
 from wp_helpers import istio, service
+from wp_mesh import CLIENT_ID, WAYPOINT_ID, WaypointMesh, eventually
 
 pytestmark = [pytest.mark.envoy, pytest.mark.asyncio(loop_scope="module")]
 

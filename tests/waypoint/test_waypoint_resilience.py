@@ -8,8 +8,8 @@ import time
 from typing import Any
 
 import pytest
-from conftest import WaypointMesh, eventually
 from wp_helpers import istio, service
+from wp_mesh import WaypointMesh, eventually
 
 pytestmark = [pytest.mark.envoy, pytest.mark.asyncio(loop_scope="module")]
 

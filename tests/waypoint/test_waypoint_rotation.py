@@ -10,9 +10,9 @@ from collections.abc import AsyncIterator
 
 import pytest
 import pytest_asyncio
-from conftest import WAYPOINT_ID, WaypointMesh, eventually
 from cryptography import x509
 from wp_helpers import service
+from wp_mesh import WAYPOINT_ID, WaypointMesh, eventually
 
 from istiopy.api.identity import identity_of
 

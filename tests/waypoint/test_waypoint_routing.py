@@ -6,8 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from conftest import WaypointMesh
 from wp_helpers import istio, service
+from wp_mesh import WaypointMesh
 
 from istiopy.mesh.kinds import parse
 from istiopy.mesh.resources.networking import VirtualService
