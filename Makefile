@@ -8,6 +8,9 @@ PYTHON := $(BIN)/python
 STAMP := .build/stamps
 DEB_PACKAGES := iproute2 iptables iperf3 tcpdump libssl-dev libnghttp2-dev wrk clang libclang-rt-14-dev curl procps
 PYTEST_ARGS ?=
+# The root folders `operator/` and `xds/` would shadow the standard library's `operator` and xds-protos'
+# `xds` for any `python` started here with the current directory on sys.path; -P semantics for all.
+export PYTHONSAFEPATH := 1
 
 -include tools/k8s/k8s.mk
 
