@@ -284,7 +284,9 @@ async def test_rotation_task_reissues_at_half_lifetime(ca: CertificateAuthority)
     task = asyncio.create_task(secrets.run())
     try:
         first = secrets.bundle_for(WAYPOINT)  # wakes the task, which sleeps until first.refresh_at
-        assert await asyncio.wait_for(rotated.get(), 5) == WAYPOINT
+        # Due within a second; the deadline only bounds a hang (a starved 2-core CI box can stall the loop
+        # for seconds), the timing itself is asserted below against the certificate.
+        assert await asyncio.wait_for(rotated.get(), 30) == WAYPOINT
         second = secrets.bundle_for(WAYPOINT)
         assert second.leaf.serial_number != first.leaf.serial_number
         assert time.time() >= first.refresh_at
