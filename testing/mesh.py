@@ -806,7 +806,7 @@ class Mesh:
         path = self.kit_dir / name
         if path.exists() and path.read_text() == documents:
             return  # nothing changes, nothing to wait for
-        before = self._config_version()
+        before = self.config_version()
         tmp = self.kit_dir / f".{name}.tmp"
         tmp.write_text(documents)
         tmp.replace(self.kit_dir / name)
@@ -814,14 +814,15 @@ class Mesh:
             self.wait_synced(since=before)
 
     def remove(self, name: str = "applied.yaml", *, wait: bool = True) -> None:
-        before = self._config_version()
+        before = self.config_version()
         path = self.kit_dir / name
         if path.exists():
             path.unlink()
             if wait:
                 self.wait_synced(since=before)
 
-    def _config_version(self) -> Any:
+    def config_version(self) -> Any:
+        """istiod-py's model version (``/debug/configz``); changes whenever a watched file changes it."""
         code, text = _http_get(f"http://127.0.0.1:{self.ports['monitoring']}/debug/configz")
         return json.loads(text).get("version") if code == 200 else None
 
@@ -844,7 +845,7 @@ class Mesh:
                     f"mesh did not converge in {timeout:.0f}s (last: {last}){self.istiod_log()[-3000:]}"
                 )
             ok = True
-            if since is not None and self._config_version() == since:
+            if since is not None and self.config_version() == since:
                 ok, last = False, "model unchanged"
             if ok:
                 conns = self.syncz()

@@ -396,6 +396,8 @@ def run(args: argparse.Namespace) -> int:
         console.print(f"[bold red]istiod-py up: the mesh did not come up:[/] {e}")
         return 1
     try:
+        seen = _snapshot(config)  # before the first round: an edit made during it still counts
+        version = mesh.config_version()
         for _ in range(max(rounds, 1)):
             _round(mesh, console)
         if args.hold:
@@ -403,7 +405,6 @@ def run(args: argparse.Namespace) -> int:
                 f"[bold]Mesh running.[/] Edit files under {config} to change it live; logs in {workdir}. "
                 "Ctrl-C tears everything down."
             )
-            seen = _snapshot(config)
             while True:
                 time.sleep(1.0)
                 now = _snapshot(config)
@@ -412,8 +413,9 @@ def run(args: argparse.Namespace) -> int:
                     changed = ", ".join(sorted(re.sub(r"^.*/", "", k) for k in diff))
                     seen = now
                     console.rule(f"config changed ({changed}); re-running the traffic round")
-                    with contextlib.suppress(MeshError):
-                        mesh.wait_synced(timeout=15)
+                    with contextlib.suppress(MeshError):  # an edit that changes nothing times out here
+                        mesh.wait_synced(since=version, timeout=10)
+                    version = mesh.config_version()
                     _round(mesh, console)
     except KeyboardInterrupt:
         console.print("tearing down ...")
