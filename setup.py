@@ -83,6 +83,16 @@ class OptionalBuildExt(build_ext):
         except Exception as e:
             self._warn(e)
 
+    def copy_file(self, infile: str, outfile: str, *args: object, **kwargs: object) -> tuple[str, bool]:  # type: ignore[override]
+        """Put the built .so in place by rename: concurrent test runs that have the old one mapped keep
+        their copy (an in-place overwrite would crash them with SIGBUS)."""
+        import shutil
+
+        tmp = f"{outfile}.tmp-{os.getpid()}"
+        shutil.copy2(infile, tmp)
+        os.replace(tmp, outfile)
+        return outfile, True
+
     @staticmethod
     def _warn(e: Exception) -> None:
         print(f"WARNING: istiopy C byte path not built ({e}); ztunnel-py will use the pure-Python path")
