@@ -283,11 +283,11 @@ def report(mesh: Mesh, calls: list[Call], split: list[tuple[str, dict[str, int]]
         pods = [p for p in mesh.pods.values() if p.node == name and p.ambient]
         t.add_row("ztunnel-py", name, f"admin :{zt.admin_port}, {len(pods)} captured pods")
     for key, wp in mesh.waypoints.items():
-        t.add_row("waypoint (Envoy)", wp.pod.node, f"{key} at {wp.pod.ip}:15008, {_short(wp.pod.spiffe_id)}")
+        t.add_row("waypoint (Envoy)", wp.pod.node, f"{key} at {wp.pod.ip}:15008, {wp.pod.spiffe_id}")
     for p in sorted(mesh.pods.values(), key=lambda p: (p.namespace, p.name)):
         if p.waypoint_for is None:
             mode = "ambient" if p.ambient else "not captured"
-            t.add_row("pod", p.node, f"{p.namespace}/{p.name} {p.ip} {_short(p.spiffe_id)} ({mode})")
+            t.add_row("pod", p.node, f"{p.namespace}/{p.name} {p.ip} {p.spiffe_id} ({mode})")
     console.print(t)
 
     r = Table(title="Requests (one round)", title_justify="left", show_lines=False)
