@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import istiopy
@@ -19,18 +21,24 @@ def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str
     )
 
 
+def run_all(*argvs: list[str]) -> list[subprocess.CompletedProcess[str]]:
+    """Independent invocations side by side: each one is mostly interpreter start-up and imports, so on a
+    multi-core machine running them one after the other only adds up waiting."""
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        return list(pool.map(lambda argv: run(*argv), argvs))
+
+
 def test_help_and_version() -> None:
-    out = run("--help")
+    out, version = run_all(["--help"], ["--version"])
     assert out.returncode == 0
     assert "validate" in out.stdout
-    out = run("--version")
-    assert out.returncode == 0
-    assert out.stdout.strip() == f"istioctl-py {istiopy.__version__}"
+    assert version.returncode == 0
+    assert version.stdout.strip() == f"istioctl-py {istiopy.__version__}"
 
 
 def test_bad_flags_exit_2_with_one_line() -> None:
-    for args in (["--bogus"], ["validate"], ["validate", "-f", "x", "--nope"], []):
-        out = run(*args)
+    bad = (["--bogus"], ["validate"], ["validate", "-f", "x", "--nope"], [])
+    for args, out in zip(bad, run_all(*bad), strict=True):
         assert out.returncode == 2, args
         lines = out.stderr.strip().splitlines()
         assert len(lines) == 1, out.stderr

@@ -9,7 +9,10 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+import pytest
 
 import istiopy
 
@@ -23,13 +26,16 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def run_all(*argvs: list[str]) -> list[subprocess.CompletedProcess[str]]:
+    """Independent invocations side by side: each one is mostly interpreter start-up and imports (~1 s of
+    CPU), so on a multi-core machine running them one after the other only adds up waiting."""
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        return list(pool.map(lambda argv: run(*argv), argvs))
+
+
+@pytest.mark.slow  # nine interpreter starts with the mesh models imported: 5-15 s on 2 cores
 def test_help_version_and_bad_flags() -> None:
-    out = run("--help")
-    assert out.returncode == 0
-    assert "serve" in out.stdout
-    assert "demo" in out.stdout
-    assert run("--version").stdout.strip() == f"istiod-py {istiopy.__version__}"
-    for args in (
+    bad = (
         ["--bogus"],
         [],
         ["serve"],
@@ -37,8 +43,13 @@ def test_help_version_and_bad_flags() -> None:
         ["--log-level", "loud", "demo"],
         ["--config-dir", "no/such/dir"],
         ["demo", "--config-dir", "no/such/dir"],
-    ):
-        out = run(*args)
+    )
+    out, version, *outs = run_all(["--help"], ["--version"], *bad)
+    assert out.returncode == 0
+    assert "serve" in out.stdout
+    assert "demo" in out.stdout
+    assert version.stdout.strip() == f"istiod-py {istiopy.__version__}"
+    for args, out in zip(bad, outs, strict=True):
         assert out.returncode == 2, args
         lines = out.stderr.strip().splitlines()
         assert len(lines) == 1, out.stderr
