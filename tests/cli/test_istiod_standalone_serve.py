@@ -176,6 +176,7 @@ async def test_serve_refuses_streams_without_a_client_certificate(istiod: Istiod
         assert not client.resources(ADDRESS_TYPE)
 
 
+@pytest.mark.slow  # two more istiod-py starts on top of the fixture's: 5-10 s on 2 cores
 def test_root_persists_across_restarts_and_port_in_use_is_one_line(istiod: Istiod, tmp_path: Path) -> None:
     first = (istiod.state / "root-cert.pem").read_text()
     istiod.stop()

@@ -402,6 +402,7 @@ async def test_client_ignoring_stream_limit_gets_streams_refused(env: Env) -> No
     await eventually(lambda: env.server.connections == 0 and env.server.streams == 0)
 
 
+@pytest.mark.slow  # a thousand real TLS+HTTP/2 streams: ~6 s on 2 cores
 async def test_1000_streams_pooled_within_limit_and_no_fd_leak(ca: TestCA) -> None:
     async def run() -> None:
         echo = await asyncio.start_server(_echo, "127.0.0.1", 0, backlog=4096)
