@@ -14,9 +14,11 @@ One run, one machine, same payloads; client and server are separate pods (networ
 5. ``waypoint``: not measured (the C path is not wired through an Envoy waypoint yet).
 
 Per mode: iperf3 throughput with 1 and 8 connections; HTTP latency p50/p90/p99 at a fixed 1000 req/s with
-1 KB responses (fortio, built with ``go install`` into ``.build/tools``; without it a small open-loop
-Python generator is used and the table says so); proxy CPU seconds per 1000 requests (both proxies of the
-pair, measured over the latency run); proxy RSS (each, after the run). Each mode runs ``--rounds`` times
+1 KB responses (fortio, pinned, built by ``make bench`` with ``go install`` into ``.build/tools``; without
+it the latency columns stay empty); proxy CPU seconds per GB moved (single-connection iperf3) and per 1000
+requests (both proxies of the
+pair, measured over the latency run); proxy RSS (each, after the run; the ztunnel-py processes hold 1000 known
+workloads in their WDS state, as the RSS target is stated). Each mode runs ``--rounds`` times
 and reports the best round per column (max throughput, min latency/CPU): the box is shared with other test
 runs, whose load only ever makes a round worse. Printed as a table with ratios to ``direct`` and
 ``sidecar``; saved as JSON (every round included) under ``bench/results/``.
@@ -74,6 +76,7 @@ async def _proxy(args: argparse.Namespace) -> None:
         hbone_headers,
     )
 
+    _STATE.append(_known_workloads(args.workloads))  # held for the process's life: RSS includes it
     d = Path(args.certs)
     bundle = CertBundle.from_pem(
         (d / "key.pem").read_text(), (d / "chain.pem").read_text(), (d / "roots.pem").read_text()
@@ -127,6 +130,28 @@ async def _proxy(args: argparse.Namespace) -> None:
 
         servers.append(await asyncio.start_server(cb, "127.0.0.1", listen_port, backlog=1024))
     await asyncio.gather(*(s.serve_forever() for s in servers))
+
+
+_STATE: list[object] = []
+
+
+def _known_workloads(n: int) -> object:
+    """ztunnel-py's own WDS state holding ``n`` workloads (in services of 10), as the RSS target asks:
+    the same ``ProxyState`` and protobuf decoding a node proxy fed by istiod keeps in memory."""
+    from istiopy.dataplane.state import ProxyState
+    from istiopy.testing import ztunnel as b
+
+    st = ProxyState()
+    adds = []
+    for i in range(0, n, 10):
+        adds.append(b.service(f"svc-{i}", "bench", f"10.96.{i // 250}.{i % 250 + 1}", {80: 8080}))
+    for i in range(n):
+        svc = {b.service_key(f"svc-{i - i % 10}", "bench"): {80: 8080}}
+        ip = f"10.{100 + i // 62500}.{i // 250 % 250}.{i % 250 + 1}"
+        adds.append(b.workload(f"wl-{i}", "bench", ip, services=svc))
+    if adds:
+        st.apply_addresses({b.resource_name(a): a for a in adds})
+    return st
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -340,7 +365,18 @@ def start_mode(
     elif mode.startswith("ztunnel-"):
         bp = mode.split("-", 1)[1]
         for side, pod in (("in", server), ("out", client)):
-            argv = [sys.executable, __file__, "proxy", "--side", side, "--byte-path", bp]
+            argv = [
+                sys.executable,
+                __file__,
+                "proxy",
+                "--side",
+                side,
+                "--byte-path",
+                bp,
+                "--workloads",
+                "1000",
+            ]
+
             procs.append(pod.spawn([*argv, "--certs", str(work / side), "--dst", server.ip]))
             if side == "out":
                 wait_port(pod, "127.0.0.1", OUT_HTTP, timeout=30)
@@ -496,9 +532,10 @@ def main() -> None:
     px.add_argument("--byte-path", choices=("c", "python"), required=True)
     px.add_argument("--certs", required=True)
     px.add_argument("--dst", required=True)
+    px.add_argument("--workloads", type=int, default=0, help="known workloads held in ProxyState")
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     ap.add_argument("--seconds", type=float, default=3.0)
-    ap.add_argument("--rounds", type=int, default=2, help="best of N rounds per mode")
+    ap.add_argument("--rounds", type=int, default=3, help="best of N rounds per mode")
     args = ap.parse_args()
     if args.cmd == "proxy":
         asyncio.run(_proxy(args))
