@@ -27,7 +27,6 @@ import ssl
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -41,6 +40,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from istiopy.testing.procs import die_with_parent
 
 K8S_VERSION = "v1.34.3"
 REQUIRED_BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kubectl")
@@ -231,23 +232,6 @@ def _make_pki(d: Path) -> None:
 # ---------------------------------------------------------------------------------------------- processes
 
 
-def _die_with_us(argv: list[str]) -> list[str]:
-    """``argv`` run under ``setpriv --pdeathsig KILL`` when started from the main thread.
-
-    Why: each component runs in its own session, so when the test run is killed outright (CI's ``timeout``,
-    SIGKILL, an OOM kill) neither ``atexit`` nor a signal to the terminal's group reaches it, and the
-    cluster kept running for good (etcd + kube-apiserver + controller-manager, ~1 GB, found orphaned after
-    such runs). The parent-death signal is tied to the *thread* that forked, so it is only requested from
-    the main thread (a worker thread may end long before the cluster should); ``setpriv`` execs the
-    component, so the pid, process group and ``stop()`` stay as they are. Without util-linux's ``setpriv``
-    the component simply runs as before.
-    """
-    setpriv = shutil.which("setpriv")
-    if setpriv is None or threading.current_thread() is not threading.main_thread():
-        return argv
-    return [setpriv, "--pdeathsig", "KILL", "--", *argv]
-
-
 class _Proc:
     """One control-plane process in its own process group, logging to a file."""
 
@@ -262,7 +246,7 @@ class _Proc:
             out.write(f"--- start {time.strftime('%H:%M:%S')}: {' '.join(self.argv)}\n".encode())
             out.flush()
             self.popen = subprocess.Popen(
-                _die_with_us(self.argv),
+                die_with_parent(self.argv),
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,

@@ -36,6 +36,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar, cast
 
+from istiopy.testing.procs import die_with_parent
+
 T = TypeVar("T")
 
 
@@ -195,7 +197,7 @@ class EnvoyProcess:
             *self.extra_args,
         ]
         self.proc = subprocess.Popen(
-            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True
+            die_with_parent(cmd), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -19,6 +19,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from istiopy.api.gen import authorization_pb2, workload_pb2
+from istiopy.testing.procs import die_with_parent
 
 CLUSTER = "Kubernetes"
 
@@ -392,7 +393,11 @@ class ZtunnelProcess:
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - lives as long as the process
         # cwd: the repository root has folders (``xds/``) that would shadow third-party packages on sys.path.
         self.popen = subprocess.Popen(
-            argv, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.workdir
+            die_with_parent(argv),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=self.workdir,
         )
 
     def get(self, port: int, path: str, timeout: float = 5.0) -> tuple[int, str]:
