@@ -45,6 +45,7 @@ import select
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -425,6 +426,35 @@ class _Forwarder:
         self.loop.close()
 
 
+_SENTINEL_SRC = "192.0.2.1"  # TEST-NET-1: never a pod or node address
+
+
+def _sentinel_frame(token: bytes) -> bytes:
+    """An Ethernet/IPv4/TCP frame 192.0.2.1:9 -> 192.0.2.2:9 (RST) carrying ``token``, for ``sniff``."""
+    tcp = struct.pack("!HHIIBBHHH", 9, 9, 0, 0, 5 << 4, 0x04, 0, 0, 0) + token
+    ip = bytearray(
+        struct.pack(
+            "!BBHHHBBH4s4s",
+            0x45,
+            0,
+            20 + len(tcp),
+            0,
+            0,
+            64,
+            socket.IPPROTO_TCP,
+            0,
+            socket.inet_aton(_SENTINEL_SRC),
+            socket.inet_aton("192.0.2.2"),
+        )
+    )
+    total = sum(struct.unpack("!10H", bytes(ip)))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    ip[10:12] = struct.pack("!H", ~total & 0xFFFF)
+    eth = bytes.fromhex("02aa00000002") + bytes.fromhex("02aa00000001") + struct.pack("!H", 0x0800)
+    return eth + bytes(ip) + tcp
+
+
 class Sniff:
     """What ``Topology.sniff`` recorded: ``text`` is filled when the ``with`` block ends."""
 
@@ -529,6 +559,13 @@ class Topology:
 
         After the block, ``Sniff.text`` holds ``tcpdump -nn -A`` output (headers and ASCII payloads), which is
         how a test proves what went over the wire (e.g. only TLS to 15008, never the app's plaintext).
+
+        The capture is complete, not just "probably caught up": before tcpdump is stopped, a sentinel frame
+        is sent on the bridge (after every packet of the body) and the capture is stopped only once the
+        sentinel is in the file. A fixed pause was not enough on a loaded machine, where tcpdump may not
+        have run for a while: packets it had not read yet were lost on SIGINT, which would fail positive
+        checks and, worse, make negative ones ("never plaintext") pass without evidence. The sentinel is
+        filtered out of ``text``.
         """
         self._require_started()
         tmp = tempfile.mkdtemp(prefix=f"{self.tag}-pcap-")
@@ -546,7 +583,7 @@ class Topology:
             "0",
             "-w",
             path,
-            bpf,
+            f"({bpf}) or host {_SENTINEL_SRC}",
         ]
         proc = subprocess.Popen(
             ["ip", "netns", "exec", self.fabric, *cmd],
@@ -569,7 +606,8 @@ class Topology:
                     break
             yield result
         finally:
-            time.sleep(0.2)  # let the last packets reach the file (-U flushes per packet)
+            if proc.poll() is None:
+                self._wait_for_sentinel(path, timeout)
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGINT)
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -581,10 +619,38 @@ class Topology:
                 proc.stderr.close()
             if os.path.exists(path):
                 res = subprocess.run(
-                    ["tcpdump", "-nn", "-A", "-r", path], capture_output=True, text=True, errors="replace"
+                    ["tcpdump", "-nn", "-A", "-r", path, f"not host {_SENTINEL_SRC}"],
+                    capture_output=True,
+                    text=True,
+                    errors="replace",
                 )
                 result.text = res.stdout
             shutil.rmtree(tmp, ignore_errors=True)
+
+    def _wait_for_sentinel(self, path: str, timeout: float) -> None:
+        """Send sentinel frames on the fabric bridge until one is in the capture file (or ``timeout``).
+
+        tcpdump writes each packet as it reads it (``-U``), and it reads in order: once the sentinel, sent
+        after the body's last packet, is in the file, so is everything before it. The frame (TEST-NET
+        addresses, MACs nobody has) is flooded to the pods, which drop it.
+        """
+        token = os.urandom(16)
+        frame = _sentinel_frame(token)
+        fd = _sockets.open_netns(str(NETNS_DIR / self.fabric))
+        try:
+            with _sockets.in_netns(fd):
+                sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+        finally:
+            os.close(fd)
+        with sock:
+            sock.bind(("br0", 0))
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                sock.send(frame)
+                with contextlib.suppress(OSError), open(path, "rb") as f:
+                    if token in f.read():
+                        return
+                time.sleep(0.05)
 
     def netns_names(self) -> list[str]:
         """The namespaces of this topology that currently exist (empty after ``close``)."""
