@@ -177,7 +177,7 @@ class EnvoyProcess:
         self.admin_port: int | None = None
 
     # ------------------------------------------------------------------------------------ lifecycle
-    def start(self, timeout: float = 20.0) -> EnvoyProcess:
+    def start(self, timeout: float = 60.0) -> EnvoyProcess:
         config = self.workdir / "bootstrap.json"
         config.write_text(json.dumps(self.bootstrap))
         admin_path = self.workdir / "admin-address"
@@ -308,7 +308,7 @@ class EnvoyProcess:
 # ----------------------------------------------------------------------------------------------- helpers
 async def wait_until(
     predicate: Callable[[], T | Awaitable[T]],
-    timeout: float = 10.0,  # noqa: ASYNC109 - a polling deadline, not a cancel scope
+    timeout: float = 30.0,  # noqa: ASYNC109 - a polling deadline, not a cancel scope
     interval: float = 0.05,
     what: str = "",
 ) -> T:

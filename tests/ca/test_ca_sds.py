@@ -231,7 +231,7 @@ async def test_envoy_gets_cert_over_sds_serves_mtls_and_rotates_without_restart(
                 except (TimeoutError, OSError, ssl.SSLError):
                     return False
 
-            await wait_until(serving_mtls, timeout=20, what="Envoy serving mTLS with its SDS certificate")
+            await wait_until(serving_mtls, timeout=30, what="Envoy serving mTLS with its SDS certificate")
             ident, serial1, body = await fetch_through(listener_port, client)
             assert ident == WAYPOINT
             assert body.startswith((b"HTTP/1.0 200", b"HTTP/1.1 200"))
@@ -259,7 +259,7 @@ async def test_envoy_gets_cert_over_sds_serves_mtls_and_rotates_without_restart(
                 except (TimeoutError, OSError, ssl.SSLError):
                     return False
 
-            await wait_until(rotated, timeout=15, what="Envoy serving the rotated certificate")
+            await wait_until(rotated, timeout=30, what="Envoy serving the rotated certificate")
             assert envoy.proc is not None
             assert envoy.proc.pid == pid
             assert envoy.proc.poll() is None
@@ -270,7 +270,7 @@ async def test_envoy_gets_cert_over_sds_serves_mtls_and_rotates_without_restart(
                     bool(sds) and sds[0]["nacks"] == 0 and sds[0]["sent_version"] == sds[0]["acked_version"]
                 )
 
-            await wait_until(sds_acked, timeout=10, what="Envoy ACKed the rotated secrets without NACKs")
+            await wait_until(sds_acked, timeout=30, what="Envoy ACKed the rotated secrets without NACKs")
         finally:
             await asyncio.to_thread(envoy.stop)
             await server.stop(0.1)

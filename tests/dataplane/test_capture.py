@@ -303,7 +303,7 @@ async def test_hbone_between_nodes_through_capture_and_zds(topology: Topology, t
         for c in clients:
             await c.stop()
         for t in tasks:
-            await asyncio.wait_for(t, 5)
+            await asyncio.wait_for(t, 30)
         for zt in proxies:
             await zt.close()
         for ag in agents:

@@ -46,7 +46,7 @@ def fd_count() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-async def eventually(pred: Callable[[], bool], within: float = 5.0) -> None:
+async def eventually(pred: Callable[[], bool], within: float = 30.0) -> None:
     deadline = asyncio.get_running_loop().time() + within
     while not pred():
         if asyncio.get_running_loop().time() > deadline:

@@ -25,7 +25,7 @@ def authority() -> CertificateAuthority:
 
 
 async def _until(cond: Callable[[], bool]) -> None:
-    async with asyncio.timeout(10):
+    async with asyncio.timeout(30):
         while not cond():  # noqa: ASYNC110 - polls state owned by background tasks
             await asyncio.sleep(0.02)
 

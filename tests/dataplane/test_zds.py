@@ -56,7 +56,7 @@ def listening_ports(pod: Pod) -> set[int]:
     return {int(line.split()[3].rsplit(":", 1)[1]) for line in out.splitlines() if line.strip()}
 
 
-async def eventually(pred: object, within: float = 10.0) -> None:
+async def eventually(pred: object, within: float = 30.0) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + within
     while not pred():  # type: ignore[operator]
@@ -67,7 +67,7 @@ async def eventually(pred: object, within: float = 10.0) -> None:
 
 @pytest.fixture
 async def agent(tmp_path: Path) -> AsyncIterator[NodeAgent]:
-    a = NodeAgent(str(tmp_path / "ztunnel.sock"), ack_timeout=5)
+    a = NodeAgent(str(tmp_path / "ztunnel.sock"), ack_timeout=30)
     await a.start()
     try:
         yield a
@@ -78,13 +78,13 @@ async def agent(tmp_path: Path) -> AsyncIterator[NodeAgent]:
 async def start_client(path: str, handler: Recorder) -> tuple[ZdsClient, asyncio.Task[None]]:
     client = ZdsClient(handler, path)
     task = asyncio.create_task(client.run())
-    await asyncio.wait_for(client.snapshot_received.wait(), 10)
+    await asyncio.wait_for(client.snapshot_received.wait(), 30)
     return client, task
 
 
 async def stop_client(client: ZdsClient, task: asyncio.Task[None], **kw: bool) -> None:
     await client.stop(**kw)
-    await asyncio.wait_for(task, 5)
+    await asyncio.wait_for(task, 30)
 
 
 async def test_snapshot_add_del_with_real_netns_fds(topology: Topology, agent: NodeAgent) -> None:
@@ -180,7 +180,7 @@ async def test_agent_restart_reconciles_and_keeps_serving(topology: Topology, tm
     client = ZdsClient(rec, path, backoff_initial=0.02, backoff_max=0.1)
     task = asyncio.create_task(client.run())
     try:
-        await asyncio.wait_for(client.snapshot_received.wait(), 10)
+        await asyncio.wait_for(client.snapshot_received.wait(), 30)
         served_a = rec.listeners[a.uid]
         await agent1.stop()  # the agent restarts; pods keep being served meanwhile
         await eventually(lambda: not client.connected.is_set())
@@ -214,7 +214,7 @@ async def test_proxy_side_rejects_bad_requests(tmp_path: Path) -> None:
     client = ZdsClient(rec, path)
     task = asyncio.create_task(client.run())
     try:
-        conn, _ = await asyncio.wait_for(asyncio.get_running_loop().sock_accept(lsock), 10)
+        conn, _ = await asyncio.wait_for(asyncio.get_running_loop().sock_accept(lsock), 30)
         zs = ZdsSocket(conn)
         hello_raw, _ = await zs.recv()
         hello = zds_pb2.ZdsHello()
@@ -223,7 +223,7 @@ async def test_proxy_side_rejects_bad_requests(tmp_path: Path) -> None:
 
         async def ask(data: bytes, fds: tuple[int, ...] = ()) -> str:
             await zs.send(data, fds)
-            raw, _ = await asyncio.wait_for(zs.recv(), 5)
+            raw, _ = await asyncio.wait_for(zs.recv(), 30)
             resp = zds_pb2.WorkloadResponse()
             resp.ParseFromString(raw)
             return resp.ack.error

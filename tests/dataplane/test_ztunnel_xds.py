@@ -111,7 +111,7 @@ async def ztunnel(plane: Plane) -> AsyncIterator[Ztunnel]:
 
 
 async def _until(cond: Callable[[], bool]) -> None:
-    async with asyncio.timeout(10):
+    async with asyncio.timeout(30):
         while not cond():  # noqa: ASYNC110 - state is applied by the client's task
             await asyncio.sleep(0.02)
 

@@ -63,7 +63,7 @@ class Mesh:
             status, body = await self.get(host, "/probe")
             return status == 200 and body.startswith(body_prefix)
 
-        await wait_until(check, timeout=15, what=what or f"{host} served by {body_prefix}")
+        await wait_until(check, timeout=30, what=what or f"{host} served by {body_prefix}")
 
 
 @pytest.fixture
@@ -301,7 +301,7 @@ async def test_rapid_changes_converge_to_the_last_one(
         if i % 3 == 0 and i >= 3:
             store.delete(service(f"extra-{i - 3}").key)
         await wait_until(lambda p=pushes: harness.pipeline.pushes > p, what="push started")  # not acked yet
-    await wait_until(lambda: all_acked(harness), timeout=20, what="everything acked after the burst")
+    await wait_until(lambda: all_acked(harness), timeout=30, what="everything acked after the burst")
     await mesh.served_by(WEB, "one /probe", what="last change wins")
     clusters = await asyncio.to_thread(mesh.envoy.dynamic_names, "clusters")
     expected = {
