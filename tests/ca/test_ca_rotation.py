@@ -76,7 +76,7 @@ async def test_refresh_at_half_backoff_and_old_cert_kept_until_expiry(tmp_path: 
     t0 = ft.now
     first = await mgr.get(APP)
     assert first.refresh_at == t0 + 50
-    await asyncio.wait_for(ft.exhausted.wait(), 5)
+    await asyncio.wait_for(ft.exhausted.wait(), 30)
     await mgr.close()
 
     # 50 s to the refresh point, then 500 ms doubling; the wait is cut short to drop the cert at expiry

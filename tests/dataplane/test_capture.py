@@ -281,7 +281,7 @@ async def test_hbone_between_nodes_through_capture_and_zds(topology: Topology, t
             zt = MiniZtunnel(ca)
             client = ZdsClient(zt, agent.path)
             tasks.append(asyncio.create_task(client.run()))
-            await asyncio.wait_for(client.snapshot_received.wait(), 10)
+            await asyncio.wait_for(client.snapshot_received.wait(), 30)
             agents.append(agent)
             clients.append(client)
             proxies.append(zt)

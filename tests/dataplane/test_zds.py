@@ -283,4 +283,4 @@ async def test_nodeagent_command_serves_static_pods(topology: Topology, tmp_path
     finally:
         rec.close()
         proc.terminate()
-        await proc.wait()
+        await asyncio.wait_for(proc.wait(), 30)

@@ -38,7 +38,7 @@ async def watched(tmp_path: Path) -> AsyncIterator[tuple[FileSource, ConfigStore
     store.subscribe(changes.append)
     source = FileSource(store, tmp_path, debounce_ms=20)
     task = asyncio.create_task(source.run())
-    await asyncio.wait_for(source.ready.wait(), 10)
+    await asyncio.wait_for(source.ready.wait(), 30)
     yield source, store, changes
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
@@ -126,7 +126,7 @@ async def test_watch_a_single_file(tmp_path: Path) -> None:
     source = FileSource(store, f, debounce_ms=20)
     task = asyncio.create_task(source.run())
     try:
-        await asyncio.wait_for(source.ready.wait(), 10)
+        await asyncio.wait_for(source.ready.wait(), 30)
         assert [r.name for r in store] == ["one"]
         f.write_text(SVC % ("one", 81))
         (tmp_path / "other.yaml").write_text(SVC % ("other", 81))
