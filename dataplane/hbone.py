@@ -299,10 +299,13 @@ class HboneStream:
     # -- ByteStream ------------------------------------------------------------------------------------------
     async def read(self, n: int = READ_CHUNK) -> bytes:
         while not self._buf:
+            # END_STREAM then RST_STREAM(NO_ERROR) is a complete response whose sender no longer wants our
+            # bytes (RFC 9113 8.1: the response must not be discarded); Envoy ends a CONNECT that way when
+            # its side closed first. Our read direction ended cleanly: EOF, not a reset.
+            if self._remote_closed and self._reset_code in (None, ErrorCodes.NO_ERROR):
+                return b""
             if self._reset_code is not None:
                 raise StreamReset(self._reset_code)
-            if self._remote_closed:
-                return b""
             if self._conn.dead:
                 raise ConnectionResetError("HBONE connection lost")
             self._recv_ready.clear()

@@ -57,6 +57,8 @@ SDS_CLUSTER = "sds-grpc"  # the names the waypoint generator (xds/waypoint/envoy
 ALS_CLUSTER = "waypoint-als"
 XDS_CLUSTER = "xds-grpc"
 RE2_MAX_PROGRAM_SIZE = 32768  # as Istio's bootstrap; mesh.waypoint_diagnostics checks against the same
+# Envoy's runtime guard for RST emulation on internal-listener sockets (off in the bootstrap: see there).
+USER_SPACE_RST = "envoy.reloadable_features.enable_send_rst_on_user_space_socket"
 
 
 def envoy_binary() -> str:
@@ -203,6 +205,11 @@ def bootstrap(opts: WaypointOptions, agent_socket: str) -> dict[str, Any]:
         # Istio's bootstrap raises RE2's program-size error threshold from Envoy's default of 100 (which
         # refuses ordinary patterns such as ``[a-z]{1,200}``); the generator refuses bigger programs
         # itself (``mesh.waypoint_diagnostics.regex_problem``), so nothing it sends is NACKed for that.
+        # Envoy 1.40 reports any full close of an internal-listener connection whose peer is still open as
+        # a reset (ECONNRESET on the user-space socket). The HTTP chain in ``main_internal`` closes its
+        # connection that way after a ``Connection: close`` response, so ``connect_terminate`` answered a
+        # graceful close with RST_STREAM(CONNECT_ERROR) and the client app got a TCP RST instead of EOF.
+        # Off, the close reads as EOF there and leaves as END_STREAM, as a kernel socket's FIN would.
         "layered_runtime": {
             "layers": [
                 {
@@ -210,6 +217,7 @@ def bootstrap(opts: WaypointOptions, agent_socket: str) -> dict[str, Any]:
                     "static_layer": {
                         "re2.max_program_size.error_level": RE2_MAX_PROGRAM_SIZE,
                         "re2.max_program_size.warn_level": 1000,
+                        USER_SPACE_RST: False,
                     },
                 }
             ]

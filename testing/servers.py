@@ -7,6 +7,9 @@ accepts inside it, exactly like a containerised app would, and knows nothing abo
   observe END_STREAM <-> FIN propagation end to end.
 * ``http``: answers every HTTP/1.1 request with a small JSON body naming the pod and the peer address it saw
   (``{"pod": ..., "peer": "ip:port", "path": ...}``), which is what cross-pod tests usually want to assert.
+  ``/pad/<n>`` adds ``n`` bytes of padding (a response bigger than the socket buffers); ``/reset`` starts a
+  response and then aborts the connection with a TCP RST (``SO_LINGER`` 0), so tests can tell a reset
+  that crossed the mesh from a graceful close.
 
 Each server prints ``ready <port>`` on stdout once it listens; ``Pod.spawn_server`` waits for that line.
 """
@@ -17,6 +20,8 @@ import argparse
 import asyncio
 import json
 import os
+import socket
+import struct
 import sys
 
 
@@ -50,7 +55,16 @@ def _http_factory(pod: str) -> object:
                 length = int(headers.get("content-length", "0") or 0)
                 if length:
                     await reader.readexactly(length)
+                if path == "/reset":
+                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\npartial")
+                    await writer.drain()
+                    sock = writer.get_extra_info("socket")
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    writer.transport.abort()
+                    return
                 seen = {"pod": pod, "peer": f"{peer[0]}:{peer[1]}", "path": path, "method": method}
+                if path.startswith("/pad/") and path[5:].isdigit():
+                    seen["pad"] = "x" * int(path[5:])
                 body = json.dumps(seen)
                 data = body.encode()
                 writer.write(

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import pytest
 import yaml
 
+from istiopy.dataplane import fastpath
 from istiopy.dataplane.capture import CaptureConfig
 from istiopy.dataplane.nodeagent import NodeAgent, PodSpec
 from istiopy.dataplane.waypoint import envoy_binary
@@ -75,11 +76,18 @@ class WaypointCluster:
 
 
 @pytest.fixture
-async def wcluster(topology: Topology) -> AsyncIterator[WaypointCluster]:
+async def wcluster(
+    topology: Topology, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[WaypointCluster]:
+    """The cluster; an indirect parameter ("c" / "python") pins the ztunnels' byte path for tests whose
+    subject is the tunnel's close semantics, which each byte path implements on its own."""
     try:
         envoy_binary()
     except FileNotFoundError as e:
         pytest.skip(str(e))
+    byte_path = getattr(request, "param", None)
+    if byte_path is not None:
+        monkeypatch.setenv(fastpath.BYTE_PATH_ENV, byte_path)
     n0, n1 = topology.add_node("node-0"), topology.add_node("node-1")
     pods = {
         "sleep": topology.add_pod("sleep", "cli", node=n0, service_account="sleep"),
@@ -260,3 +268,79 @@ async def test_service_traffic_goes_through_the_waypoint(wcluster: WaypointClust
         'reporter="destination"' in x and 'source_principal="spiffe://cluster.local/ns/srv/sa/waypoint"' in x
         for x in inbound
     ), inbound
+
+
+async def _get_to_eof(pod: Pod, host: str, port: int, path: str) -> tuple[int, dict[str, str], bytes]:
+    """One ``Connection: close`` request read to EOF, as curl or ``http.client`` without keep-alive read
+    it: the server's close ends the body, so a reset instead of EOF is an error (ConnectionResetError)."""
+    r, w = await pod.open_connection(host, port)
+    try:
+        w.write(
+            f"GET {path} HTTP/1.1\r\nHost: echo.srv.svc.cluster.local\r\nConnection: close\r\n\r\n".encode()
+        )
+        await w.drain()
+        raw = b""
+        async with asyncio.timeout(20):
+            while chunk := await r.read(65536):
+                raw += chunk
+    finally:
+        w.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)}
+    return int(lines[0].split()[1]), headers, body
+
+
+async def _waypoint_ready(wcluster: WaypointCluster) -> None:
+    zt0 = wcluster.zts["node-0"]
+    await wcluster.until(
+        lambda: any(s["name"] == "echo" and s.get("waypoint") for s in zt0.config_dump()["services"])
+    )
+
+
+@pytest.mark.parametrize("wcluster", ["c", "python"], indirect=True)
+async def test_connection_close_through_the_waypoint_reads_to_eof(wcluster: WaypointCluster) -> None:
+    """The waypoint closes the client's connection after a ``Connection: close`` response: that graceful
+    close must reach the client app as EOF after every byte (END_STREAM end to end), not as a reset.
+
+    Regression: Envoy ended the CONNECT with RST_STREAM(CONNECT_ERROR) (its internal-listener socket
+    reported the HTTP chain's close as a reset), and the Python byte path also turned Envoy's
+    END_STREAM + RST_STREAM(NO_ERROR) into a TCP RST; the client saw ECONNRESET, bodies were cut."""
+    sleep = wcluster.pods["sleep"]
+    await _waypoint_ready(wcluster)
+    seen = set()
+    for i in range(6):
+        path = f"/pad/{300_000 if i % 2 else 10}"  # a body bigger than the socket buffers, too
+        try:
+            status, headers, body = await _get_to_eof(sleep, VIP, 80, path)
+        except ConnectionError as e:
+            raise AssertionError(f"request {i}: {e!r}\n{wcluster.diagnostics()}") from e
+        assert status == 200, body[:200]
+        assert headers.get("connection") == "close"
+        assert len(body) == int(headers["content-length"])
+        doc = json.loads(body)
+        assert doc["path"] == path
+        assert doc["peer"].split(":")[0] == wcluster.pods["waypoint"].ip
+        seen.add(doc["pod"])
+    assert seen == {"echo-1", "echo-2"}
+
+
+async def test_app_reset_still_reaches_the_client_as_reset(wcluster: WaypointCluster) -> None:
+    """Only a real reset is a reset: an app that aborts its connection (TCP RST) mid-response makes the
+    client see a reset across HBONE (RST -> RST_STREAM -> RST), never a clean EOF after a cut body; through
+    the waypoint the cut is visible too (Envoy answers 503 or closes before the announced length)."""
+    sleep, echo = wcluster.pods["sleep"], wcluster.pods["echo-1"]
+    await _waypoint_ready(wcluster)
+    for _ in range(3):
+        with pytest.raises(ConnectionResetError):
+            await _get_to_eof(sleep, echo.ip, 8080, "/reset")
+    # Graceful closes on the same path still end in EOF (the reset above was the app's, not the tunnel's).
+    status, headers, body = await _get_to_eof(sleep, echo.ip, 8080, "/direct")
+    assert status == 200
+    assert len(body) == int(headers["content-length"])
+    for _ in range(3):
+        try:
+            status, headers, body = await _get_to_eof(sleep, VIP, 80, "/reset")
+        except ConnectionResetError:
+            continue
+        assert status == 503 or len(body) < int(headers.get("content-length", "0")), (status, headers, body)
