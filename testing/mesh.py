@@ -405,6 +405,8 @@ class Mesh:
         self.ports: dict[str, int] = {}
         self._procs: list[subprocess.Popen[bytes]] = []
         self._etc_dirs: list[Path] = []
+        self._apps: list[tuple[subprocess.Popen[bytes], str]] = []  # started, not yet known to listen
+        self._authority: Any = None  # istiod-py's CA, loaded from its state directory for credentials
         self.rundir: Path | None = None  # short paths for unix sockets (set by start)
         self._started = False
 
@@ -443,9 +445,14 @@ class Mesh:
         self.topology = Topology(prefix=KIT_PREFIX, cleanup=False).start()
         self._build_topology(docs)
         self._write_kit_config()
+        # Everything that can start at once does (on 2 cores most of the time is Python start-up).
         self._start_istiod()
-        self._start_nodes()
         self._start_waypoints()
+        self._start_nodes()
+        for popen, what in self._apps:
+            _read_line(popen, 60, what)
+        self._await_nodes()
+        self._await_waypoints()
         self.wait_synced(initial=True)
         return self
 
@@ -590,7 +597,7 @@ class Mesh:
         for port in mp.ports:
             argv += ["--port", str(port)]
         proc = mp.pod.spawn(argv, stdout=subprocess.PIPE)
-        _read_line(proc.popen, 20, f"app in {mp.namespace}/{mp.name}")
+        self._apps.append((proc.popen, f"app in {mp.namespace}/{mp.name}"))
 
     def _write_kit_config(self) -> None:
         """The ztunnel pods of every node (the CA only lets a node proxy act for pods on a node where a
@@ -642,21 +649,46 @@ class Mesh:
         self.ports = {k: int(v) for k, v in (ln.split("=", 1) for ln in text.split())}
 
     def _bootstrap(self, identity: str, node: str) -> tuple[str, str, str]:
+        """A bootstrap credential from istiod-py's own root (what ``istiod-py bootstrap-node`` writes),
+        issued in this process: a Python start-up per proxy would double the mesh's start time."""
+        if self._authority is None:
+            import asyncio
+            import concurrent.futures
+
+            from istiopy.ca.service import CaConfig, start_authority
+
+            config = CaConfig(trust_domain=self.trust_domain, root_dir=self.state_dir / "ca")
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:  # the caller may be inside an event loop
+                self._authority = pool.submit(asyncio.run, start_authority(config)).result(30)
+        from istiopy.api.identity import SpiffeId
+
+        ns, _, sa = identity.partition("/")
+        bundle = self._authority.issue_bootstrap(SpiffeId(self.trust_domain, ns, sa), node)
         out = self.workdir / "creds" / f"{identity.replace('/', '.')}@{node}"
-        argv = [sys.executable, "-P", "-m", "istiopy.istiod.cli", "bootstrap-node", node, "--out", str(out)]
-        argv += ["--identity", identity, "--state-dir", str(self.state_dir)]
-        res = subprocess.run(argv, capture_output=True, text=True, cwd=self.workdir, check=False)
-        if res.returncode != 0:
-            raise MeshError(f"bootstrap credential for {identity} on {node}: {res.stderr.strip()}")
-        return str(out / "root-cert.pem"), str(out / "cert-chain.pem"), str(out / "key.pem")
+        out.mkdir(parents=True, exist_ok=True)
+        files = []
+        for name, text in (
+            ("root-cert.pem", self._authority.roots_pem),
+            ("cert-chain.pem", bundle.full_chain_pem),
+            ("key.pem", bundle.key_pem),
+        ):
+            fd = os.open(out / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(text)
+            files.append(str(out / name))
+        return files[0], files[1], files[2]
 
     def _start_nodes(self) -> None:
+        """Every node's agent first (they set up capture), then every ztunnel-py; each phase in parallel."""
         assert self.topology is not None
+        assert self.rundir is not None
+        self.progress(
+            "starting node agents and ztunnel-py on " + ", ".join(n.name for n in self.topology.nodes)
+        )
+        agents: list[tuple[Node, subprocess.Popen[bytes], Path]] = []
         for node in self.topology.nodes:
-            self.progress(f"starting node agent and ztunnel-py on {node.name}")
             ndir = self.workdir / "nodes" / node.name
             ndir.mkdir(parents=True, exist_ok=True)
-            assert self.rundir is not None
             zds = self.rundir / f"{node.name}.zds"
             argv = [sys.executable, "-P", "-m", "istiopy.dataplane.nodeagent", "--socket", str(zds)]
             for mp in self.pods.values():
@@ -671,7 +703,11 @@ class Mesh:
                     )
                 )
             self._procs.append(agent)
-            _read_line(agent, 30, f"node agent on {node.name}", alog)
+            agents.append((node, agent, alog))
+        for node, agent, alog in agents:
+            _read_line(agent, 60, f"node agent on {node.name}", alog)
+        for node, agent, _ in agents:
+            ndir = self.workdir / "nodes" / node.name
             root, chain, key = self._bootstrap("istio-system/ztunnel", node.name)
             admin, metrics, ready = _free_port(), _free_port(), _free_port()
             zlog = ndir / "ztunnel.log"
@@ -684,7 +720,7 @@ class Mesh:
                 "--node-name", node.name, "--pod-name", f"ztunnel-{node.name}", "--instance-ip", node.ip,
                 "--admin-port", str(admin), "--metrics-address", "127.0.0.1",
                 "--metrics-port", str(metrics), "--readiness-port", str(ready),
-                "--zds-socket", str(zds), "--log-level", self.ztunnel_log_level,
+                "--zds-socket", str(self.rundir / f"{node.name}.zds"), "--log-level", self.ztunnel_log_level,
             ]  # fmt: skip
             with open(zlog, "ab") as out:
                 proc = self._track(
@@ -693,14 +729,16 @@ class Mesh:
                     )
                 )
             self.ztunnels[node.name] = ZtunnelHandle(node.name, proc, admin, metrics, ready, zlog, agent)
-        deadline = time.monotonic() + 60
+
+    def _await_nodes(self) -> None:
+        deadline = time.monotonic() + 90
         for zt in self.ztunnels.values():
             while not zt.ready():
                 if zt.proc.poll() is not None:
                     raise MeshError(f"ztunnel-py on {zt.node} exited{_tail(zt.log)}")
                 if time.monotonic() > deadline:
                     raise MeshError(f"ztunnel-py on {zt.node} not ready{_tail(zt.log)}")
-                time.sleep(0.1)
+                time.sleep(0.05)
 
     def _start_waypoints(self) -> None:
         for gw in self._gateways:
@@ -712,13 +750,14 @@ class Mesh:
                 continue
             mp = pods[0]
             self.progress(f"starting waypoint {ns}/{name} (Envoy) in pod {mp.name}")
+            wdir_index = len(self.waypoints)
             sa = mp.service_account if mp.service_account != "default" else name
             root, chain, key = self._bootstrap(f"{ns}/{sa}", mp.node)
             port = mp.pod.forward_host_port(self.ports["tls"])
             # Unix socket paths (the launcher's agent.sock) are limited to 107 bytes: a short run directory,
             # linked from the workdir so the logs are where the others are.
             assert self.rundir is not None
-            wdir = self.rundir / f"wp-{len(self.waypoints)}"
+            wdir = self.rundir / f"wp-{wdir_index}"
             wdir.mkdir(parents=True, exist_ok=True)
             link = self.workdir / "waypoints" / f"{ns}.{name}"
             link.parent.mkdir(parents=True, exist_ok=True)
@@ -734,9 +773,12 @@ class Mesh:
             self._isolate_dns(mp)
             proc = mp.pod.spawn(argv, stdout=subprocess.PIPE)
             self._track(proc.popen)
-            line = _read_line(proc.popen, 120, f"waypoint {ns}/{name}", wdir / "envoy.log")
-            admin = int(line.split()[1]) if len(line.split()) > 1 else 0
-            self.waypoints[f"{ns}/{name}"] = WaypointHandle(name, ns, mp, proc.popen, admin, wdir)
+            self.waypoints[f"{ns}/{name}"] = WaypointHandle(name, ns, mp, proc.popen, 0, wdir)
+
+    def _await_waypoints(self) -> None:
+        for key, wp in self.waypoints.items():
+            line = _read_line(wp.proc, 150, f"waypoint {key}", wp.workdir / "envoy.log")
+            wp.admin_port = int(line.split()[1]) if len(line.split()) > 1 else 0
 
     def _isolate_dns(self, mp: MeshPod) -> None:
         """Give the pod a resolver that fails at once (``ip netns exec`` mounts ``/etc/netns/<ns>/*`` over
