@@ -43,7 +43,9 @@ def generate(out_dir: Path = GEN_DIR) -> list[Path]:
             target = out_dir / f.name
             shutil.copyfile(f, target)
             written.append(target)
-        (out_dir / "__init__.py").write_text('"""Generated protobuf code (api/genproto.py); do not edit."""\n')
+        (out_dir / "__init__.py").write_text(
+            '"""Generated protobuf code (api/genproto.py); do not edit."""\n'
+        )
         (out_dir / "py.typed").write_text("")
     return written
 
