@@ -231,6 +231,21 @@ def traffic_round(mesh: Mesh) -> list[Call]:
     return calls
 
 
+def _label(pod: MeshPod) -> str:
+    """A pod as people name it: its app (and version) label, else its name."""
+    app = pod.labels.get("app")
+    if not app:
+        return pod.name
+    return f"{app}-{pod.labels['version']}" if "version" in pod.labels else app
+
+
+def _target_label(mesh: Mesh, c: Call) -> str:
+    if c.target in mesh.services:
+        return f"{c.target}:{c.port}{c.path}"
+    pod = mesh.pod(c.target)
+    return f"pod {pod.namespace}/{_label(pod)} ({pod.ip}:{c.port})"
+
+
 def _served_pod(mesh: Mesh, c: Call) -> MeshPod | None:
     if c.response is None:
         return None
@@ -295,7 +310,8 @@ def report(mesh: Mesh, calls: list[Call], split: list[tuple[str, dict[str, int]]
         r.add_column(col, overflow="fold")
     for c in calls:
         if c.response is not None:
-            served = c.response.headers.get("x-served-by", "")
+            who = _served_pod(mesh, c)
+            served = _label(who) if who is not None else c.response.headers.get("x-served-by", "")
             result = (
                 f"[green]{c.response.status}[/] {served}"
                 if c.response.status < 400
@@ -306,8 +322,8 @@ def report(mesh: Mesh, calls: list[Call], split: list[tuple[str, dict[str, int]]
         via = bool(c.waypoint) or (c.response is not None and c.response.via_waypoint)
         hops = "ztunnel → waypoint → ztunnel" if via else "ztunnel → ztunnel"
         r.add_row(
-            f"{c.source.namespace}/{c.source.name}",
-            f"{c.target}:{c.port}{c.path}",
+            f"{c.source.namespace}/{_label(c.source)}",
+            _target_label(mesh, c),
             result,
             hops,
             c.identities or "-",
