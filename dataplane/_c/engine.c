@@ -1602,13 +1602,27 @@ out:
 
 /* ---- fuzzing ------------------------------------------------------------------------------- */
 
-fp_conn *fp_fuzz_conn(fp_engine *e, int fd) {
+fp_conn *fp_fuzz_conn(fp_engine *e, int fd, int server) {
     pthread_mutex_lock(&e->mu);
     uint64_t id = ++e->next_id;
     pthread_mutex_unlock(&e->mu);
-    do_conn(e, id, fd, NULL, 1);
+    do_conn(e, id, fd, NULL, server);
     obj *o = tbl_get(e, id);
-    return o ? (fp_conn *)o : NULL;
+    if (!o || server) return o ? (fp_conn *)o : NULL;
+    /* client: three CONNECT streams (one app attached later), whose answers the input then carries */
+    static const char hdrs[] = ":method\0CONNECT\0:authority\00010.0.0.5:8080\0";
+    for (int i = 0; i < 3; i++) {
+        int sv[2];
+        if (socketpair(AF_UNIX, SOCK_STREAM, 0, sv) != 0) break;
+        close(sv[1]);
+        if (i == 2) {
+            close(sv[0]);
+            sv[0] = -1;
+        }
+        do_open(e, ++e->next_id, id, sv[0], (char *)hdrs, sizeof hdrs - 1);
+        if (o->dead) break;
+    }
+    return o->dead ? NULL : (fp_conn *)o;
 }
 
 int fp_fuzz_feed(fp_conn *c, const uint8_t *data, size_t len) {
@@ -1617,9 +1631,18 @@ int fp_fuzz_feed(fp_conn *c, const uint8_t *data, size_t len) {
     conn_flush_streams(c);
     if (c->o.dead) return -1;
     conn_flush(c);
-    /* answer requests the way Python would: alternately accept (with a socketpair app) and reject */
+    /* answer requests the way Python would: alternately accept (with a socketpair app) and reject;
+     * attach an app to an answered client stream that had none */
     fp_event *ev = fp_take_events(c->e);
     for (fp_event *p = ev; p && !c->o.dead; p = p->next) {
+        if (p->kind == FP_EV_RESPONSE && p->status == 200) {
+            int sv[2];
+            if (socketpair(AF_UNIX, SOCK_STREAM, 0, sv) == 0) {
+                close(sv[1]);
+                do_attach(c->e, p->id, sv[0], "early", 5);
+            }
+            continue;
+        }
         if (p->kind != FP_EV_REQUEST) continue;
         if (p->stream % 4 == 1) {
             int sv[2];

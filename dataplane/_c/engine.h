@@ -64,9 +64,10 @@ void fp_cmd_close(fp_engine *e, uint64_t conn);
 /* TLS 1.3 context from PEM (chain, key, roots); NULL and a message in err on failure */
 SSL_CTX *fp_tls_ctx(const char *chain, const char *key, const char *roots, int server, char *err, size_t n);
 
-/* fuzzing entry: a plaintext server connection on fd, fed bytes directly on the calling thread */
+/* fuzzing entry: a plaintext connection on fd (server, or client with three CONNECT streams opened),
+ * fed bytes directly on the calling thread */
 typedef struct fp_conn fp_conn;
-fp_conn *fp_fuzz_conn(fp_engine *e, int fd);
+fp_conn *fp_fuzz_conn(fp_engine *e, int fd, int server);
 int fp_fuzz_feed(fp_conn *c, const uint8_t *data, size_t len);
 void fp_fuzz_drop(fp_engine *e); /* free every object (single-threaded use) */
 
