@@ -352,6 +352,41 @@ def _load_docs(paths: Iterable[Path]) -> list[dict[str, Any]]:
     return docs
 
 
+def _complete_pods(documents: str) -> str:
+    """YAML text with every Pod given what a kubelet would: a node, an IP (``10.244.<node>.<n>``) and phase
+    Running - so tests can write Pods as they write manifests. Pods that have an IP keep it; text with no
+    Pod lacking one is returned unchanged."""
+    try:
+        docs = [d for d in yaml.safe_load_all(documents) if d is not None]
+    except yaml.YAMLError:
+        return documents  # istiod-py reports it
+    pods = [d for d in docs if isinstance(d, dict) and d.get("kind") == "Pod"]
+    if all((d.get("status") or {}).get("podIP") for d in pods):
+        return documents
+    nodes = [_meta(d).get("name", "") for d in docs if isinstance(d, dict) and d.get("kind") == "Node"]
+    nodes = nodes or sorted({(d.get("spec") or {}).get("nodeName") for d in pods} - {None, ""}) or ["node-1"]
+    used = {(d.get("status") or {}).get("podIP") for d in pods}
+    counters = dict.fromkeys(nodes, 10)
+    for i, d in enumerate(pods):
+        spec = d.setdefault("spec", {}) or {}
+        d["spec"] = spec
+        node = spec.get("nodeName") or nodes[i % len(nodes)]
+        spec["nodeName"] = node
+        status = d.setdefault("status", {}) or {}
+        d["status"] = status
+        if not status.get("podIP"):
+            index = nodes.index(node) if node in nodes else 0
+            while True:
+                counters[node] = counters.get(node, 10) + 1
+                ip = f"10.244.{index}.{counters[node]}"
+                if ip not in used:
+                    break
+            used.add(ip)
+            status.update({"podIP": ip, "podIPs": [{"ip": ip}]})
+        status.setdefault("phase", "Running")
+    return yaml.safe_dump_all(docs, sort_keys=False)
+
+
 def _meta(doc: Mapping[str, Any]) -> dict[str, Any]:
     m = doc.get("metadata")
     return m if isinstance(m, dict) else {}
@@ -391,7 +426,7 @@ class Mesh:
         else:
             self.config = self.workdir / "config"
             self.config.mkdir(exist_ok=True)
-            (self.config / "documents.yaml").write_text(documents or "")
+            (self.config / "documents.yaml").write_text(_complete_pods(documents or ""))
         self.trust_domain = trust_domain
         self.log_level = log_level
         self.ztunnel_log_level = ztunnel_log_level or log_level

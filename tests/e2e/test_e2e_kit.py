@@ -194,9 +194,32 @@ def test_kit_tears_everything_down_when_the_test_body_fails() -> None:
     assert all(p.poll() is not None for p in procs)
 
 
-def test_mesh_factory_fixture(mesh_factory: Callable[..., Mesh]) -> None:  # noqa: F811
-    mesh = mesh_factory(documents=(ROOT / "examples" / "namespaces.yaml").read_text()
-                        + "\n---\n" + (ROOT / "examples" / "workloads.yaml").read_text())  # fmt: skip
-    body = mesh.pod("backend/backend-v2").http("frontend/frontend", 8080).json()
-    assert body["pod"].startswith("frontend-")
-    assert body["namespace"] == "frontend"
+MANIFESTS = """
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: shop, labels: {app: client}}
+spec: {serviceAccountName: client, containers: [{name: c, ports: [{containerPort: 8080}]}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: cart, namespace: shop, labels: {app: cart}}
+spec: {serviceAccountName: cart, containers: [{name: c, ports: [{containerPort: 8080}]}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: cart, namespace: shop}
+spec: {clusterIP: 10.96.7.7, selector: {app: cart}, ports: [{port: 80, targetPort: 8080}]}
+"""
+
+
+def test_mesh_factory_fixture_with_manifests_lacking_ips(mesh_factory: Callable[..., Mesh]) -> None:  # noqa: F811
+    mesh = mesh_factory(documents=MANIFESTS)  # Pods as in a manifest: the kit places them and gives IPs
+    client, cart = mesh.pod("shop/client"), mesh.pod("shop/cart")
+    assert client.ip != cart.ip
+    body = client.http("shop/cart", 80).json()
+    assert body["pod"] == "cart"
+    assert body["peer"].split(":")[0] == client.ip
