@@ -18,7 +18,8 @@ What it brings up, and why this way:
   ``apply`` adds) live in a second, private directory so your files are never written.
 * **Nodes** from your ``Node`` objects (their InternalIP), else from the pods' ``spec.nodeName``; each gets a
   node agent (capture rules + ZDS) and a **ztunnel-py** process.
-* **Pods** from your ``Pod`` objects with ``status.podIP``: a network namespace each, on one private bridge,
+* **Pods** from your ``Pod`` objects with ``status.podIP`` (given as ``documents=``, Pods without one get a
+  node and an IP as a kubelet would): a network namespace each, on one private bridge,
   running a small HTTP app on every ``containerPort`` (``istiopy.testing.meshapp``: it answers with the pod,
   port, path and the request headers it saw). Ambient pods (namespace or pod label
   ``istio.io/dataplane-mode: ambient``) are captured.
