@@ -298,6 +298,42 @@ async def test_app_reset_crosses_the_tunnel(mesh: Mesh) -> None:
     assert await asyncio.wait_for(outcome, 10) == "reset"
 
 
+async def test_back_pressure_reaches_the_sending_app(mesh: Mesh) -> None:
+    """A destination that never reads stops the sender: buffers are bounded by flow-control windows and
+    socket buffers, so the sending app's writes stall long before 96 MiB (no unbounded queue anywhere)."""
+    held: list[socket.socket] = []
+
+    async def never_reads(_r: ConnectRequest) -> Decision:
+        listener = socket.create_server(("127.0.0.1", 0))
+        up = socket.create_connection(listener.getsockname())
+        app, _ = listener.accept()  # accepted and never read
+        listener.close()
+        held.append(app)
+        up.setblocking(False)
+        return Accept(await TcpStream.from_socket(up))
+
+    mesh.policy = never_reads
+    _reader, writer, done = await mesh.open()
+    chunk = b"z" * (1 << 20)
+    written = 0
+    try:
+        while written < 96 << 20:
+            writer.write(chunk)
+            try:
+                await asyncio.wait_for(writer.drain(), 2.0)
+            except TimeoutError:
+                break
+            written += len(chunk)
+        assert written >= 4 << 20, "the tunnel did not carry bytes at all"
+        assert written < 96 << 20, "the tunnel swallowed everything: no back-pressure"
+    finally:
+        writer.transport.abort()
+        for a in held:
+            a.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(done, 10)
+
+
 async def test_wrong_server_identity_is_refused(mesh: Mesh) -> None:
     other = "spiffe://cluster.local/ns/default/sa/someone-else"
     with pytest.raises((PeerIdentityError, HboneError)):
