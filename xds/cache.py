@@ -98,6 +98,15 @@ class CachedResource:
         data: bytes = d.DeltaDiscoveryResponse(resources=[res]).SerializeToString()
         return data
 
+    @cached_property
+    def eds_names(self) -> frozenset[str]:
+        """The ClusterLoadAssignment names a Cluster reads its endpoints from over EDS (empty for a cluster
+        of another discovery type, and for any other resource type). Kept: streams ask it of every cluster
+        they send changed, and proxies share the resource object."""
+        if self.type_url != types.CLUSTER:
+            return frozenset()
+        return frozenset(_cluster_eds_names(self.message))
+
     def __repr__(self) -> str:
         return f"CachedResource({self.name!r}, {self.type_url.rsplit('/', 1)[-1]})"
 

@@ -22,6 +22,11 @@ Rules implemented (envoyproxy.io "xDS REST and gRPC protocol"):
   only: subscription changes in it are still applied, since delta requests are incremental and dropping
   one would lose a subscribe.
 - Responses go out in ADS order (CDS, EDS, LDS, RDS, SDS, Address, Authorization, others).
+- A Cluster sent changed (or new) that reads its endpoints over EDS gets its ClusterLoadAssignment sent right
+  after it, in the same round, even when the client already holds that exact assignment: Envoy warms an
+  updated EDS cluster until an assignment arrives for it, but does not ask again for a name it is already
+  subscribed to (delta), or asks with a request that changes nothing (SotW). istiod pushes EDS after CDS
+  for the same reason. Delta resends just those assignments; SotW resends its EDS response.
 """
 
 from __future__ import annotations
@@ -80,6 +85,8 @@ class TypeStatus:
     acked_base: dict[str, str] = field(default_factory=dict)
     pending: list[_Pending] = field(default_factory=list)
     reported_absent: set[str] = field(default_factory=set)
+    # Delta EDS only: assignments owed again whatever the client holds (their cluster was just sent changed).
+    resend: set[str] = field(default_factory=set)
     # The collection last looked at for this stream, and (delta, wildcard) the one ``known`` equals exactly:
     # fast paths that skip per-resource comparisons when nothing or a shared diff applies.
     last_typed: TypedResources | None = None
@@ -188,6 +195,8 @@ class _StreamBase:
         self.max_names = max_names
         self._nonce_prefix = nonce_prefix
         self._nonce_counter = 0
+        # SotW: the version of each cluster last sent, to tell which ones a CDS response changes.
+        self._sent_clusters: dict[str, str] = {}
 
     def _next_nonce(self) -> str:
         self._nonce_counter += 1
@@ -220,14 +229,36 @@ class _StreamBase:
     def responses(self, now: float) -> list[Response]:
         """Every response owed now, in ADS order; each is recorded as sent."""
         out: list[Response] = []
-        for type_url in self.subscribed_types():
+        for type_url in self.subscribed_types():  # CDS before EDS: what a cluster owes is due this round
             resp = self._response_for(self.types[type_url], now)
             if resp is not None:
                 out.append(resp)
+                if type_url == types.CLUSTER:
+                    self._clusters_sent(resp)
         return out
 
     def _response_for(self, st: TypeStatus, now: float) -> Response | None:
         raise NotImplementedError
+
+    def _clusters_sent(self, resp: Response) -> None:
+        """Owe the client the EDS assignments of the EDS clusters ``resp`` sends changed or new."""
+        if isinstance(resp, DeltaResponse):
+            changed = resp.resources  # a delta response carries only what the client did not hold
+        else:
+            before, self._sent_clusters = self._sent_clusters, {r.name: r.version for r in resp.resources}
+            changed = tuple(r for r in resp.resources if before.get(r.name) != r.version)
+        names = frozenset().union(*(r.eds_names for r in changed))
+        eds = self.types.get(types.ENDPOINT)
+        if not names or eds is None:
+            return  # nothing owed, or EDS not subscribed yet (its first request is answered anyway)
+        if not eds.wildcard:
+            names &= eds.names
+        if not names:
+            return
+        if isinstance(resp, DeltaResponse):
+            eds.resend |= names
+        else:
+            eds.must_respond = True
 
 
 class SotwStream(_StreamBase):
@@ -389,11 +420,12 @@ class DeltaStream(_StreamBase):
         held = self.snapshot.get(st.type_url)
         if held is None:
             return None
-        if held is st.last_typed and not st.must_respond:
+        if held is st.last_typed and not st.must_respond and not st.resend:
             return None  # nothing new for this type since we last looked
         st.last_typed = held
-        if held.version == st.nacked_version and not st.must_respond:
+        if held.version == st.nacked_version and not st.must_respond and not st.resend:
             return None  # the client rejected exactly this content; wait for a change
+        resend, st.resend = st.resend, set()
         if st.wildcard and st.synced_typed is not None:
             changed, gone = held.diff_from(st.synced_typed)
             updates = tuple(held.items[n] for n in changed)
@@ -407,6 +439,9 @@ class DeltaStream(_StreamBase):
                 absent = sorted(n for n in st.names if n not in held.items and n not in st.reported_absent)
             updates = tuple(res for name, res in wanted.items() if st.known.get(name) != res.version)
             removed = sorted({n for n in st.known if n not in wanted} | set(absent))
+        if resend:
+            have = {r.name for r in updates}.union(removed)
+            updates += tuple(held.items[n] for n in sorted(resend) if n in held.items and n not in have)
         st.synced_typed = held if st.wildcard else None
         if not updates and not removed and not st.must_respond:
             return None

@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import json
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import Any
 
 import pytest
+from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
 from xds_harness import Harness, pod, service, start_harness, stop_harness
 
@@ -17,7 +18,8 @@ from istiopy.mesh.resources.core import Service
 from istiopy.mesh.store import ConfigStore
 from istiopy.testing.envoy import EnvoyProcess, HttpBackend, ads_bootstrap, free_port, http_get, wait_until
 from istiopy.xds import types
-from istiopy.xds.envoygen import ROUTE_NAME, virtual_hosts
+from istiopy.xds.cache import CachedResource
+from istiopy.xds.envoygen import ROUTE_NAME, generate_clusters, virtual_hosts
 from istiopy.xds.proxy import Proxy
 from istiopy.xds.registry import Generator
 
@@ -309,3 +311,77 @@ async def test_rapid_changes_converge_to_the_last_one(
     }
     expected -= {f"outbound|80||extra-{i}.default.svc.cluster.local" for i in (0, 3, 6)}
     assert set(clusters) == expected
+
+
+TUNING_ANNOTATION = "test.istiopy.io/cluster-tuning"  # "<connect timeout seconds>,<lb policy>"
+
+
+def tuned_clusters(store: ConfigStore, proxy: Proxy) -> Iterable[tuple[str, Any] | CachedResource]:
+    """The normal clusters, with the connect timeout and LB policy a Service's test annotation names: a
+    cluster change that leaves its endpoints (and so its ClusterLoadAssignment) exactly as they were."""
+    tuning = {
+        f"outbound|{p.port}||{svc.hostname()}": svc.metadata.annotations[TUNING_ANNOTATION]
+        for svc in store.list_typed(Service)
+        if TUNING_ANNOTATION in svc.metadata.annotations
+        for p in svc.spec.ports
+    }
+    for res in generate_clusters(store, proxy):
+        if res.name not in tuning:
+            yield res
+            continue
+        seconds, lb = tuning[res.name].split(",")
+        cluster = cluster_pb2.Cluster()
+        cluster.CopyFrom(res.message)  # the generator's message is shared: never mutated in place
+        cluster.connect_timeout.seconds = int(seconds)
+        cluster.lb_policy = cluster_pb2.Cluster.LbPolicy.Value(lb)
+        yield res.name, cluster
+
+
+def cluster_state(envoy: EnvoyProcess, name: str) -> tuple[dict[str, Any] | None, list[str]]:
+    """(The active cluster in config_dump, None while it warms; its hosts as /clusters lists them.)"""
+    dump = envoy.config_dump("dynamic_active_clusters")
+    active = next((c["cluster"] for c in dump.get("configs", []) if c["cluster"]["name"] == name), None)
+    hosts = sorted(
+        {ln.split("::")[1] for ln in envoy.admin_get("/clusters").splitlines() if ln.startswith(name + "::")}
+        - {"observability_name", "outlier", "default_priority", "high_priority", "added_via_api"}
+    )
+    return active, [h for h in hosts if ":" in h]
+
+
+async def test_changed_eds_cluster_gets_its_unchanged_endpoints_again(
+    harness: Harness, mesh: Mesh, backends: tuple[HttpBackend, HttpBackend]
+) -> None:
+    """A cluster whose settings change while its endpoints do not must not stay warming without
+    endpoints: Envoy does not ask again for an assignment it is subscribed to, so the server resends it
+    after the changed cluster (over delta as over SotW), and traffic keeps flowing to the same backend."""
+    one, _ = backends
+    harness.registry.register(Generator(types.CLUSTER, tuned_clusters, name="test-tuned-clusters"))
+    store = harness.store
+    store.apply(pod("web-1", "127.0.0.1", {"app": "web"}))
+    store.apply(service("web", 80, one.port))
+    await mesh.served_by(WEB, "one /probe")
+    await wait_until(lambda: all_acked(harness), what="first config acked")
+    cluster = f"outbound|80||{WEB}"
+
+    def eds_version() -> str:
+        [conn] = harness.server.syncz()
+        return str(next(t for t in conn["types"] if t["type"] == types.ENDPOINT)["sent_version"])
+
+    endpoints = eds_version()
+    for seconds, lb in ((3, "LEAST_REQUEST"), (4, "RANDOM"), (7, "ROUND_ROBIN")):
+        store.apply(service("web", 80, one.port, **{TUNING_ANNOTATION: f"{seconds},{lb}"}))
+
+        def updated(seconds: int = seconds, lb: str = lb) -> bool:
+            active, hosts = cluster_state(mesh.envoy, cluster)
+            return (
+                active is not None
+                and active.get("connect_timeout") == f"{seconds}s"
+                and active.get("lb_policy", "ROUND_ROBIN") == lb
+                and hosts == [f"127.0.0.1:{one.port}"]
+            )
+
+        # Without the resend Envoy warms the cluster until its EDS initial fetch timeout (15 s) gives up.
+        await wait_until(updated, timeout=8, what=f"cluster active with {seconds}s/{lb} and its endpoint")
+        assert await mesh.get(WEB, "/after") == (200, "one /after")
+        await wait_until(lambda: all_acked(harness), what="update acked")
+        assert eds_version() == endpoints  # the assignment itself never changed

@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import base_pb2
+from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 from google.rpc import status_pb2
 
@@ -311,3 +312,104 @@ def test_sotw_named_reconnect_is_answered_even_at_the_current_version() -> None:
     s.handle_request(sotw_req(EDS, names=("x", "y"), version=eds.version), 0)
     [resp] = s.responses(0)
     assert names(resp) == ["x", "y"]
+
+
+# ------------------------------------------------------------------------------- EDS after a CDS update
+def eds_clusters(static: int = 1, extra: tuple[Any, ...] = (), **timeouts: int) -> TypedResources:
+    """EDS clusters (``b`` reads the assignment ``svc-b``, the others their own name), a STATIC cluster
+    ``s`` with connect timeout ``static``, and ``extra`` clusters as given."""
+    msgs = [
+        cluster_pb2.Cluster(
+            name=n,
+            type=cluster_pb2.Cluster.EDS,
+            eds_cluster_config={"service_name": "svc-b" if n == "b" else ""},
+            connect_timeout={"seconds": t},
+        )
+        for n, t in timeouts.items()
+    ]
+    msgs.append(
+        cluster_pb2.Cluster(name="s", type=cluster_pb2.Cluster.STATIC, connect_timeout={"seconds": static})
+    )
+    return TypedResources.build(CDS, [(m.name, m) for m in (*msgs, *extra)])
+
+
+def assignments(*cla_names: str) -> TypedResources:
+    return TypedResources.build(
+        EDS, [(n, endpoint_pb2.ClusterLoadAssignment(cluster_name=n)) for n in cla_names]
+    )
+
+
+def _delta_synced(eds_names: tuple[str, ...]) -> DeltaStream:
+    s = DeltaStream()
+    s.set_snapshot(Snapshot.of([eds_clusters(a=1, b=1), assignments("a", "svc-b", "x")]))
+    s.handle_request(delta_req(CDS), now=0.0)
+    s.handle_request(delta_req(EDS, sub=eds_names), now=0.0)
+    for resp in s.responses(now=1.0):
+        s.handle_request(delta_req(resp.type_url, nonce=resp.nonce), now=2.0)
+    return s
+
+
+def test_delta_changed_eds_cluster_gets_its_unchanged_assignment_again() -> None:
+    s = _delta_synced(("a", "svc-b"))
+    # The traffic policy of ``a`` and ``b`` changes, endpoints do not: both assignments go out again.
+    s.set_snapshot(s.snapshot.with_types([eds_clusters(a=2, b=2)]))
+    cds, eds = s.responses(now=3.0)
+    assert isinstance(eds, DeltaResponse)
+    assert (cds.type_url, names(cds)) == (CDS, ["a", "b"])
+    assert (eds.type_url, names(eds), eds.removed) == (EDS, ["a", "svc-b"], ())
+    for resp in (cds, eds):
+        s.handle_request(delta_req(resp.type_url, nonce=resp.nonce), now=4.0)
+    # Only the changed cluster's assignment; a STATIC cluster's change owes nothing.
+    s.set_snapshot(s.snapshot.with_types([eds_clusters(a=3, b=2)]))
+    cds, eds = s.responses(now=5.0)
+    assert (names(cds), names(eds)) == (["a"], ["a"])
+    for resp in (cds, eds):
+        s.handle_request(delta_req(resp.type_url, nonce=resp.nonce), now=6.0)
+    s.set_snapshot(s.snapshot.with_types([eds_clusters(static=9, a=3, b=2)]))
+    [cds] = s.responses(now=7.0)
+    assert names(cds) == ["s"]
+    # Nothing changed: nothing is sent.
+    s.handle_request(delta_req(CDS, nonce=cds.nonce), now=8.0)
+    assert s.responses(now=9.0) == []
+
+
+def test_delta_resend_only_to_subscribed_names_and_for_a_new_cluster_sharing_one() -> None:
+    s = _delta_synced(("a",))  # ``svc-b`` not subscribed: it is never pushed, even when ``b`` changes
+    s.set_snapshot(s.snapshot.with_types([eds_clusters(a=1, b=2)]))
+    [cds] = s.responses(now=3.0)
+    assert names(cds) == ["b"]
+    s.handle_request(delta_req(CDS, nonce=cds.nonce), now=4.0)
+    # A new cluster reading an assignment the client already holds still needs it to warm.
+    shared = cluster_pb2.Cluster(
+        name="a2", type=cluster_pb2.Cluster.EDS, eds_cluster_config={"service_name": "a"}
+    )
+    grown = eds_clusters(extra=(shared,), a=1, b=2)
+    s.set_snapshot(s.snapshot.with_types([grown]))
+    cds, eds = s.responses(now=5.0)
+    assert (names(cds), names(eds)) == (["a2"], ["a"])
+
+
+def test_sotw_changed_eds_cluster_gets_the_eds_response_again() -> None:
+    s = SotwStream()
+    s.set_snapshot(Snapshot.of([eds_clusters(a=1, b=1), assignments("a", "svc-b")]))
+    s.handle_request(sotw_req(CDS), now=0.0)
+    s.handle_request(sotw_req(EDS, names=("a", "svc-b")), now=0.0)
+    subscribed = {CDS: (), EDS: ("a", "svc-b")}  # a SotW request always names its whole subscription
+
+    def ack(resp: SotwResponse | DeltaResponse, now: float) -> None:
+        assert isinstance(resp, SotwResponse)
+        s.handle_request(sotw_req(resp.type_url, subscribed[resp.type_url], resp.version, resp.nonce), now)
+
+    for resp in s.responses(now=1.0):
+        ack(resp, 2.0)
+    eds_version = s.types[EDS].sent_version
+    s.set_snapshot(s.snapshot.with_types([eds_clusters(a=2, b=1)]))
+    cds, eds = s.responses(now=3.0)
+    assert isinstance(eds, SotwResponse)
+    assert (cds.type_url, eds.type_url, names(eds), eds.version) == (CDS, EDS, ["a", "svc-b"], eds_version)
+    for resp in (cds, eds):
+        ack(resp, 4.0)
+    # CDS answered again with the same content (a changed subscription): no cluster changed, no EDS owed.
+    s.handle_request(sotw_req(CDS, names=("a", "b", "s"), version=cds.version, nonce=cds.nonce), now=5.0)
+    [cds2] = s.responses(now=6.0)
+    assert cds2.type_url == CDS
