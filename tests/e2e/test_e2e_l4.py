@@ -30,6 +30,16 @@ kind: Namespace
 metadata: {name: other, labels: {istio.io/dataplane-mode: ambient}}
 ---
 apiVersion: v1
+kind: Namespace
+metadata: {name: legacy}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: old-1, namespace: legacy, labels: {app: old}}
+spec: {nodeName: node-a, serviceAccountName: old, containers: [{name: o, ports: [{containerPort: 80}]}]}
+status: {phase: Running, podIP: 10.32.1.40}
+---
+apiVersion: v1
 kind: Node
 metadata: {name: node-a}
 status: {addresses: [{type: InternalIP, address: 10.31.0.1}]}
@@ -106,6 +116,25 @@ def test_mtls_only_plaintext_never_on_the_wire_and_identities_verified(mesh: Mes
         and m["connection_security_policy"] == "mutual_tls"
         for m in seen
     ), seen
+
+
+def test_strict_mtls_refuses_plaintext_from_outside_the_mesh(policy: Mesh) -> None:
+    mesh = policy
+    old, web, api = mesh.pod("legacy/old"), mesh.pod("frontend/web"), mesh.pod("backend/api")
+    assert not old.ambient
+    assert old.reaches("backend/api-1", 8080)  # plaintext into the mesh is accepted until STRICT
+    mesh.apply(
+        """
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: strict, namespace: backend}
+spec:
+  mtls: {mode: STRICT}
+""",
+        "policy.yaml",
+    )
+    assert not old.reaches("backend/api-1", 8080)
+    assert web.http("backend/api", 80).json()["pod"] == api.name  # mesh traffic is mTLS: unaffected
 
 
 def test_allow_only_namespace_frontend_to_backend(policy: Mesh) -> None:
