@@ -485,9 +485,10 @@ _engines: dict[int, tuple[FastPath, int]] = {}
 
 
 def _acquire() -> FastPath:
-    key = id(asyncio.get_running_loop())
+    loop = asyncio.get_running_loop()
+    key = id(loop)
     fp, n = _engines.get(key, (None, 0))
-    if fp is None or fp._engine is None:
+    if fp is None or fp._engine is None or fp._loop is not loop:  # ids of dead loops get reused
         fp, n = FastPath(), 0
     _engines[key] = (fp, n + 1)
     return fp

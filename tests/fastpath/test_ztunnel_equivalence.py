@@ -20,7 +20,10 @@ ROOT = Path(__file__).resolve().parents[2]
 SUITES = [
     "tests/dataplane/test_proxy.py",
     "tests/dataplane/test_proxy_integration.py",
+    "tests/dataplane/test_proxy_waypoint.py",  # through a real Envoy waypoint
     "tests/dataplane/test_ztunnel_cli.py",
+    "tests/dataplane/test_ztunnel_xds.py",
+    "tests/dataplane/test_capture.py",
 ]
 
 
