@@ -70,7 +70,7 @@ def generate_endpoints(store: ConfigStore, proxy: Proxy) -> Iterable[tuple[str, 
     plan = plan_for(store, proxy)
     if plan is None:
         return []
-    return sorted((ev.eds_name(t), ev.cluster_endpoints(plan, t)) for t in plan.clusters.values())
+    return sorted((t.name, ev.cluster_endpoints(plan, t)) for t in plan.clusters.values())
 
 
 def generate_routes(store: ConfigStore, proxy: Proxy) -> Iterable[tuple[str, Any]]:

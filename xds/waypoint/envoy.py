@@ -18,9 +18,10 @@ DestinationRule ``tls.mode: SIMPLE``), not HBONE.
 
 Gotchas found on the way (each has a test): filter state reaches an internal listener only through the
 ``internal_upstream`` transport socket, so ``main_internal``'s cluster has one too; an updated EDS cluster
-needs its assignment re-sent, which delta xDS does not do for a name already subscribed, so EDS names
-carry a digest of the traffic policy (``eds_name``); Envoy's default RE2 program-size limit (100) refuses
-ordinary regexes, so the launcher raises it as Istio's bootstrap does.
+warms until its assignment is sent again, which Envoy does not ask for (the name is already subscribed):
+the xDS stream layer resends it after every changed EDS cluster (``istiopy.xds.stream``), so EDS names are
+plain cluster names; Envoy's default RE2 program-size limit (100) refuses ordinary regexes, so the
+launcher raises it as Istio's bootstrap does.
 
 Why the layout: the client's peer identity is only known on the outer connection, so it is carried into
 ``main_internal`` as the filter state ``io.istio.peer_principal`` (shared with the upstream internal
@@ -539,19 +540,6 @@ _LB = {
 }
 
 
-def eds_name(target: ClusterTarget) -> str:
-    """The EDS resource name of a service cluster: its name, plus a digest of its traffic policy.
-
-    Why: Envoy warms an updated EDS cluster only once it receives its ClusterLoadAssignment, but over
-    delta xDS it does not ask again for a name it is already subscribed to, so a cluster updated by a
-    DestinationRule change would warm forever. A policy change renames the assignment, which makes
-    Envoy subscribe to the new name and the server answer at once."""
-    if target.policy is None:
-        return target.name
-    digest = hashlib.sha256(target.policy.model_dump_json().encode()).hexdigest()[:10]
-    return f"{target.name}~{digest}"
-
-
 def service_cluster(target: ClusterTarget) -> Any:
     """``inbound-vip|...``: EDS over ADS, internal upstream passing each endpoint's original destination
     to ``connect_originate``, and the DestinationRule's traffic policy."""
@@ -559,7 +547,7 @@ def service_cluster(target: ClusterTarget) -> Any:
         "name": target.name,
         "type": "EDS",
         "eds_cluster_config": {
-            "service_name": eds_name(target),
+            "service_name": target.name,
             "eds_config": {"ads": {}, "resource_api_version": "V3", "initial_fetch_timeout": "0s"},
         },
         "connect_timeout": "10s",
@@ -714,7 +702,7 @@ def cluster_endpoints(plan: WaypointPlan, target: ClusterTarget) -> Any:
             }
         )
     return parse(
-        {"cluster_name": eds_name(target), "endpoints": [{"lb_endpoints": lb}] if lb else []},
+        {"cluster_name": target.name, "endpoints": [{"lb_endpoints": lb}] if lb else []},
         endpoint_pb2.ClusterLoadAssignment(),
     )
 
