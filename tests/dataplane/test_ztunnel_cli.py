@@ -159,20 +159,23 @@ async def _istioctl(*argv: str) -> subprocess.CompletedProcess[str]:
 
 async def test_workloads_services_policies_tables(admin_port: int) -> None:
     port = str(admin_port)
-    r = await _istioctl("ztunnel-config", "workloads", "--proxy-admin-port", port)
+    # Independent read-only queries, run side by side (each is mostly interpreter start-up).
+    r, w, svc, pol = await asyncio.gather(
+        _istioctl("ztunnel-config", "workloads", "--proxy-admin-port", port),
+        _istioctl(
+            "zc", "w", "--workload-namespace", "srv", "--workload-node", "node-b", "--proxy-admin-port", port
+        ),
+        _istioctl("zc", "svc", "--proxy-admin-port", port),
+        _istioctl("zc", "policies", "--proxy-admin-port", port),
+    )
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert lines[0].split() == ["NAMESPACE", "POD", "NAME", "ADDRESS", "NODE", "WAYPOINT", "PROTOCOL"]
     assert lines[1].split() == ["cli", "sleep", "10.1.1.1", "node-a", "waypoint", "HBONE"]
     assert lines[2].split() == ["srv", "echo-1", "10.1.0.1", "node-b", "None", "HBONE"]
-    r = await _istioctl(
-        "zc", "w", "--workload-namespace", "srv", "--workload-node", "node-b", "--proxy-admin-port", port
-    )
-    assert [ln.split()[1] for ln in r.stdout.splitlines()[1:]] == ["echo-1", "echo-2"]
-    r = await _istioctl("zc", "svc", "--proxy-admin-port", port)
-    assert r.stdout.splitlines()[1].split() == ["srv", "echo", "10.96.0.10", "None", "1/2"]
-    r = await _istioctl("zc", "policies", "--proxy-admin-port", port)
-    assert r.stdout.splitlines() == [
+    assert [ln.split()[1] for ln in w.stdout.splitlines()[1:]] == ["echo-1", "echo-2"]
+    assert svc.stdout.splitlines()[1].split() == ["srv", "echo", "10.96.0.10", "None", "1/2"]
+    assert pol.stdout.splitlines() == [
         "NAMESPACE POLICY NAME ACTION SCOPE",
         "srv       deny        Deny   Namespace",
     ]
@@ -180,16 +183,18 @@ async def test_workloads_services_policies_tables(admin_port: int) -> None:
 
 async def test_certificates_and_connections(admin_port: int) -> None:
     port = str(admin_port)
-    r = await _istioctl("zc", "certificates", "--proxy-admin-port", port)
-    rows = [ln.split() for ln in r.stdout.splitlines()[1:]]
+    certs, cons, inbound = await asyncio.gather(  # independent read-only queries, side by side
+        _istioctl("zc", "certificates", "--proxy-admin-port", port),
+        _istioctl("zc", "connections", "--proxy-admin-port", port),
+        _istioctl("zc", "cons", "--raw", "--direction", "inbound", "--proxy-admin-port", port),
+    )
+    rows = [ln.split() for ln in certs.stdout.splitlines()[1:]]
     assert rows[0][:4] == ["spiffe://cluster.local/ns/cli/sa/sleep", "Leaf", "Available", "True"]
     assert rows[-1][1] == "Root"
-    r = await _istioctl("zc", "connections", "--proxy-admin-port", port)
-    row = r.stdout.splitlines()[1].split()
+    row = cons.stdout.splitlines()[1].split()
     assert row[:4] == ["sleep.cli", "Outbound", "sleep.cli:40000", "echo-1.srv:15008"]
     assert row[4:] == ["echo.srv.svc.cluster.local:80", "HBONE"]
-    r = await _istioctl("zc", "cons", "--raw", "--direction", "inbound", "--proxy-admin-port", port)
-    assert r.stdout.splitlines()[1:] == []
+    assert inbound.stdout.splitlines()[1:] == []
 
 
 async def test_json_yaml_all_and_file(admin_port: int, tmp_path: Path) -> None:
