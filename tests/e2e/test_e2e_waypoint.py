@@ -389,8 +389,9 @@ spec:
         assert time.monotonic() < deadline, wp.stats("reviews-shadow")
         time.sleep(0.1)
     # Circuit breaker: one request at a time, one waiting; the rest overflow with 503 at once.
-    with concurrent.futures.ThreadPoolExecutor(6) as pool:
-        results = list(pool.map(lambda _: web.http(REVIEWS, 8080, "/?delay=1", timeout=15), range(6)))
+    # Eight at once, each held 2 s by the app: however slowly the threads start, several overlap.
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda _: web.http(REVIEWS, 8080, "/?delay=2", timeout=30), range(8)))
     codes = sorted(r.status for r in results)
     assert 200 in codes, codes
     assert 503 in codes, codes
