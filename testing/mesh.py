@@ -936,7 +936,8 @@ class Mesh:
                 for c in conns:
                     for t in c.get("types") or []:
                         if t.get("sent_nonce") and t.get("sent_nonce") != t.get("acked_nonce"):
-                            ok, last = False, f"{c.get('proxy')} has not acked {t.get('type')}"
+                            err = f" (last NACK: {t['last_error']})" if t.get("last_error") else ""
+                            ok, last = False, f"{c.get('proxy')} has not acked {t.get('type')}{err}"
             if ok:
                 stable_since = stable_since or time.monotonic()
                 if time.monotonic() - stable_since >= 0.4:  # pushes after a debounce; Envoy warms after ACK
