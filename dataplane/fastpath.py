@@ -16,8 +16,9 @@ The pure-Python path (:mod:`istiopy.dataplane.hbone`) stays the reference twin; 
 from ``--byte-path`` / ``ISTIOPY_BYTE_PATH`` (``c`` or ``python``). The ``ztunnel-py`` CLI defaults to ``c``
 when the extension is built; an in-process ``ProxyConfig`` defaults to ``python`` unless the variable says
 otherwise, so the ztunnel suites exercise the twin and ``tests/fastpath`` re-runs them on ``c``. ztunnel-py's
-core swaps in :class:`FastHboneServer`, :class:`FastPool` and :func:`relay` for their ``hbone`` namesakes. If the extension failed to build, ``c`` falls back to ``python`` with a warning — the package
-still installs, and ``tests/fastpath`` fails on purpose so ``make test`` shows it.
+core swaps in :class:`FastHboneServer`, :class:`FastPool` and :func:`relay` for their ``hbone`` namesakes.
+If the extension failed to build, ``c`` falls back to ``python`` with a warning — the package still
+installs, and ``tests/fastpath`` fails on purpose so ``make test`` shows it.
 
 Both paths speak the same wire format, so a C client talks to a Python server and vice versa; the tests
 in ``tests/fastpath`` run the same HBONE scenarios against every pairing.
