@@ -247,7 +247,7 @@ class EnvoyProcess:
             raise EnvoyError("envoy is not started")
         return f"http://127.0.0.1:{self.admin_port}"
 
-    def admin_get(self, path: str, timeout: float = 5.0) -> str:
+    def admin_get(self, path: str, timeout: float = 30.0) -> str:
         with urllib.request.urlopen(self.admin_url + path, timeout=timeout) as resp:
             return str(resp.read().decode())
 
@@ -335,7 +335,7 @@ async def wait_until(
         await asyncio.sleep(interval)
 
 
-def http_get(url: str, host: str | None = None, timeout: float = 5.0) -> tuple[int, str]:
+def http_get(url: str, host: str | None = None, timeout: float = 30.0) -> tuple[int, str]:
     """GET with an optional Host header; returns (status, body) for any status, raises on no answer."""
     req = urllib.request.Request(url, headers={"Host": host} if host else {})
     try:

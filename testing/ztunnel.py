@@ -400,7 +400,7 @@ class ZtunnelProcess:
             cwd=self.workdir,
         )
 
-    def get(self, port: int, path: str, timeout: float = 5.0) -> tuple[int, str]:
+    def get(self, port: int, path: str, timeout: float = 30.0) -> tuple[int, str]:
         import urllib.error
         import urllib.request
 
