@@ -24,7 +24,9 @@ What it brings up, and why this way:
   port, path and the request headers it saw). Ambient pods (namespace or pod label
   ``istio.io/dataplane-mode: ambient``) are captured.
 * **Waypoints**: for each ``Gateway`` of class ``istio-waypoint`` whose pod is in the YAML (label
-  ``gateway.networking.k8s.io/gateway-name``), a real Envoy through ``dataplane.waypoint``.
+  ``gateway.networking.k8s.io/gateway-name``), a real Envoy through ``dataplane.waypoint``. Given as
+  ``documents=``, a Gateway alone is enough: the kit adds its Pod and Service as Istio's waypoint
+  controller would.
 
 Cleanup: ``close`` (``with`` exit) stops everything; the network namespaces are those of
 ``testing.netns.Topology`` (torn down on exceptions, Ctrl-C and SIGTERM, and a crashed run's leftovers are
@@ -361,8 +363,9 @@ def _complete_pods(documents: str) -> str:
         docs = [d for d in yaml.safe_load_all(documents) if d is not None]
     except yaml.YAMLError:
         return documents  # istiod-py reports it
+    added = _waypoint_deployments(docs)
     pods = [d for d in docs if isinstance(d, dict) and d.get("kind") == "Pod"]
-    if all((d.get("status") or {}).get("podIP") for d in pods):
+    if not added and all((d.get("status") or {}).get("podIP") for d in pods):
         return documents
     nodes = [_meta(d).get("name", "") for d in docs if isinstance(d, dict) and d.get("kind") == "Node"]
     nodes = nodes or sorted({(d.get("spec") or {}).get("nodeName") for d in pods} - {None, ""}) or ["node-1"]
@@ -386,6 +389,52 @@ def _complete_pods(documents: str) -> str:
             status.update({"podIP": ip, "podIPs": [{"ip": ip}]})
         status.setdefault("phase", "Running")
     return yaml.safe_dump_all(docs, sort_keys=False)
+
+
+def _waypoint_deployments(docs: list[Any]) -> bool:
+    """What Istio's waypoint controller creates for a waypoint Gateway: its Pod and its Service (appended to
+    ``docs`` when missing). Returns whether anything was added."""
+    added = False
+    vip = 0
+    for gw in [d for d in docs if isinstance(d, dict) and d.get("kind") == "Gateway"]:
+        if (gw.get("spec") or {}).get("gatewayClassName") != "istio-waypoint":
+            continue
+        name, ns = _meta(gw).get("name", ""), _meta(gw).get("namespace", "default")
+        labels = {GATEWAY_NAME: name, "gateway.istio.io/managed": "istio.io-mesh-controller"}
+
+        def exists(kind: str, match: Callable[[dict[str, Any]], bool], ns: str = ns) -> bool:
+            return any(
+                isinstance(d, dict) and d.get("kind") == kind and _meta(d).get("namespace", "default") == ns
+                and match(d)
+                for d in docs
+            )  # fmt: skip
+
+        if not exists("Pod", lambda d, name=name: (_meta(d).get("labels") or {}).get(GATEWAY_NAME) == name):
+            docs.append(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Pod",
+                    "metadata": {"name": f"{name}-0", "namespace": ns, "labels": dict(labels)},
+                    "spec": {"serviceAccountName": name, "containers": [{"name": "istio-proxy"}]},
+                }
+            )
+            added = True
+        if not exists("Service", lambda d, name=name: _meta(d).get("name") == name):
+            vip += 1
+            docs.append(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Service",
+                    "metadata": {"name": name, "namespace": ns, "labels": {GATEWAY_NAME: name}},
+                    "spec": {
+                        "clusterIP": f"10.96.255.{vip}",
+                        "selector": {GATEWAY_NAME: name},
+                        "ports": [{"name": "mesh", "port": 15008, "targetPort": 15008}],
+                    },
+                }
+            )
+            added = True
+    return added
 
 
 def _meta(doc: Mapping[str, Any]) -> dict[str, Any]:

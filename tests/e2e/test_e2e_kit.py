@@ -223,3 +223,26 @@ def test_mesh_factory_fixture_with_manifests_lacking_ips(mesh_factory: Callable[
     body = client.http("shop/cart", 80).json()
     assert body["pod"] == "cart"
     assert body["peer"].split(":")[0] == client.ip
+
+
+def test_a_waypoint_gateway_alone_gets_its_pod_and_service(mesh_factory: Callable[..., Mesh]) -> None:  # noqa: F811
+    docs = MANIFESTS.replace(
+        "labels: {istio.io/dataplane-mode: ambient}}",
+        "labels: {istio.io/dataplane-mode: ambient, istio.io/use-waypoint: waypoint}}",
+        1,
+    )
+    docs += """
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: waypoint, namespace: shop}
+spec:
+  gatewayClassName: istio-waypoint
+  listeners: [{name: mesh, port: 15008, protocol: HBONE}]
+"""
+    mesh = mesh_factory(documents=docs)  # as the waypoint controller would, the kit adds the Pod and Service
+    r = mesh.pod("shop/client").http("shop/cart", 80, "/via")
+    assert r.status == 200
+    assert r.via_waypoint
+    assert r.json()["pod"] == "cart"
+    assert r.json()["peer"].split(":")[0] == mesh.waypoint("shop/waypoint").pod.ip
