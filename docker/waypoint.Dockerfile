@@ -18,5 +18,6 @@ RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels \
 USER 1337:1337
 WORKDIR /tmp
 EXPOSE 15008 15020 15021
-# The operator passes the launcher's arguments (waypoint.args in the istiod chart: `proxy waypoint`).
+# The launcher reads the waypoint Deployment's environment (POD_*, ISTIO_META_WAYPOINT, XDS_ADDRESS, ...);
+# extra arguments come from the istiod chart's waypoint.args (default: none).
 ENTRYPOINT ["python", "-m", "istiopy.dataplane.waypoint"]
