@@ -22,7 +22,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -41,6 +40,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from istiopy.testing import procs as _procs
 from istiopy.testing.procs import die_with_parent
 
 K8S_VERSION = "v1.34.3"
@@ -111,10 +111,8 @@ def find_binaries(bin_dir: Path | None = None) -> Path:
 
 
 def free_port() -> int:
-    """A currently free loopback TCP port (tiny race with other processes; acceptable for tests)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A currently free loopback TCP port, distinct from the ones this process handed out lately."""
+    return _procs.free_port()
 
 
 def _has_default_route() -> bool:

@@ -22,7 +22,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -36,6 +35,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar, cast
 
+from istiopy.testing import procs as _procs
 from istiopy.testing.procs import die_with_parent
 
 T = TypeVar("T")
@@ -56,10 +56,9 @@ def envoy_binary() -> str:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port free right now (the caller binds it soon; good enough on loopback for tests)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    """A port free right now, distinct from the ones this process handed out lately (the caller binds it
+    soon; good enough on loopback for tests)."""
+    return _procs.free_port(host)
 
 
 def ads_bootstrap(

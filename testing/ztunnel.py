@@ -11,7 +11,6 @@ import contextlib
 import ipaddress
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from istiopy.api.gen import authorization_pb2, workload_pb2
+from istiopy.testing import procs as _procs
 from istiopy.testing.procs import die_with_parent
 
 CLUSTER = "Kubernetes"
@@ -348,9 +348,8 @@ class TestControlPlane:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free loopback port, distinct from the ones this process handed out lately."""
+    return _procs.free_port()
 
 
 class ZtunnelProcess:
