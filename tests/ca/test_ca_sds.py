@@ -292,5 +292,7 @@ async def test_rotation_task_reissues_at_half_lifetime(ca: CertificateAuthority)
         assert time.time() >= first.refresh_at
     finally:
         task.cancel()
+        # Bounded: a task that swallowed the cancellation (3.11's wait_for could) fails here, not at the
+        # suite-wide 300 s timeout.
         with contextlib.suppress(asyncio.CancelledError):
-            await task
+            await asyncio.wait_for(task, 30)
