@@ -11,7 +11,8 @@ One run, one machine, same payloads; client and server are separate pods (networ
    side listens in the client pod, opens pooled HBONE (mTLS + HTTP/2 CONNECT) to port 15008 in the server
    pod, whose side dials the app. No capture or xDS: those cost nothing per byte, and this measures the
    byte path alone;
-5. ``waypoint``: not measured (the C path is not wired through an Envoy waypoint yet).
+5. ``waypoint``: not measured yet: this bench has no Envoy waypoint set-up (ztunnel-py's C path through a
+   real waypoint works: ``tests/fastpath/test_ztunnel_equivalence.py`` runs the waypoint suite on it).
 
 Per mode: iperf3 throughput with 1 and 8 connections; HTTP latency p50/p90/p99 at a fixed 1000 req/s with
 1 KB responses (fortio, pinned, built by ``make bench`` with ``go install`` into ``.build/tools``; without
@@ -434,7 +435,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for mode in args.modes:
                 results["modes"][mode] = {"measured": mode != "waypoint", "rounds": []}
                 if mode == "waypoint":
-                    results["modes"][mode]["why"] = "C path not wired through a waypoint"
+                    results["modes"][mode]["why"] = "no waypoint set-up in this bench yet"
             # Rounds go across modes (direct, sidecar, ..., then again): a burst of other load on the shared
             # box then hurts one round of every mode instead of every round of one mode.
             for rnd in range(args.rounds):
