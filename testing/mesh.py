@@ -579,7 +579,11 @@ class Mesh:
             old = Path((self.workdir / "rundir").read_text().strip())
             if old.name.startswith("ipymesh-run-"):
                 shutil.rmtree(old, ignore_errors=True)
-        self.rundir = Path(tempfile.mkdtemp(prefix="ipymesh-run-"))
+        for stale in Path(tempfile.gettempdir()).glob("ipymesh-run-*-*"):  # of runs killed outright
+            with contextlib.suppress(ValueError, OSError):
+                if not Path(f"/proc/{int(stale.name.split('-')[2])}").exists():
+                    shutil.rmtree(stale, ignore_errors=True)
+        self.rundir = Path(tempfile.mkdtemp(prefix=f"ipymesh-run-{os.getpid()}-"))
         (self.workdir / "rundir").write_text(str(self.rundir))
         path = self.workdir / "pids"
         if not path.exists():
