@@ -140,40 +140,45 @@ def _basic_constraints(cert: x509.Certificate) -> x509.BasicConstraints | None:
         return None
 
 
-def generate_root(
-    trust_domain: str, kind: KeyType = KeyType.EC_P256, ttl: dt.timedelta = ROOT_TTL, org: str = ""
-) -> CaMaterial:
-    """A fresh self-signed root. Its subject carries the trust domain as O (as Istio's does) for humans."""
-    key = generate_signing_key(kind)
+CA_KEY_USAGE = x509.KeyUsage(
+    digital_signature=True,
+    content_commitment=False,
+    key_encipherment=False,
+    data_encipherment=False,
+    key_agreement=False,
+    key_cert_sign=True,
+    crl_sign=True,
+    encipher_only=False,
+    decipher_only=False,
+)
+
+
+def _ca_builder(
+    subject: x509.Name, issuer: x509.Name, key: SigningKey, ttl: dt.timedelta
+) -> x509.CertificateBuilder:
+    """What every CA certificate we make carries (roots and intermediates differ only in issuer and AKI)."""
     now = dt.datetime.now(dt.UTC)
-    name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, org or trust_domain)])
-    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
-    cert = (
+    return (
         x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
+        .subject_name(subject)
+        .issuer_name(issuer)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=1))
         .not_valid_after(now + ttl)
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(ski, critical=False)
-        .sign(key, hash_for(key))
+        .add_extension(CA_KEY_USAGE, critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
     )
+
+
+def generate_root(
+    trust_domain: str, kind: KeyType = KeyType.EC_P256, ttl: dt.timedelta = ROOT_TTL, org: str = ""
+) -> CaMaterial:
+    """A fresh self-signed root. Its subject carries the trust domain as O (as Istio's does) for humans."""
+    key = generate_signing_key(kind)
+    name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, org or trust_domain)])
+    cert = _ca_builder(name, name, key, ttl).sign(key, hash_for(key))
     return CaMaterial(cert, key, (), (cert,))
 
 
@@ -182,31 +187,9 @@ def generate_intermediate(
 ) -> CaMaterial:
     """An intermediate CA under ``parent`` (for plug-in CA set-ups and tests of them)."""
     key = generate_signing_key(kind)
-    now = dt.datetime.now(dt.UTC)
+    subject = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, name)])
     cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, name)]))
-        .issuer_name(parent.signing_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=1))
-        .not_valid_after(now + ttl)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        _ca_builder(subject, parent.signing_cert.subject, key, ttl)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(parent.signing_key.public_key()),
             critical=False,
