@@ -11,8 +11,13 @@ One run, one machine, same payloads; client and server are separate pods (networ
    side listens in the client pod, opens pooled HBONE (mTLS + HTTP/2 CONNECT) to port 15008 in the server
    pod, whose side dials the app. No capture or xDS: those cost nothing per byte, and this measures the
    byte path alone;
-5. ``waypoint``: not measured yet: this bench has no Envoy waypoint set-up (ztunnel-py's C path through a
-   real waypoint works: ``tests/fastpath/test_ztunnel_equivalence.py`` runs the waypoint suite on it).
+5. ``waypoint``: ztunnel-py's C path through a real Envoy waypoint, in a whole mesh from the testing kit
+   (``istiopy.testing.mesh``: istiod-py, the real ``ztunnel-py`` process on each node fed by its xDS,
+   capture, the waypoint launcher's Envoy): client pod -> ztunnel -> waypoint -> ztunnel -> server pod, to
+   the server's Service VIP. iperf3 goes to a TCP port (the waypoint proxies it at L4), fortio to an HTTP
+   port (routed at L7). CPU and RSS are both ztunnels', then the waypoint Envoy's. The mesh config adds
+   1000 workloads in 500 services and 20 policies, so the same run also gives the RSS of the real
+   ``ztunnel-py`` processes holding that (``ztunnel_real`` in the JSON, a line under the table).
 
 Per mode: iperf3 throughput with 1 and 8 connections; HTTP latency p50/p90/p99 at a fixed 1000 req/s with
 1 KB responses (fortio, pinned, built by ``make bench`` with ``go install`` into ``.build/tools``; without
@@ -32,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -39,6 +45,7 @@ import socket
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +60,7 @@ HBONE = 15008
 CLIENT_ID = "spiffe://cluster.local/ns/default/sa/client"
 SERVER_ID = "spiffe://cluster.local/ns/default/sa/server"
 MODES = ("direct", "sidecar", "ztunnel-python", "ztunnel-c", "waypoint")
+_FORTIO_QUIET = ["-grpc-port", "disabled", "-redirect-port", "disabled", "-loglevel", "error"]
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -386,6 +394,156 @@ def start_mode(
     return procs
 
 
+# ------------------------------------------------------------------------------------------------------
+# Row 5: ztunnel-py (C path) through a real Envoy waypoint, in a whole mesh from the testing kit
+
+WP_NS = "bench"
+FILL_WORKLOADS, FILL_SERVICES, FILL_POLICIES = 1000, 500, 20
+
+
+def waypoint_documents() -> str:
+    """The mesh of row 5: an ambient namespace using a waypoint (the kit adds its Pod and Service, as
+    Istio's waypoint controller would), a client and a server pod on separate nodes, the server Service
+    with a TCP port (iperf3: the waypoint proxies it as TCP) and an HTTP port (fortio: routed at L7). Plus
+    filler config every ztunnel-py holds, so its RSS is measured at the size the target names: 1000
+    workloads (ServiceEntry inline endpoints, two each) in 500 services, and some policies."""
+    docs = [
+        f"""apiVersion: v1
+kind: Namespace
+metadata: {{name: {WP_NS}, labels: {{istio.io/dataplane-mode: ambient, istio.io/use-waypoint: waypoint}}}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: client, namespace: {WP_NS}, labels: {{app: client}}}}
+spec:
+  nodeName: bench-0
+  serviceAccountName: client
+  containers: [{{name: c, ports: [{{containerPort: 9090}}]}}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: server, namespace: {WP_NS}, labels: {{app: server}}}}
+spec:
+  nodeName: bench-1
+  serviceAccountName: server
+  containers: [{{name: c, ports: [{{containerPort: 9090}}]}}]
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: server, namespace: {WP_NS}}}
+spec:
+  clusterIP: 10.96.50.50
+  selector: {{app: server}}
+  ports:
+  - {{name: tcp-iperf, port: {IPERF_PORT}, targetPort: {IPERF_PORT}, appProtocol: tcp}}
+  - {{name: http, port: {HTTP_PORT}, targetPort: {HTTP_PORT}, appProtocol: http}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {{name: waypoint, namespace: {WP_NS}}}
+spec:
+  gatewayClassName: istio-waypoint
+  listeners: [{{name: mesh, port: 15008, protocol: HBONE}}]
+---
+apiVersion: v1
+kind: Namespace
+metadata: {{name: fill}}
+"""
+    ]
+    per = FILL_WORKLOADS // FILL_SERVICES
+    for s in range(FILL_SERVICES):
+        ips = [s * per + e for e in range(per)]
+        eps = ", ".join(f"{{address: 10.{120 + i // 62500}.{i // 250 % 250}.{i % 250 + 1}}}" for i in ips)
+        docs.append(
+            f"""apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: svc-{s}, namespace: fill}}
+spec:
+  hosts: [svc-{s}.fill.example]
+  addresses: [10.97.{s // 250}.{s % 250 + 1}]
+  ports: [{{number: 80, name: http, protocol: HTTP, targetPort: 8080}}]
+  resolution: STATIC
+  location: MESH_INTERNAL
+  endpoints: [{eps}]
+"""
+        )
+    for p in range(FILL_POLICIES):
+        docs.append(
+            f"""apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: allow-{p}, namespace: fill}}
+spec:
+  action: ALLOW
+  rules:
+  - from: [{{source: {{principals: [cluster.local/ns/ns-{p}/sa/sa-{p}]}}}}]
+    to: [{{operation: {{ports: ["80"]}}}}]
+"""
+        )
+    return "---\n".join(docs)
+
+
+def _descendant(pid: int, comm: str) -> int | None:
+    """The first process named ``comm`` below ``pid`` (the waypoint launcher's Envoy)."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(d.name))
+    todo = list(children.get(pid, []))
+    while todo:
+        p = todo.pop(0)
+        with contextlib.suppress(OSError):
+            if Path(f"/proc/{p}/comm").read_text().strip() == comm:
+                return p
+        todo += children.get(p, [])
+    return None
+
+
+@contextlib.contextmanager
+def waypoint_mesh(work: Path) -> Iterator[dict[str, Any]]:
+    """A whole mesh from ``istiopy.testing.mesh`` (istiod-py, node agents, ztunnel-py on each node with
+    the C byte path, a real Envoy waypoint), with iperf3 and fortio serving in the server pod. Yields the
+    client pod, the Service VIP, the pids measured (both ztunnels, then Envoy) and the idle RSS of the
+    ztunnel-py processes once they hold the whole config."""
+    from istiopy.testing.mesh import Mesh
+
+    os.environ["ISTIOPY_BYTE_PATH"] = "c"  # inherited by the kit's ztunnel-py processes
+    with Mesh(documents=waypoint_documents(), workdir=work / "mesh", log_level="warning") as mesh:
+        server = mesh.pod(f"{WP_NS}/server")
+        apps = [server.pod.spawn(["iperf3", "-s", "-p", str(IPERF_PORT)])]
+        if FORTIO.exists():
+            apps.append(
+                server.pod.spawn([str(FORTIO), "server", "-http-port", str(HTTP_PORT), *_FORTIO_QUIET])
+            )
+        try:
+            wait_port(server.pod, "127.0.0.1", IPERF_PORT)
+            if FORTIO.exists():
+                wait_port(server.pod, "127.0.0.1", HTTP_PORT)
+            zts = [mesh.ztunnels[n] for n in sorted(mesh.ztunnels)]
+            wp = mesh.waypoint(f"{WP_NS}/waypoint")
+            envoy = _descendant(wp.proc.pid, "envoy")
+            dump = zts[0].config_dump()
+            known = {
+                "workloads": len(dump.get("workloads", [])),
+                "services": len(dump.get("services", [])),
+                "policies": len(dump.get("policies", [])),
+            }
+            gc_rss = [round(_proc_rss_mb(z.proc.pid), 1) for z in zts]
+            yield {
+                "client": mesh.pod(f"{WP_NS}/client").pod,
+                "vip": mesh.services[f"{WP_NS}/server"]["vip"],
+                "pids": [z.proc.pid for z in zts] + ([envoy] if envoy else []),
+                "ztunnel_rss_idle_mb": gc_rss,
+                "ztunnel_known": known,
+            }
+        finally:
+            for a in apps:
+                a.stop()
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from istiopy.testing.certs import TestCA
     from istiopy.testing.netns import Topology
@@ -407,7 +565,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "modes": {},
     }
     try:
-        with Topology(prefix="ipybench") as topo:
+        with contextlib.ExitStack() as stack:
+            topo = stack.enter_context(Topology(prefix="ipybench"))
             n0, n1 = topo.add_node("bench-0"), topo.add_node("bench-1")
             client = topo.add_pod("client", node=n0, service_account="client")
             server = topo.add_pod("server", node=n1, service_account="server")
@@ -415,48 +574,45 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 p.run(["ip", "link", "set", "lo", "up"], check=False)
             server.spawn(["iperf3", "-s", "-p", str(IPERF_PORT)])
             if FORTIO.exists():
-                server.spawn(
-                    [
-                        str(FORTIO),
-                        "server",
-                        "-http-port",
-                        str(HTTP_PORT),
-                        "-grpc-port",
-                        "disabled",
-                        "-redirect-port",
-                        "disabled",
-                        "-loglevel",
-                        "error",
-                    ]
-                )
+                server.spawn([str(FORTIO), "server", "-http-port", str(HTTP_PORT), *_FORTIO_QUIET])
             wait_port(server, "127.0.0.1", IPERF_PORT)
             if FORTIO.exists():
                 wait_port(server, "127.0.0.1", HTTP_PORT)
             for mode in args.modes:
-                results["modes"][mode] = {"measured": mode != "waypoint", "rounds": []}
-                if mode == "waypoint":
-                    results["modes"][mode]["why"] = "no waypoint set-up in this bench yet"
+                results["modes"][mode] = {"measured": True, "rounds": []}
+            mesh: dict[str, Any] = {}
+            if "waypoint" in args.modes:  # one mesh for every round: ~5 s to start, config pushed once
+                print("== starting the waypoint mesh (istiod-py, ztunnel-py x2, Envoy waypoint)", flush=True)
+                mesh = stack.enter_context(waypoint_mesh(work))
+                results["ztunnel_real"] = {
+                    "rss_idle_mb": mesh["ztunnel_rss_idle_mb"],
+                    "known": mesh["ztunnel_known"],
+                }
             # Rounds go across modes (direct, sidecar, ..., then again): a burst of other load on the shared
             # box then hurts one round of every mode instead of every round of one mode.
             for rnd in range(args.rounds):
                 for mode in args.modes:
-                    if mode == "waypoint":
-                        continue
                     print(f"== round {rnd + 1}: {mode}", flush=True)
-                    procs = start_mode(mode, client, server, work, certs)
                     r = results["modes"][mode]
-                    local = mode != "direct"
-                    host = "127.0.0.1" if local else server.ip
-                    iport, hport = (OUT_IPERF, OUT_HTTP) if local else (IPERF_PORT, HTTP_PORT)
-                    pids = [p.pid for p in procs]
+                    cpod = client
+                    if mode == "waypoint":  # the client pod of the mesh dials the Service VIP (captured)
+                        procs: list[Any] = []
+                        pids = list(mesh["pids"])
+                        cpod, host, iport, hport = mesh["client"], mesh["vip"], IPERF_PORT, HTTP_PORT
+                    else:
+                        procs = start_mode(mode, client, server, work, certs)
+                        pids = [p.pid for p in procs]
+                        local = mode != "direct"
+                        host = "127.0.0.1" if local else server.ip
+                        iport, hport = (OUT_IPERF, OUT_HTTP) if local else (IPERF_PORT, HTTP_PORT)
                     c0 = sum(_proc_cpu(p) for p in pids)
-                    one: dict[str, Any] = {"tput_1": iperf(client, host, iport, 1, args.seconds)}
-                    if pids and one["tput_1"]:  # proxy CPU seconds per GB moved (both proxies)
+                    one: dict[str, Any] = {"tput_1": iperf(cpod, host, iport, 1, args.seconds)}
+                    if pids and one["tput_1"]:  # proxy CPU seconds per GB moved (all proxies on the path)
                         gb = one["tput_1"] * args.seconds / 8
                         one["cpu_per_gb"] = (sum(_proc_cpu(p) for p in pids) - c0) / gb
-                    one["tput_8"] = iperf(client, host, iport, 8, args.seconds)
+                    one["tput_8"] = iperf(cpod, host, iport, 8, args.seconds)
                     cpu0 = sum(_proc_cpu(p) for p in pids)
-                    lat = http_latency(client, host, hport, args.seconds * 2)
+                    lat = http_latency(cpod, host, hport, args.seconds * 2)
                     cpu1 = sum(_proc_cpu(p) for p in pids)
                     one.update(lat)
                     if pids and lat.get("requests"):
@@ -547,6 +703,15 @@ def main() -> None:
         print(f"note: {FORTIO} missing (make bench builds it); latency columns stay empty", file=sys.stderr)
     results = run(args)
     print(table(results))
+    real = results.get("ztunnel_real")
+    if real:
+        k = real["known"]
+        print(
+            f"ztunnel-py (real process, xDS from istiod-py) holding {k['workloads']} workloads, "
+            f"{k['services']} services, {k['policies']} policies: RSS idle "
+            + "/".join(str(x) for x in real["rss_idle_mb"])
+            + " MB"
+        )
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"dataplane-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps(results, indent=2))
