@@ -362,6 +362,13 @@ def _rule_errors(path: str, rule: Rule) -> list[FieldError]:
     return errors
 
 
+def _target_ref_list(
+    target_ref: PolicyTargetReference | None, target_refs: list[PolicyTargetReference]
+) -> list[PolicyTargetReference]:
+    """``targetRef`` first, then ``targetRefs``: upstream reads the singular as a one-item list."""
+    return ([target_ref] if target_ref is not None else []) + list(target_refs)
+
+
 @register
 class AuthorizationPolicy(Resource):
     """Access control for workloads (``selector``), or for Services/Gateways at waypoints (``targetRefs``)."""
@@ -415,10 +422,7 @@ class AuthorizationPolicy(Resource):
     @property
     def target_refs(self) -> list[PolicyTargetReference]:
         """``targetRef`` and ``targetRefs`` as one list (upstream treats the singular as a one-item list)."""
-        refs = list(self.spec.target_refs)
-        if self.spec.target_ref is not None:
-            refs.insert(0, self.spec.target_ref)
-        return refs
+        return _target_ref_list(self.spec.target_ref, self.spec.target_refs)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -643,7 +647,4 @@ class RequestAuthentication(Resource):
     @property
     def target_refs(self) -> list[PolicyTargetReference]:
         """``targetRef`` and ``targetRefs`` as one list."""
-        refs = list(self.spec.target_refs)
-        if self.spec.target_ref is not None:
-            refs.insert(0, self.spec.target_ref)
-        return refs
+        return _target_ref_list(self.spec.target_ref, self.spec.target_refs)
