@@ -258,6 +258,18 @@ def _percent(value: float | None, default: float = 100.0) -> dict[str, Any]:
     return {"numerator": round(pct * 10_000), "denominator": "MILLION"}
 
 
+def _mirror_policies(
+    plan: WaypointPlan, mirrors: list[tuple[Destination, float | None]], namespace: str, port: int | None
+) -> list[dict[str, Any]]:
+    """Envoy ``request_mirror_policies`` for the mirrors that resolve to a cluster (others are dropped)."""
+    policies = []
+    for dest, pct in mirrors:
+        hit = _cluster_for(plan, dest, namespace, port)
+        if hit is not None:
+            policies.append({"cluster": hit[0], "runtime_fraction": {"default_value": _percent(pct)}})
+    return policies
+
+
 def _cluster_for(
     plan: WaypointPlan, dest: Destination, namespace: str, incoming: int | None
 ) -> tuple[str, Any] | None:
@@ -476,12 +488,7 @@ def _vs_action(
         )
         mirrors.append((rule.mirror, pct))
     mirrors += [(m.destination, m.percentage.value if m.percentage else None) for m in rule.mirrors]
-    policies = []
-    for dest, pct in mirrors:
-        hit = _cluster_for(plan, dest, vs.namespace, sp.number)
-        if hit is not None:
-            policies.append({"cluster": hit[0], "runtime_fraction": {"default_value": _percent(pct)}})
-    if policies:
+    if policies := _mirror_policies(plan, mirrors, vs.namespace, sp.number):
         action["request_mirror_policies"] = policies
     out["route"] = action
     return out
@@ -648,12 +655,7 @@ def _gw_action(
             action["timeout"] = ev.dur(duration_seconds(timeouts.request))
         if timeouts.backend_request:
             action["retry_policy"] = {"per_try_timeout": ev.dur(duration_seconds(timeouts.backend_request))}
-    policies = []
-    for dest, pct in mirrors:
-        hit = _cluster_for(plan, dest, r.namespace, sp.number)
-        if hit is not None:
-            policies.append({"cluster": hit[0], "runtime_fraction": {"default_value": _percent(pct)}})
-    if policies:
+    if policies := _mirror_policies(plan, mirrors, r.namespace, sp.number):
         action["request_mirror_policies"] = policies
     out["route"] = action
     return out
