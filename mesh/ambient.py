@@ -529,6 +529,17 @@ def _fronts_gateway_pods(service: Resource) -> bool:
     return bool(selector) and GATEWAY_NAME_LABEL in (selector or {})
 
 
+def _unsupported_traffic(binding: WaypointBinding, wp: Waypoint, needs: str) -> WaypointBinding:
+    """``binding`` left unbound: its waypoint does not carry the traffic type the target needs."""
+    return WaypointBinding(
+        requested=binding.requested,
+        source=binding.source,
+        reason="UnsupportedTrafficType",
+        message=f"waypoint {wp.resource_name} is for {wp.traffic_type} traffic "
+        f"({WAYPOINT_FOR_LABEL}={wp.traffic_type}); {needs}",
+    )
+
+
 def service_waypoint(
     store: StoreReader, service: Resource, settings: MeshSettings = MeshSettings()
 ) -> WaypointBinding:
@@ -539,13 +550,7 @@ def service_waypoint(
     wp = binding.waypoint
     if wp is None or wp.traffic_type in ("service", "all"):
         return binding
-    return WaypointBinding(
-        requested=binding.requested,
-        source=binding.source,
-        reason="UnsupportedTrafficType",
-        message=f"waypoint {wp.resource_name} is for {wp.traffic_type} traffic "
-        f"({WAYPOINT_FOR_LABEL}={wp.traffic_type}); a Service needs one for service or all",
-    )
+    return _unsupported_traffic(binding, wp, "a Service needs one for service or all")
 
 
 def is_waypoint_instance(obj: Resource) -> bool:
@@ -569,13 +574,7 @@ def pod_waypoint(
         return binding
     if binding.source == "namespace":
         return WaypointBinding(requested=binding.requested, source="namespace")
-    return WaypointBinding(
-        requested=binding.requested,
-        source=binding.source,
-        reason="UnsupportedTrafficType",
-        message=f"waypoint {wp.resource_name} is for {wp.traffic_type} traffic "
-        f"({WAYPOINT_FOR_LABEL}={wp.traffic_type}); a workload needs one for workload or all",
-    )
+    return _unsupported_traffic(binding, wp, "a workload needs one for workload or all")
 
 
 def ip_bytes(ip: str) -> bytes:
