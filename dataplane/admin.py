@@ -5,18 +5,23 @@ localhost only, while metrics and readiness are scraped/probed from outside the 
 ``istioctl ztunnel-config`` reads ``/config_dump`` and expects upstream's JSON shape, so :func:`config_dump`
 produces exactly that shape (camelCase keys; ``workloads``/``services``/``policies``/``certificates`` lists
 and a ``workloadState`` map).
+
+The servers are a few lines of HTTP/1.1 on asyncio streams rather than aiohttp's: they answer a probe, a
+scrape or an ``istioctl`` GET, and aiohttp's import alone added ~8 MB to every node proxy's RSS (the RSS
+target: <= 40 MB holding 1000 workloads). Each response closes its connection (``Connection: close``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import json
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
-
-from aiohttp import web
+from urllib.parse import parse_qsl, urlsplit
 
 from istiopy.dataplane.metrics import ConnectionTracker, Metrics
 from istiopy.dataplane.state import GatewayAddress, ProxyState, Service, Workload
@@ -222,6 +227,34 @@ def set_log_level(spec: str) -> None:
         logging.getLogger(name or LOGGER_ROOT).setLevel(lv)
 
 
+@dataclass
+class Request:
+    """What a handler sees of a request: method, path and query (no bodies: no endpoint takes one)."""
+
+    method: str
+    path: str
+    query: dict[str, str]
+
+
+@dataclass
+class Response:
+    status: int = 200
+    text: str = ""
+    body: bytes | None = None
+    content_type: str = "text/plain; charset=utf-8"
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    503: "Service Unavailable",
+}
+_MAX_HEAD = 16384
+
+
 class AdminServer:
     """Runs the admin, metrics and readiness listeners on the current event loop."""
 
@@ -235,83 +268,134 @@ class AdminServer:
     ) -> None:
         self.src = sources
         self._addrs = {"admin": admin_addr, "metrics": metrics_addr, "readiness": readiness_addr}
-        self._runners: list[web.AppRunner] = []
+        self._servers: list[asyncio.Server] = []
+        self._conns: set[asyncio.Task[None]] = set()
         self.ports: dict[str, int] = {}
         self._pending: asyncio.Future[None] | None = None
 
     # ---- handlers -----------------------------------------------------------------------------
 
-    async def _config_dump(self, request: web.Request) -> web.Response:
-        return web.Response(text=json.dumps(config_dump(self.src), indent=2), content_type="application/json")
+    async def _config_dump(self, request: Request) -> Response:
+        return Response(text=json.dumps(config_dump(self.src), indent=2), content_type="application/json")
 
-    async def _logging(self, request: web.Request) -> web.Response:
+    async def _logging(self, request: Request) -> Response:
         if request.method == "POST":
             spec = request.query.get("level", "")
             if not spec:
-                return web.Response(status=400, text="usage: POST /logging?level=<level>|<target>=<level>\n")
+                return Response(status=400, text="usage: POST /logging?level=<level>|<target>=<level>\n")
             try:
                 set_log_level(spec)
             except ValueError as e:
-                return web.Response(status=400, text=f"{e}\n")
+                return Response(status=400, text=f"{e}\n")
         levels = _levels()
         body = "current log level is " + ",".join(f"{k}={v}" for k, v in levels.items()) + "\n"
-        return web.Response(text=body)
+        return Response(text=body)
 
-    async def _quit(self, request: web.Request) -> web.Response:
+    async def _quit(self, request: Request) -> Response:
         if request.method != "POST":
-            return web.Response(status=405, text="POST only\n")
+            return Response(status=405, text="POST only\n")
         log.warning("shutdown requested through /quitquitquit")
         if self.src.shutdown is not None:
             res = self.src.shutdown()
             if res is not None:
                 self._pending = asyncio.ensure_future(res)
-        return web.Response(text="shutdown now\n")
+        return Response(text="shutdown now\n")
 
-    async def _index(self, request: web.Request) -> web.Response:
-        return web.Response(text="ztunnel-py admin\n  /config_dump\n  /logging\n  /quitquitquit\n")
+    async def _index(self, request: Request) -> Response:
+        return Response(text="ztunnel-py admin\n  /config_dump\n  /logging\n  /quitquitquit\n")
 
-    async def _metrics(self, request: web.Request) -> web.Response:
+    async def _metrics(self, request: Request) -> Response:
         from istiopy.dataplane.metrics import CONTENT_TYPE
 
-        resp = web.Response(body=self.src.metrics.render())
-        resp.headers["Content-Type"] = CONTENT_TYPE
-        return resp
+        return Response(body=self.src.metrics.render(), content_type=CONTENT_TYPE)
 
-    async def _ready(self, request: web.Request) -> web.Response:
+    async def _ready(self, request: Request) -> Response:
         ok = self.src.ready() if self.src.ready is not None else self.src.state.ready
-        return web.Response(status=200 if ok else 503, text="ready\n" if ok else "not ready\n")
+        return Response(status=200 if ok else 503, text="ready\n" if ok else "not ready\n")
+
+    # ---- HTTP ---------------------------------------------------------------------------------
+
+    async def _serve(
+        self,
+        routes: dict[str, tuple[Handler, bool]],
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> None:
+        """One request per connection. ``routes``: path -> (handler, whether any method is allowed; else
+        GET and HEAD only, as aiohttp's ``add_get``)."""
+        task = asyncio.current_task()
+        if task is not None:
+            self._conns.add(task)
+        try:
+            try:
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+            except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ConnectionError):
+                return
+            line = head.split(b"\r\n", 1)[0].decode("latin-1").split()
+            if len(line) != 3 or not line[2].startswith("HTTP/") or len(head) > _MAX_HEAD:
+                resp = Response(status=400, text="bad request\n")
+                method = "GET"
+            else:
+                method, target = line[0].upper(), urlsplit(line[1])
+                route = routes.get(target.path)
+                if route is None:
+                    resp = Response(status=404, text="404: Not Found")
+                elif not route[1] and method not in ("GET", "HEAD"):
+                    resp = Response(status=405, text="405: Method Not Allowed")
+                else:
+                    try:
+                        resp = await route[0](Request(method, target.path, dict(parse_qsl(target.query))))
+                    except Exception:
+                        log.exception("admin handler %s failed", target.path)
+                        resp = Response(status=500, text="500: Internal Server Error")
+            payload = resp.body if resp.body is not None else resp.text.encode()
+            reason = _REASONS.get(resp.status, "Internal Server Error" if resp.status >= 500 else "")
+            writer.write(
+                f"HTTP/1.1 {resp.status} {reason}\r\nContent-Type: {resp.content_type}\r\n"
+                f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n".encode()
+                + (payload if method != "HEAD" else b"")
+            )
+            with contextlib.suppress(ConnectionError):
+                await writer.drain()
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+            if task is not None:
+                self._conns.discard(task)
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
     async def start(self) -> None:
-        admin = web.Application()
-        admin.router.add_get("/", self._index)
-        admin.router.add_get("/config_dump", self._config_dump)
-        admin.router.add_route("*", "/logging", self._logging)
-        admin.router.add_route("*", "/quitquitquit", self._quit)
-        metrics = web.Application()
-        metrics.router.add_get("/stats/prometheus", self._metrics)
-        metrics.router.add_get("/metrics", self._metrics)
-        ready = web.Application()
-        ready.router.add_get("/healthz/ready", self._ready)
+        routes: dict[str, dict[str, tuple[Handler, bool]]] = {
+            "admin": {
+                "/": (self._index, False),
+                "/config_dump": (self._config_dump, False),
+                "/logging": (self._logging, True),
+                "/quitquitquit": (self._quit, True),
+            },
+            "metrics": {"/stats/prometheus": (self._metrics, False), "/metrics": (self._metrics, False)},
+            "readiness": {"/healthz/ready": (self._ready, False)},
+        }
         try:
-            for name, app in (("admin", admin), ("metrics", metrics), ("readiness", ready)):
+            for name, table in routes.items():
                 addr = self._addrs[name]
                 if addr is None:
                     continue
-                runner = web.AppRunner(app, access_log=None, handle_signals=False)
-                await runner.setup()
-                self._runners.append(runner)
-                site = web.TCPSite(runner, addr[0], addr[1], reuse_address=True)
-                await site.start()
-                server = site._server
-                assert isinstance(server, asyncio.Server)
+                cb = functools.partial(self._serve, table)
+                server = await asyncio.start_server(cb, addr[0], addr[1], reuse_address=True)
+                self._servers.append(server)
                 self.ports[name] = server.sockets[0].getsockname()[1]
         except BaseException:
             await self.stop()
             raise
 
     async def stop(self) -> None:
-        runners, self._runners = self._runners, []
-        for r in runners:
-            await r.cleanup()
+        servers, self._servers = self._servers, []
+        for srv in servers:
+            srv.close()
+        for t in list(self._conns):
+            t.cancel()
+        for srv in servers:
+            with contextlib.suppress(Exception):
+                await srv.wait_closed()
