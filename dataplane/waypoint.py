@@ -39,7 +39,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -475,6 +475,24 @@ class WaypointLauncher:
 
 
 # ---------------------------------------------------------------------------------------------------- CLI
+async def serve_until_signalled(
+    launcher: WaypointLauncher, ca: CaClient, ready_line: Callable[[], str], start_timeout: float = 30.0
+) -> None:
+    """Start ``launcher``, print ``ready_line()`` (what a parent process waits for), run until SIGTERM or
+    SIGINT, then stop the launcher and close ``ca``: a waypoint process's life, here and in the test kit."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await launcher.start(timeout=start_timeout)
+        print(ready_line(), flush=True)
+        await stop.wait()
+    finally:
+        await launcher.stop()
+        await ca.close()
+
+
 def _parse_args(argv: list[str] | None) -> Any:
     import argparse
 
@@ -561,21 +579,14 @@ async def _run(args: Any, roots: str, client_cert: tuple[str, str] | None) -> No
         ),
         ca,
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await launcher.start()
-        print(
+    await serve_until_signalled(
+        launcher,
+        ca,
+        lambda: (
             f"ready admin=127.0.0.1:{launcher._admin_port()} metrics={launcher.metrics_port} "
-            f"status={launcher.status_port}",
-            flush=True,
-        )
-        await stop.wait()
-    finally:
-        await launcher.stop()
-        await ca.close()
+            f"status={launcher.status_port}"
+        ),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,13 +16,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import signal
 from pathlib import Path
 
 
 async def _run(a: argparse.Namespace, roots: str, cert: str, key: str) -> None:
     from istiopy.api.ca_client import CaClient
-    from istiopy.dataplane.waypoint import WaypointLauncher, WaypointOptions
+    from istiopy.dataplane.waypoint import WaypointLauncher, WaypointOptions, serve_until_signalled
 
     ca = CaClient.connect(a.istiod, roots, client_cert=(cert, key))
     launcher = WaypointLauncher(
@@ -42,17 +41,7 @@ async def _run(a: argparse.Namespace, roots: str, cert: str, key: str) -> None:
         ),
         ca,
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await launcher.start(timeout=90)
-        print(f"ready {launcher.admin_port or 0}", flush=True)
-        await stop.wait()
-    finally:
-        await launcher.stop()
-        await ca.close()
+    await serve_until_signalled(launcher, ca, lambda: f"ready {launcher.admin_port or 0}", start_timeout=90)
 
 
 def main(argv: list[str] | None = None) -> None:

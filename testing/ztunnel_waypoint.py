@@ -15,7 +15,6 @@ import argparse
 import asyncio
 import contextlib
 import os
-import signal
 from pathlib import Path
 
 
@@ -69,7 +68,7 @@ class NetnsRelay:
 
 async def _run(a: argparse.Namespace, roots: str, cert: str, key: str) -> None:
     from istiopy.api.ca_client import CaClient
-    from istiopy.dataplane.waypoint import WaypointLauncher, WaypointOptions
+    from istiopy.dataplane.waypoint import WaypointLauncher, WaypointOptions, serve_until_signalled
 
     ca = CaClient.connect(a.ca, roots, client_cert=(cert, key))
     launcher = WaypointLauncher(
@@ -87,17 +86,7 @@ async def _run(a: argparse.Namespace, roots: str, cert: str, key: str) -> None:
         ),
         ca,
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await launcher.start()
-        print("ready", flush=True)
-        await stop.wait()
-    finally:
-        await launcher.stop()
-        await ca.close()
+    await serve_until_signalled(launcher, ca, lambda: "ready")
 
 
 def main(argv: list[str] | None = None) -> None:
