@@ -611,12 +611,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         gb = one["tput_1"] * args.seconds / 8
                         one["cpu_per_gb"] = (sum(_proc_cpu(p) for p in pids) - c0) / gb
                     one["tput_8"] = iperf(cpod, host, iport, 8, args.seconds)
-                    cpu0 = sum(_proc_cpu(p) for p in pids)
+                    each0 = [_proc_cpu(p) for p in pids]
                     lat = http_latency(cpod, host, hport, args.seconds * 2)
-                    cpu1 = sum(_proc_cpu(p) for p in pids)
+                    each1 = [_proc_cpu(p) for p in pids]
+                    cpu0, cpu1 = sum(each0), sum(each1)
                     one.update(lat)
                     if pids and lat.get("requests"):
                         one["cpu_per_1k"] = (cpu1 - cpu0) / (lat["requests"] / 1000)
+                        # per process, in the order of rss_mb: which proxy of the path costs what
+                        one["cpu_per_1k_each"] = [
+                            round((b - a) / (lat["requests"] / 1000), 4)
+                            for a, b in zip(each0, each1, strict=True)
+                        ]
                         one["rss_mb"] = [round(_proc_rss_mb(p), 1) for p in pids]
                     for p in procs:
                         p.stop()
