@@ -16,20 +16,15 @@ import json
 import sys
 import urllib.parse
 
+from istiopy.testing.servers import read_request
+
 
 def _handler(pod: str, namespace: str, port: int) -> object:
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
         try:
             while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                lines = head.decode("latin-1").split("\r\n")
-                method, target, _ = [*lines[0].split(" ", 2), "", ""][:3]
-                fields = (ln.partition(":") for ln in lines[1:] if ln)
-                headers = {k.strip().lower(): v.strip() for k, _, v in fields}
-                length = int(headers.get("content-length", "0") or 0)
-                if length:
-                    await reader.readexactly(length)
+                method, target, headers = await read_request(reader)
                 query = urllib.parse.parse_qs(urllib.parse.urlsplit(target).query)
                 if "delay" in query:
                     await asyncio.sleep(float(query["delay"][0]))

@@ -42,19 +42,26 @@ async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
         writer.close()
 
 
+async def read_request(reader: asyncio.StreamReader) -> tuple[str, str, dict[str, str]]:
+    """One HTTP/1.1 request off the stream: (method, target, lower-cased headers); its body is read and
+    dropped (these servers answer from the request line and headers alone)."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    method, target, _ = [*lines[0].split(" ", 2), "", ""][:3]
+    fields = (ln.partition(":") for ln in lines[1:] if ln)
+    headers = {k.strip().lower(): v.strip() for k, _, v in fields}
+    length = int(headers.get("content-length", "0") or 0)
+    if length:
+        await reader.readexactly(length)
+    return method, target, headers
+
+
 def _http_factory(pod: str) -> object:
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
         try:
             while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                lines = head.decode("latin-1").split("\r\n")
-                method, path, _ = [*lines[0].split(" ", 2), "", ""][:3]
-                fields = (ln.partition(":") for ln in lines[1:] if ln)
-                headers = {k.strip().lower(): v.strip() for k, _, v in fields}
-                length = int(headers.get("content-length", "0") or 0)
-                if length:
-                    await reader.readexactly(length)
+                method, path, headers = await read_request(reader)
                 if path == "/reset":
                     writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\npartial")
                     await writer.drain()
