@@ -19,9 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import shutil
-import signal
 import subprocess
 import tempfile
 import threading
@@ -36,7 +34,7 @@ from typing import Any, TypeVar, cast
 
 from istiopy.dataplane.waypoint import envoy_binary, envoy_command
 from istiopy.testing import procs as _procs
-from istiopy.testing.procs import die_with_parent
+from istiopy.testing.procs import die_with_parent, stop_group
 
 T = TypeVar("T")
 
@@ -193,15 +191,8 @@ class EnvoyProcess:
 
     def stop(self) -> None:
         """Kill the process group (Envoy forks nothing, but be sure) and remove the work dir."""
-        if self.proc is not None and self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
+        if self.proc is not None:
+            stop_group(self.proc, 5)
         self.proc = None
         shutil.rmtree(self.workdir, ignore_errors=True)
 

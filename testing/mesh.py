@@ -58,6 +58,7 @@ from typing import Any
 import yaml
 
 from istiopy.testing.netns import Node, Pod, Topology, TopologyError, cleanup_leftovers, list_netns
+from istiopy.testing.procs import stop_group
 
 __all__ = ["Mesh", "MeshError", "MeshPod", "Response", "requirements_missing"]
 
@@ -121,16 +122,8 @@ def _tail(log: Path | None, n: int = 25) -> str:
 
 
 def _stop(proc: subprocess.Popen[bytes] | None, timeout: float = 10.0) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(5)
+    if proc is not None:
+        stop_group(proc, timeout)
 
 
 # ------------------------------------------------------------------------------------------ responses

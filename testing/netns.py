@@ -57,6 +57,7 @@ from pathlib import Path
 from types import TracebackType
 
 from istiopy.dataplane import sockets as _sockets
+from istiopy.testing.procs import stop_group
 
 __all__ = [
     "NETNS_DIR",
@@ -174,15 +175,7 @@ class Process:
 
     def stop(self, timeout: float = 3.0) -> None:
         """SIGTERM the process group, SIGKILL it if it does not exit within ``timeout``."""
-        if self.popen.poll() is None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.popen.pid, signal.SIGTERM)
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(self.popen.pid, signal.SIGKILL)
-                self.popen.wait(timeout)
+        stop_group(self.popen, timeout, timeout)
         for f in (self.popen.stdout, self.popen.stderr, self.popen.stdin):
             if f is not None:
                 f.close()

@@ -10,9 +10,14 @@ runs, loading the machine for every later test.
 from __future__ import annotations
 
 import collections
+import contextlib
+import os
 import shutil
+import signal
 import socket
+import subprocess
 import threading
+from typing import Any
 
 # Ports this process handed out lately: a port is only reserved once the program it is meant for binds it.
 _recent_ports: collections.deque[int] = collections.deque(maxlen=1024)
@@ -31,6 +36,21 @@ def die_with_parent(argv: list[str]) -> list[str]:
     if setpriv is None or threading.current_thread() is not threading.main_thread():
         return argv
     return [setpriv, "--pdeathsig", "KILL", "--", *argv]
+
+
+def stop_group(proc: subprocess.Popen[Any], timeout: float, kill_timeout: float = 5.0) -> None:
+    """SIGTERM ``proc``'s process group (it was started in its own session), SIGKILL the group when the
+    leader has not exited within ``timeout``; a process that already exited is left alone."""
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(kill_timeout)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
