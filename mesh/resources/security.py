@@ -617,7 +617,7 @@ def _jwks_error(text: str) -> str:
         return f"not JSON: {err}"
     if not isinstance(doc, dict):
         return "must be a JSON object"
-    keys = doc.get("keys", [doc]) if "keys" in doc else [doc]
+    keys = doc.get("keys", [doc])
     if not isinstance(keys, list):
         return "`keys` must be a list"
     for i, key in enumerate(keys):
