@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from istiopy.istioctl.validate import load_files
 from istiopy.mesh.ambient import MeshSettings
 from istiopy.mesh.analysis import ANALYZERS, SEVERITY_RANK, Diagnostic, analyze
-from istiopy.mesh.loader import LoadResult, load_path, load_text
 from istiopy.mesh.store import ConfigStore
 
 if TYPE_CHECKING:
@@ -112,16 +112,6 @@ def _as_dict(d: Diagnostic) -> dict[str, Any]:
     }
 
 
-def _load(args: argparse.Namespace) -> LoadResult:
-    result = LoadResult()
-    for path in args.filename:
-        if path == "-":
-            result.files.append(load_text(sys.stdin.read(), "<stdin>", args.namespace))
-        else:
-            result.files += load_path(path, args.namespace).files
-    return result
-
-
 def run(args: argparse.Namespace) -> int:
     if args.list_analyzers:
         for name, fn in sorted(ANALYZERS.items()):
@@ -131,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.filename:
         print("istioctl-py analyze: error: -f/--filename is required (offline analysis)", file=sys.stderr)
         return 2
-    result = _load(args)
+    result = load_files(args.filename, args.namespace)
     for problem in result.problems:
         print(f"Error: {problem}", file=sys.stderr)
     store = ConfigStore()

@@ -81,14 +81,20 @@ def _report(console: Console, result: LoadResult, quiet: bool) -> tuple[int, int
     return valid, invalid, skipped
 
 
+def load_files(filenames: list[str], namespace: str) -> LoadResult:
+    """Every document of the ``-f`` arguments (``-`` is stdin), as ``validate`` and ``analyze`` read them."""
+    result = LoadResult()
+    for path in filenames:
+        if path == "-":
+            result.files.append(load_text(sys.stdin.read(), "<stdin>", namespace))
+        else:
+            result.files += load_path(path, namespace).files
+    return result
+
+
 def run(args: argparse.Namespace) -> int:
     console = Console(soft_wrap=True, highlight=False)
-    result = LoadResult()
-    for path in args.filename:
-        if path == "-":
-            result.files.append(load_text(sys.stdin.read(), "<stdin>", args.namespace))
-        else:
-            result.files += load_path(path, args.namespace).files
+    result = load_files(args.filename, args.namespace)
     valid, invalid, skipped = _report(console, result, args.quiet)
     total = valid + invalid + skipped
     files = len(result.files)
