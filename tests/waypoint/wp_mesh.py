@@ -47,6 +47,7 @@ from istiopy.dataplane.hbone import (
 from istiopy.dataplane.waypoint import WaypointLauncher, WaypointOptions
 from istiopy.mesh.meta import Resource
 from istiopy.mesh.store import ConfigStore
+from istiopy.testing.mesh import Response
 from istiopy.xds.push import PushPipeline
 from istiopy.xds.registry import GeneratorRegistry
 from istiopy.xds.server import AuthenticationError, Connection, ServerOptions, TlsConfig, XdsServer
@@ -56,17 +57,6 @@ from istiopy.xds.waypoint import register_waypoint_generators
 TD = "cluster.local"
 WAYPOINT_ID = SpiffeId(TD, NS, "waypoint")
 CLIENT_ID = SpiffeId(TD, NS, "client")
-
-
-@dataclass
-class Response:
-    status: int
-    headers: dict[str, str]
-    body: bytes
-
-    @property
-    def text(self) -> str:
-        return self.body.decode(errors="replace")
 
 
 @dataclass
