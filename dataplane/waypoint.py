@@ -134,7 +134,8 @@ class WaypointOptions:
         return f"waypoint~{self.pod_ip}~{pod}.{self.namespace}~{self.namespace}.svc.cluster.local"
 
 
-def _grpc_cluster(name: str, address: dict[str, Any]) -> dict[str, Any]:
+def grpc_cluster(name: str, address: dict[str, Any]) -> dict[str, Any]:
+    """A static HTTP/2 cluster to one address: how a bootstrap reaches its xDS, SDS or ALS server."""
     return {
         "name": name,
         "type": "STATIC",
@@ -155,7 +156,7 @@ def _grpc_cluster(name: str, address: dict[str, Any]) -> dict[str, Any]:
 def bootstrap(opts: WaypointOptions, agent_socket: str) -> dict[str, Any]:
     """The Envoy bootstrap: node identity, ADS (delta) to istiod, the agent's SDS and ALS clusters."""
     host, _, port = opts.xds_address.rpartition(":")
-    xds = _grpc_cluster(
+    xds = grpc_cluster(
         XDS_CLUSTER, {"socket_address": {"address": host.strip("[]"), "port_value": int(port)}}
     )
     if opts.xds_roots_pem is not None:
@@ -225,7 +226,7 @@ def bootstrap(opts: WaypointOptions, agent_socket: str) -> dict[str, Any]:
             "lds_config": {"ads": {}, "resource_api_version": "V3"},
         },
         "static_resources": {
-            "clusters": [xds, _grpc_cluster(SDS_CLUSTER, pipe), _grpc_cluster(ALS_CLUSTER, pipe)]
+            "clusters": [xds, grpc_cluster(SDS_CLUSTER, pipe), grpc_cluster(ALS_CLUSTER, pipe)]
         },
         # Istio's bootstrap raises RE2's program-size error threshold from Envoy's default of 100 (which
         # refuses ordinary patterns such as ``[a-z]{1,200}``); the generator refuses bigger programs

@@ -32,7 +32,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar, cast
 
-from istiopy.dataplane.waypoint import envoy_binary, envoy_command
+from istiopy.dataplane.waypoint import envoy_binary, envoy_command, grpc_cluster
 from istiopy.testing import procs as _procs
 from istiopy.testing.procs import die_with_parent, stop_group
 
@@ -63,31 +63,7 @@ def ads_bootstrap(
     With ``tls_ca_pem`` the xDS connection verifies the server against it (and presents the client
     certificate when ``tls_cert_pem``/``tls_key_pem`` are given); otherwise it is plaintext.
     """
-    xds_cluster: dict[str, Any] = {
-        "name": "xds-grpc",
-        "type": "STATIC",
-        "connect_timeout": "1s",
-        "typed_extension_protocol_options": {
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                "explicit_http_config": {"http2_protocol_options": {}},
-            }
-        },
-        "load_assignment": {
-            "cluster_name": "xds-grpc",
-            "endpoints": [
-                {
-                    "lb_endpoints": [
-                        {
-                            "endpoint": {
-                                "address": {"socket_address": {"address": xds_host, "port_value": xds_port}}
-                            }
-                        }
-                    ]
-                }
-            ],
-        },
-    }
+    xds_cluster = grpc_cluster("xds-grpc", {"socket_address": {"address": xds_host, "port_value": xds_port}})
     if tls_ca_pem is not None:
         common: dict[str, Any] = {
             "validation_context": {"trusted_ca": {"inline_bytes": _b64(tls_ca_pem)}},
