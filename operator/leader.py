@@ -86,8 +86,6 @@ class LeaderElector:
 
     async def release(self) -> None:
         """Give the Lease up at shutdown so a standby takes over at once instead of after expiry."""
-        if not self.is_leader.is_set():
-            return
         try:
             lease = await self.api.get(self.path)
             if lease and (lease.get("spec") or {}).get("holderIdentity") == self.identity:

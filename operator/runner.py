@@ -92,6 +92,8 @@ class KubeOperator:
         self.resync_period = resync_period
         self.ready = asyncio.Event()
         self.reconciles = 0
+        # Hand the Lease over on a clean stop (False only to simulate a crash in tests).
+        self.release_on_exit = True
         self._wake = asyncio.Event()
         self._unsubscribe: Callable[[], None] | None = None
 
@@ -136,8 +138,9 @@ class KubeOperator:
             stop.set()
             if self._unsubscribe is not None:
                 self._unsubscribe()
-            with contextlib.suppress(Exception):
-                await asyncio.shield(self.elector.release())
+            if self.release_on_exit:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(self.elector.release())
 
     async def _login(self, **_: Any) -> kopf.ConnectionInfo:
         return self.api.connection_info()

@@ -159,6 +159,12 @@ class RunningOperator:
     def is_leader(self) -> bool:
         return self.op is not None and self.op.is_leader
 
+    def crash(self) -> None:
+        """Stop without handing the Lease over, as a killed process would."""
+        if self.op is not None:
+            self.op.release_on_exit = False
+        self.stop()
+
     def stop(self) -> None:
         if self._loop is not None and self._task is not None and not self._loop.is_closed():
             # kopf's stream stopper may cancel "the current task" while shutting down; cancel until done.
