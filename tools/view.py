@@ -1,9 +1,9 @@
 """Build ``.build/view/istiopy``: the import package laid out as Python expects it on disk.
 
 The root folders are mapped onto ``istiopy.*`` by setuptools' ``package-dir``; the editable install resolves
-that at run time with an import hook, but static tools (mypy, import-linter) walk directories. This view
-is a tree of real folders holding symlinks to the real files (grimp does not follow folder links), rebuilt on every lint run, so the tools see ``istiopy/xds/...`` while errors still
-point at the real files.
+that at run time with an import hook, but static tools (mypy, import-linter) walk directories. This view is
+a tree of real folders holding symlinks to the real files (grimp does not follow folder links), rebuilt on
+every lint run, so the tools see ``istiopy/xds/...`` while the files stay where the design card puts them.
 """
 
 from __future__ import annotations
