@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import NoReturn
 
 import istiopy
-from istiopy.istiod import report, standalone_cli
+from istiopy.istiod import kube, report, standalone_cli
 from istiopy.istiod.server import ControlPlane, standalone
 
 __all__ = ["main"]
@@ -52,6 +52,7 @@ def build_parser() -> Parser:
     standalone_cli.add_serve_flags(serve)
     serve.set_defaults(func=cmd_serve)
     standalone_cli.add_commands(sub)
+    kube.add_kube_command(sub)
 
     demo = sub.add_parser(
         "demo",

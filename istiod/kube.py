@@ -14,21 +14,34 @@ istiod is the one layer allowed to import both, so the adapters live here:
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import base64
+import contextlib
 import logging
+import os
+import signal
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from istiopy.ca.auth import TokenReview
 from istiopy.istiod.server import ControlPlane
 from istiopy.mesh.indexes import install_indexes
 from istiopy.mesh.store import ConfigStore
-from istiopy.operator.config import OperatorConfig
+from istiopy.operator.config import OperatorConfig, WaypointTemplate
 from istiopy.operator.kubeapi import ApiError, KubeApi, resource_path
 from istiopy.operator.runner import KubeOperator
 from istiopy.operator.webhook import CertProvider
 
-__all__ = ["KubeConfigMapApi", "KubeSecretApi", "KubeTokenReviewer", "add_operator", "kube_control_plane"]
+__all__ = [
+    "KubeConfigMapApi",
+    "KubeSecretApi",
+    "KubeTokenReviewer",
+    "add_kube_command",
+    "add_operator",
+    "kube_control_plane",
+]
 
 log = logging.getLogger(__name__)
 
@@ -135,3 +148,87 @@ async def kube_control_plane(
     api = await KubeApi.connect(kubeconfig)
     op = add_operator(plane, api, config, serving_cert=serving_cert)
     return plane, op, api
+
+
+# ------------------------------------------------------------------------------------------------ command
+def add_kube_command(sub: Any) -> None:
+    """``istiod-py kube``: Kubernetes mode (operator; xDS and CA attach to the same store)."""
+    p = sub.add_parser(
+        "kube",
+        help="run in Kubernetes mode (in-cluster or from a kubeconfig)",
+        description="Watch the API server, deploy waypoints, write status, serve the validating webhook.",
+    )
+    env = os.environ.get
+    p.add_argument(
+        "--kubeconfig", default=None, help="kubeconfig file (default: $KUBECONFIG, else in-cluster)"
+    )
+    p.add_argument(
+        "--istio-namespace", default=env("POD_NAMESPACE", "istio-system"), help="control-plane namespace"
+    )
+    p.add_argument(
+        "--identity", default=None, help="leader-election identity (default: $POD_NAME or host-pid)"
+    )
+    p.add_argument("--lease-name", default="istiod-py-leader")
+    p.add_argument("--webhook-port", type=int, default=15017, help="validating webhook port (0: disabled)")
+    p.add_argument("--webhook-url", default="", help="URL the API server calls (default: the istiod Service)")
+    p.add_argument(
+        "--webhook-name", default="istiod-py-validator", help="ValidatingWebhookConfiguration name"
+    )
+    p.add_argument("--webhook-failure-policy", default="Ignore", choices=["Ignore", "Fail"])
+    p.add_argument("--hub", default=env("HUB", "docker.io/istiopy"), help="waypoint image hub ($HUB)")
+    p.add_argument("--tag", default=env("TAG", "latest"), help="waypoint image tag ($TAG)")
+    p.add_argument(
+        "--waypoint-image", default=env("WAYPOINT_IMAGE", ""), help="full image (overrides hub/tag)"
+    )
+    p.add_argument(
+        "--waypoint-args",
+        default=env("WAYPOINT_ARGS", "proxy waypoint"),
+        help="waypoint container args, space separated (default: %(default)s)",
+    )
+    p.add_argument("--waypoint-cpu", default="100m")
+    p.add_argument("--waypoint-memory", default="128Mi")
+    p.set_defaults(func=cmd_kube)
+
+
+def config_from(args: argparse.Namespace) -> OperatorConfig:
+    template = WaypointTemplate(
+        hub=args.hub,
+        tag=args.tag,
+        image=args.waypoint_image,
+        args=tuple(args.waypoint_args.split()),
+        cpu_request=args.waypoint_cpu,
+        memory_request=args.waypoint_memory,
+    )
+    extra = {"identity": args.identity} if args.identity else {}
+    return OperatorConfig(
+        namespace=args.istio_namespace,
+        lease_name=args.lease_name,
+        webhook_enabled=args.webhook_port != 0,
+        webhook_port=args.webhook_port,
+        webhook_url=args.webhook_url,
+        webhook_name=args.webhook_name,
+        webhook_failure_policy=args.webhook_failure_policy,
+        waypoint=template,
+        **extra,
+    )
+
+
+def cmd_kube(args: argparse.Namespace) -> int:
+    config = config_from(args)
+
+    async def main() -> None:
+        plane, _op, api = await kube_control_plane(args.kubeconfig, config)
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, task.cancel)
+        try:
+            await plane.run()
+        finally:
+            await api.close()
+
+    with contextlib.suppress(asyncio.CancelledError):
+        asyncio.run(main())
+    log.info("control plane stopped")
+    return 0

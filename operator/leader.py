@@ -15,7 +15,7 @@ import asyncio
 import datetime as dt
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from istiopy.operator.kubeapi import ApiError, KubeApi, resource_path
@@ -63,7 +63,7 @@ class LeaderElector:
     def path(self) -> str:
         return resource_path("coordination.k8s.io", "v1", "leases", self.namespace, self.name)
 
-    async def run(self, lead: Callable[[], Awaitable[None]]) -> None:
+    async def run(self, lead: Callable[[], Coroutine[Any, Any, None]]) -> None:
         """Forever: acquire, lead while renewals succeed, step down, try again."""
         while True:
             await self._acquire()
@@ -75,7 +75,7 @@ class LeaderElector:
             )
             self.transitions += 1
             self.is_leader.set()
-            task = asyncio.create_task(lead(), name="leader-work")
+            task: asyncio.Task[None] = asyncio.create_task(lead(), name="leader-work")
             try:
                 await self._renew_until_lost(task)
             finally:
@@ -130,11 +130,12 @@ class LeaderElector:
             "renewTime": _micro_time(),
         }
         if lease is None:
+            spec_created: dict[str, Any] = {**spec_new, "acquireTime": _micro_time(), "leaseTransitions": 0}
             body = {
                 "apiVersion": "coordination.k8s.io/v1",
                 "kind": "Lease",
                 "metadata": {"name": self.name, "namespace": self.namespace},
-                "spec": {**spec_new, "acquireTime": _micro_time(), "leaseTransitions": 0},
+                "spec": spec_created,
             }
             try:
                 await self.api.create(
@@ -144,7 +145,7 @@ class LeaderElector:
                 if e.conflict:
                     return False
                 raise
-            self._observe(body["spec"], now)
+            self._observe(spec_created, now)
             return True
         spec = dict(lease.get("spec") or {})
         if spec != self._observed:

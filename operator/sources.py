@@ -86,7 +86,7 @@ class InvalidObject:
         return "; ".join(str(e) for e in self.error.errors)
 
 
-class _MemoryProgress(kopf.ProgressStorage):
+class _MemoryProgress(kopf.ProgressStorage):  # type: ignore[misc]
     """Handler progress in memory only: the operator never annotates user objects."""
 
     def __init__(self) -> None:
@@ -113,7 +113,7 @@ class _MemoryProgress(kopf.ProgressStorage):
         return essence
 
 
-class _MemoryDiffBase(kopf.DiffBaseStorage):
+class _MemoryDiffBase(kopf.DiffBaseStorage):  # type: ignore[misc]
     """Last-handled essences in memory only (kopf's default writes them into an annotation)."""
 
     def __init__(self) -> None:

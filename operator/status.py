@@ -108,11 +108,11 @@ class StatusWriter:
         for key in sorted(keys):
             wk = self._kinds[key.kind]
             inv = self.source.invalid.get(key)
-            res = self.store.get(*key)
+            stored = self.store.get(*key)
             meta = self.source.raw_meta.get(key) or {}
             generation = meta.get("generation")
-            if generation is None and res is not None:
-                generation = res.metadata.generation
+            if generation is None and stored is not None:
+                generation = stored.metadata.generation
             old = self.source.statuses.get(key) or {}
             want = desired_status(
                 self.store,

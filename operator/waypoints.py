@@ -230,7 +230,7 @@ def gateway_status(
     else:
         programmed = _condition("Programmed", True, "Programmed", "resources available", gen, old)
     accepted = _condition("Accepted", True, "Accepted", "resources deployed", gen, old)
-    listeners = [
+    listeners: list[dict[str, Any]] = [
         {
             "name": lst.name,
             "supportedKinds": [],
