@@ -25,6 +25,7 @@ from typing import Any
 
 import kopf
 
+import istiopy.mesh.resources  # noqa: F401  (registers every kind with mesh.kinds)
 from istiopy.mesh.errors import InvalidResource, UnknownKind
 from istiopy.mesh.kinds import parse, registered
 from istiopy.mesh.meta import Resource, ResourceKey
