@@ -48,7 +48,7 @@ def cluster() -> Iterator[TestCluster]:
 def start(cluster: TestCluster, identity: str, log: Path) -> subprocess.Popen[bytes]:
     port = free_port()
     argv = [
-        sys.executable, "-m", "istiopy.istiod.cli", "kube",
+        str(Path(sys.executable).parent / "istiod-py"), "kube",
         "--kubeconfig", str(cluster.kubeconfig),
         "--identity", identity,
         "--lease-name", LEASE,
@@ -58,7 +58,10 @@ def start(cluster: TestCluster, identity: str, log: Path) -> subprocess.Popen[by
         "--hub", "example.invalid/istiopy",
     ]  # fmt: skip
     out = open(log, "wb")  # noqa: SIM115 - handed to the child
-    return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    # cwd away from the repo root, whose folders (xds/, api/) would shadow installed packages.
+    return subprocess.Popen(
+        argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=log.parent
+    )
 
 
 def holder(cluster: TestCluster) -> str | None:
@@ -74,7 +77,13 @@ def deployments(cluster: TestCluster, ns: str) -> list[str]:
 def test_replicas_failover_and_api_restarts(cluster: TestCluster, tmp_path: Path) -> None:
     procs = {name: start(cluster, name, tmp_path / f"{name}.log") for name in ("replica-a", "replica-b")}
     try:
-        leader = eventually(lambda: holder(cluster), timeout=60, what="a leader")
+
+        def leading() -> str | None:
+            for name, p in procs.items():
+                assert p.poll() is None, (tmp_path / f"{name}.log").read_text()[-3000:]
+            return holder(cluster)
+
+        leader = eventually(leading, timeout=60, what="a leader")
         assert leader in procs
         cluster.kubectl("create", "namespace", "apps")
         cluster.kubectl("apply", "-n", "apps", "-f", "-", input=gateway("wp1"))
