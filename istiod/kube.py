@@ -21,18 +21,22 @@ import contextlib
 import logging
 import os
 import signal
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from istiopy.ca.auth import TokenReview
+from istiopy.ca.bundle import CONFIGMAP_KEY, CONFIGMAP_NAME
+from istiopy.ca.kube import ConfigMapTrustBundlePublisher, SecretRootStore
+from istiopy.ca.service import CaConfig, CertificateAuthority, start_authority
 from istiopy.istiod.server import ControlPlane
 from istiopy.mesh.indexes import install_indexes
-from istiopy.mesh.store import ConfigStore
+from istiopy.mesh.resources.core import Namespace
+from istiopy.mesh.store import Change, ConfigStore
 from istiopy.operator.config import OperatorConfig, WaypointTemplate
 from istiopy.operator.kubeapi import ApiError, KubeApi, resource_path
 from istiopy.operator.runner import KubeOperator
-from istiopy.operator.webhook import CertProvider
+from istiopy.operator.webhook import CertProvider, ServingCert
 
 __all__ = [
     "KubeConfigMapApi",
@@ -150,6 +154,58 @@ async def kube_control_plane(
     return plane, op, api
 
 
+# --------------------------------------------------------------------------------------------- CA wiring
+def ca_serving_cert(ca: CertificateAuthority, namespace: str, service: str = "istiod") -> CertProvider:
+    """The webhook's certificate from the mesh CA: the bundle is the mesh root, the same on every replica."""
+    names = [f"{service}.{namespace}.svc", f"{service}.{namespace}.svc.cluster.local", "localhost"]
+    issued: list[ServingCert] = []
+
+    def provider() -> ServingCert:
+        if not issued:
+            bundle = ca.issue_serving(names, ["127.0.0.1"])
+            issued.append(ServingCert(bundle.key_pem, "".join(bundle.chain_pem), bundle.roots_pem))
+        return issued[0]
+
+    return provider
+
+
+async def start_kube_ca(
+    api: KubeApi, store: ConfigStore, config: OperatorConfig
+) -> tuple[CertificateAuthority, Callable[[], Coroutine[Any, Any, None]]]:
+    """The CA with its root in Secret ``istio-ca-secret`` (created once, shared by replicas), and the
+    component that publishes ConfigMap ``istio-ca-root-cert`` to every namespace (run it once the operator
+    has listed the namespaces; it keeps up with new ones)."""
+    publisher = ConfigMapTrustBundlePublisher(
+        KubeConfigMapApi(api), lambda: [ns.name for ns in store.list_typed(Namespace)]
+    )
+    ca = await start_authority(
+        CaConfig(trust_domain=config.trust_domain, namespace=config.namespace),
+        SecretRootStore(KubeSecretApi(api), config.namespace),
+    )
+
+    async def publish_to_new_namespaces() -> None:
+        """Publish once the first listing is in, then to each namespace as it appears."""
+        queue: asyncio.Queue[str] = asyncio.Queue()
+
+        def on_change(change: Change) -> None:
+            if change.op == "add" and change.key.kind == "Namespace":
+                queue.put_nowait(change.key.name)
+
+        unsubscribe = store.subscribe(on_change)
+        try:
+            await publisher.publish(ca.roots_pem)
+            while True:
+                ns = await queue.get()
+                try:
+                    await KubeConfigMapApi(api).apply(ns, CONFIGMAP_NAME, {CONFIGMAP_KEY: ca.roots_pem})
+                except ApiError as e:
+                    log.warning("CA: %s not published to %s: %s", CONFIGMAP_NAME, ns, e)
+        finally:
+            unsubscribe()
+
+    return ca, publish_to_new_namespaces
+
+
 # ------------------------------------------------------------------------------------------------ command
 def add_kube_command(sub: Any) -> None:
     """``istiod-py kube``: Kubernetes mode (operator; xDS and CA attach to the same store)."""
@@ -217,7 +273,18 @@ def cmd_kube(args: argparse.Namespace) -> int:
     config = config_from(args)
 
     async def main() -> None:
-        plane, _op, api = await kube_control_plane(args.kubeconfig, config)
+        store = ConfigStore()
+        install_indexes(store)
+        plane = ControlPlane(store=store, domain=config.domain_suffix)
+        api = await KubeApi.connect(args.kubeconfig)
+        ca, publish = await start_kube_ca(api, store, config)
+        op = add_operator(plane, api, config, serving_cert=ca_serving_cert(ca, config.namespace))
+
+        async def trust_bundles() -> None:
+            await op.ready.wait()
+            await publish()
+
+        plane.add("ca-trust-bundles", trust_bundles)
         task = asyncio.current_task()
         assert task is not None
         loop = asyncio.get_running_loop()

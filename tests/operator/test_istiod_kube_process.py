@@ -4,6 +4,7 @@ which recovers (new Gateways still get their waypoint) without duplicating anyth
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -88,6 +89,26 @@ def test_replicas_failover_and_api_restarts(cluster: TestCluster, tmp_path: Path
         cluster.kubectl("create", "namespace", "apps")
         cluster.kubectl("apply", "-n", "apps", "-f", "-", input=gateway("wp1"))
         eventually(lambda: deployments(cluster, "apps") == ["wp1"], timeout=60, what="wp1 deployed")
+
+        # The CA's root lives in the Secret and reaches every namespace; the webhook trusts that root.
+        secret = cluster.kubectl_json("get", "secret", "istio-ca-secret", "-n", "istio-system")
+        assert {"ca-cert.pem", "ca-key.pem"} <= set(secret["data"])
+        root = eventually(
+            lambda: cluster.kubectl("get", "configmap", "istio-ca-root-cert", "-n", "apps", "-o", "json",
+                                    check=False).stdout,
+            what="istio-ca-root-cert in a new namespace",
+        )  # fmt: skip
+        root_pem = json.loads(root)["data"]["root-cert.pem"]
+        hooks = cluster.kubectl_json("get", "validatingwebhookconfiguration", "istiod-py-proc")["webhooks"]
+        assert base64.b64decode(hooks[0]["clientConfig"]["caBundle"]).decode() == root_pem
+        refused = cluster.kubectl(
+            "apply", "-n", "apps", "-f", "-", check=False,
+            input=json.dumps({"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+                              "metadata": {"name": "bad"},
+                              "spec": {"selector": {"matchLabels": {"a": "b"}},
+                                       "targetRefs": [{"kind": "Service", "group": "", "name": "x"}]}}),
+        )  # fmt: skip
+        assert "denied the request" in refused.stderr, refused.stderr
 
         # API server crash and restart: the watches come back, new objects are handled, nothing doubles.
         cluster.restart_apiserver()
