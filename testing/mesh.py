@@ -402,7 +402,13 @@ def _waypoint_deployments(docs: list[Any]) -> bool:
                 for d in docs
             )  # fmt: skip
 
-        if not exists("Pod", lambda d, name=name: (_meta(d).get("labels") or {}).get(GATEWAY_NAME) == name):
+        def gateway_pod(d: dict[str, Any], name: str = name) -> bool:
+            return bool((_meta(d).get("labels") or {}).get(GATEWAY_NAME) == name)
+
+        def named(d: dict[str, Any], name: str = name) -> bool:
+            return bool(_meta(d).get("name") == name)
+
+        if not exists("Pod", gateway_pod):
             docs.append(
                 {
                     "apiVersion": "v1",
@@ -412,7 +418,7 @@ def _waypoint_deployments(docs: list[Any]) -> bool:
                 }
             )
             added = True
-        if not exists("Service", lambda d, name=name: _meta(d).get("name") == name):
+        if not exists("Service", named):
             vip += 1
             docs.append(
                 {
