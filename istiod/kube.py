@@ -25,11 +25,13 @@ from collections.abc import Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from istiopy.ca.auth import TokenReview
+from istiopy.ca.auth import Authenticator, KubeJwtAuthenticator, TokenReview
 from istiopy.ca.bundle import CONFIGMAP_KEY, CONFIGMAP_NAME
 from istiopy.ca.kube import ConfigMapTrustBundlePublisher, SecretRootStore
+from istiopy.ca.node_auth import DEFAULT_TRUSTED_NODE_ACCOUNTS
 from istiopy.ca.service import CaConfig, CertificateAuthority, start_authority
 from istiopy.istiod.server import ControlPlane
+from istiopy.istiod.wiring import Istiod, IstiodOptions, assemble
 from istiopy.mesh.indexes import install_indexes
 from istiopy.mesh.resources.core import Namespace
 from istiopy.mesh.store import Change, ConfigStore
@@ -170,7 +172,11 @@ def ca_serving_cert(ca: CertificateAuthority, namespace: str, service: str = "is
 
 
 async def start_kube_ca(
-    api: KubeApi, store: ConfigStore, config: OperatorConfig
+    api: KubeApi,
+    store: ConfigStore,
+    config: OperatorConfig,
+    *,
+    trusted_node_accounts: Sequence[str] = DEFAULT_TRUSTED_NODE_ACCOUNTS,
 ) -> tuple[CertificateAuthority, Callable[[], Coroutine[Any, Any, None]]]:
     """The CA with its root in Secret ``istio-ca-secret`` (created once, shared by replicas), and the
     component that publishes ConfigMap ``istio-ca-root-cert`` to every namespace (run it once the operator
@@ -179,7 +185,11 @@ async def start_kube_ca(
         KubeConfigMapApi(api), lambda: [ns.name for ns in store.list_typed(Namespace)]
     )
     ca = await start_authority(
-        CaConfig(trust_domain=config.trust_domain, namespace=config.namespace),
+        CaConfig(
+            trust_domain=config.trust_domain,
+            namespace=config.namespace,
+            trusted_node_accounts=list(trusted_node_accounts),
+        ),
         SecretRootStore(KubeSecretApi(api), config.namespace),
     )
 
@@ -193,7 +203,10 @@ async def start_kube_ca(
 
         unsubscribe = store.subscribe(on_change)
         try:
-            await publisher.publish(ca.roots_pem)
+            try:
+                await publisher.publish(ca.roots_pem)
+            except RuntimeError as e:  # e.g. a namespace being deleted: not worth taking istiod down
+                log.warning("CA: %s", e)
             while True:
                 ns = await queue.get()
                 try:
@@ -208,13 +221,33 @@ async def start_kube_ca(
 
 # ------------------------------------------------------------------------------------------------ command
 def add_kube_command(sub: Any) -> None:
-    """``istiod-py kube``: Kubernetes mode (operator; xDS and CA attach to the same store)."""
+    """``istiod-py kube``: Kubernetes mode (operator; xDS and CA attach to the same store).
+
+    Flag defaults come from the environment the Helm chart sets (``charts/istiod``)."""
     p = sub.add_parser(
         "kube",
         help="run in Kubernetes mode (in-cluster or from a kubeconfig)",
-        description="Watch the API server, deploy waypoints, write status, serve the validating webhook.",
+        description="Watch the API server, deploy waypoints, write status, serve the validating webhook, "
+        "xDS and the CA.",
     )
     env = os.environ.get
+    p.add_argument("--listen-host", default="127.0.0.1", help="address xDS, CA and monitoring bind")
+    p.add_argument("--xds-port", type=int, default=15012, help="TLS port: ADS and the CA (0: any free)")
+    p.add_argument(
+        "--plaintext-port", type=int, default=None, help="plaintext xDS, no identity (default: off)"
+    )
+    p.add_argument("--monitoring-port", type=int, default=15014, help="metrics and /ready (0: any free)")
+    p.add_argument("--trust-domain", default=env("TRUST_DOMAIN", "cluster.local"), help="($TRUST_DOMAIN)")
+    p.add_argument(
+        "--token-audience",
+        default=env("TOKEN_AUDIENCE", "istio-ca"),
+        help="audience of the CA's projected tokens ($TOKEN_AUDIENCE)",
+    )
+    p.add_argument(
+        "--trusted-node-accounts",
+        default=env("CA_TRUSTED_NODE_ACCOUNTS", ",".join(DEFAULT_TRUSTED_NODE_ACCOUNTS)),
+        help="<ns>/<sa>[,...] allowed to impersonate pods of their node ($CA_TRUSTED_NODE_ACCOUNTS)",
+    )
     p.add_argument(
         "--kubeconfig", default=None, help="kubeconfig file (default: $KUBECONFIG, else in-cluster)"
     )
@@ -228,7 +261,9 @@ def add_kube_command(sub: Any) -> None:
     p.add_argument("--webhook-port", type=int, default=15017, help="validating webhook port (0: disabled)")
     p.add_argument("--webhook-url", default="", help="URL the API server calls (default: the istiod Service)")
     p.add_argument(
-        "--webhook-name", default="istiod-py-validator", help="ValidatingWebhookConfiguration name"
+        "--webhook-name",
+        default=env("VALIDATION_WEBHOOK_CONFIG_NAME", "istiod-py-validator"),
+        help="ValidatingWebhookConfiguration name ($VALIDATION_WEBHOOK_CONFIG_NAME)",
     )
     p.add_argument("--webhook-failure-policy", default="Ignore", choices=["Ignore", "Fail"])
     p.add_argument("--hub", default=env("HUB", "docker.io/istiopy"), help="waypoint image hub ($HUB)")
@@ -238,11 +273,14 @@ def add_kube_command(sub: Any) -> None:
     )
     p.add_argument(
         "--waypoint-args",
-        default=env("WAYPOINT_ARGS", "proxy waypoint"),
-        help="waypoint container args, space separated (default: %(default)s)",
+        default=env("WAYPOINT_ARGS", ""),
+        help="waypoint container args, space separated ($WAYPOINT_ARGS; default none: the image's "
+        "entrypoint runs the launcher)",
     )
-    p.add_argument("--waypoint-cpu", default="100m")
-    p.add_argument("--waypoint-memory", default="128Mi")
+    p.add_argument("--waypoint-cpu", default=env("WAYPOINT_CPU_REQUEST", "100m"))
+    p.add_argument("--waypoint-memory", default=env("WAYPOINT_MEMORY_REQUEST", "128Mi"))
+    p.add_argument("--waypoint-cpu-limit", default=env("WAYPOINT_CPU_LIMIT", ""))
+    p.add_argument("--waypoint-memory-limit", default=env("WAYPOINT_MEMORY_LIMIT", ""))
     p.set_defaults(func=cmd_kube)
 
 
@@ -254,6 +292,8 @@ def config_from(args: argparse.Namespace) -> OperatorConfig:
         args=tuple(args.waypoint_args.split()),
         cpu_request=args.waypoint_cpu,
         memory_request=args.waypoint_memory,
+        cpu_limit=args.waypoint_cpu_limit,
+        memory_limit=args.waypoint_memory_limit,
     )
     extra = {"identity": args.identity} if args.identity else {}
     return OperatorConfig(
@@ -265,8 +305,42 @@ def config_from(args: argparse.Namespace) -> OperatorConfig:
         webhook_name=args.webhook_name,
         webhook_failure_policy=args.webhook_failure_policy,
         waypoint=template,
+        trust_domain=args.trust_domain,
         **extra,
     )
+
+
+def attach_xds(
+    plane: ControlPlane,
+    ca: CertificateAuthority,
+    api: KubeApi,
+    config: OperatorConfig,
+    args: argparse.Namespace,
+) -> Istiod:
+    """The standalone xDS/CA wiring over the operator's store: TLS port asks for no client certificate
+    (ztunnel and waypoints present projected tokens, checked by TokenReview; certificates still work)."""
+    ns = config.namespace
+    service = os.environ.get("ISTIOD_SERVICE", "istiod")
+    options = IstiodOptions(
+        config_dirs=(),
+        namespace=ns,
+        host=args.listen_host,
+        tls_port=args.xds_port,
+        plaintext_port=args.plaintext_port,
+        monitoring_port=args.monitoring_port,
+        trust_domain=config.trust_domain,
+        allow_tokens=True,
+        serving_names=(
+            f"{service}.{ns}.svc",
+            f"{service}.{ns}.svc.cluster.local",
+            *(("istiod.istio-system.svc",) if (service, ns) != ("istiod", "istio-system") else ()),
+        ),
+    )
+    authenticators: list[Authenticator] = [
+        ca.client_cert_authenticator(),
+        KubeJwtAuthenticator(KubeTokenReviewer(api), config.trust_domain, (args.token_audience,)),
+    ]
+    return assemble(plane, ca, authenticators, options)
 
 
 def cmd_kube(args: argparse.Namespace) -> int:
@@ -277,8 +351,10 @@ def cmd_kube(args: argparse.Namespace) -> int:
         install_indexes(store)
         plane = ControlPlane(store=store, domain=config.domain_suffix)
         api = await KubeApi.connect(args.kubeconfig)
-        ca, publish = await start_kube_ca(api, store, config)
+        accounts = [a for a in args.trusted_node_accounts.split(",") if a.strip()]
+        ca, publish = await start_kube_ca(api, store, config, trusted_node_accounts=accounts)
         op = add_operator(plane, api, config, serving_cert=ca_serving_cert(ca, config.namespace))
+        istiod = attach_xds(plane, ca, api, config, args)
 
         async def trust_bundles() -> None:
             await op.ready.wait()
@@ -291,7 +367,7 @@ def cmd_kube(args: argparse.Namespace) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, task.cancel)
         try:
-            await plane.run()
+            await istiod.run()
         finally:
             await api.close()
 

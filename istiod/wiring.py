@@ -42,7 +42,14 @@ from istiopy.xds.service import XdsService
 from istiopy.xds.waypoint import register_waypoint_generators
 from istiopy.xds.wds import register_ambient_generators
 
-__all__ = ["DEFAULT_STATE_DIR", "Istiod", "IstiodOptions", "build_registry", "start_istiod"]
+__all__ = [
+    "DEFAULT_STATE_DIR",
+    "Istiod",
+    "IstiodOptions",
+    "assemble",
+    "build_registry",
+    "start_istiod",
+]
 
 log = logging.getLogger(__name__)
 
@@ -149,11 +156,25 @@ async def start_istiod(options: IstiodOptions) -> Istiod:
         CaConfig(trust_domain=options.trust_domain, root_dir=options.root_dir),
         publishers=[FileTrustBundlePublisher(options.bundle_path)],
     )
-    serving = ca.issue_serving(options.serving_names, options.serving_ips)
     authenticators: list[Authenticator] = [ca.client_cert_authenticator()]
     if options.allow_tokens:
         authenticators.append(_tokens(options.tokens_path))
     authenticators += options.extra_ca_authenticators
+    return assemble(plane, ca, authenticators, options)
+
+
+def assemble(
+    plane: ControlPlane,
+    ca: CertificateAuthority,
+    authenticators: Sequence[Authenticator],
+    options: IstiodOptions,
+) -> Istiod:
+    """xDS (ADS + CA on the TLS port, optional plaintext, monitoring) and SDS over ``plane.store``.
+
+    Shared by standalone (file source, CA root on disk) and Kubernetes mode (operator store, root in a
+    Secret, TokenReview): only the store and the CA's authenticators differ."""
+    authenticators = list(authenticators)
+    serving = ca.issue_serving(options.serving_names, options.serving_ips)
 
     secrets = WaypointSecrets(ca)
     registry = build_registry(secrets)

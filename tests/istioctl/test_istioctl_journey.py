@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import os
 import subprocess
 import sys
 import time
@@ -27,6 +29,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 
@@ -34,9 +37,11 @@ ROOT = Path(__file__).resolve().parents[2]
 if not (ROOT / "operator" / "runner.py").exists():  # the Kubernetes-mode operator lands with issue 9
     pytest.skip("needs the Kubernetes-mode operator (operator/runner.py)", allow_module_level=True)
 
+from istiopy.istiod.cli import build_parser  # noqa: E402
+from istiopy.istiod.kube import cmd_kube, config_from  # noqa: E402
 from istiopy.mesh.indexes import install_indexes  # noqa: E402
 from istiopy.mesh.store import ConfigStore  # noqa: E402
-from istiopy.operator.config import OperatorConfig, WaypointTemplate  # noqa: E402
+from istiopy.operator.config import OperatorConfig  # noqa: E402
 from istiopy.operator.kubeapi import KubeApi  # noqa: E402
 from istiopy.operator.runner import KubeOperator  # noqa: E402
 from istiopy.testing.cluster import TestCluster, free_port  # noqa: E402
@@ -121,18 +126,17 @@ async def eventually(fn: Callable[[], Any], within: float = 30.0, what: str = "c
 
 
 def operator_config_from_chart(deployment: dict[str, Any], webhook_port: int) -> OperatorConfig:
-    """What istiod-py reads from the chart's environment, for the in-process operator (see module doc)."""
-    env = {
-        e["name"]: e.get("value", "") for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]
-    }
-    template = WaypointTemplate(
-        image=env["WAYPOINT_IMAGE"],
-        args=tuple(env["WAYPOINT_ARGS"].split()),
-        cpu_request=env.get("WAYPOINT_CPU_REQUEST", ""),
-        memory_request=env.get("WAYPOINT_MEMORY_REQUEST", ""),
-    )
+    """What istiod-py reads from the chart: the container's args parsed by the real CLI with the chart's
+    environment, then pointed at this test's cluster (identity, lease, webhook on localhost)."""
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value", "") for e in container["env"]}
+    with mock.patch.dict(os.environ, env):
+        args = build_parser().parse_args(container["args"])
+    assert args.func is cmd_kube, container["args"]
+    config = config_from(args)
     tag = uuid.uuid4().hex[:6]
-    return OperatorConfig(
+    return dataclasses.replace(
+        config,
         namespace=ISTIO_NS,
         identity=f"journey-{tag}",
         lease_name=f"istiod-py-journey-{tag}",
@@ -141,10 +145,7 @@ def operator_config_from_chart(deployment: dict[str, Any], webhook_port: int) ->
         retry_period=0.5,
         webhook_address="127.0.0.1",
         webhook_port=webhook_port,
-        webhook_name=env["VALIDATION_WEBHOOK_CONFIG_NAME"],
         webhook_url=f"https://127.0.0.1:{webhook_port}/validate",
-        waypoint=template,
-        trust_domain=env["TRUST_DOMAIN"],
     )
 
 
@@ -210,6 +211,7 @@ async def test_user_journey(k8s_cluster: TestCluster, k8s_kubelet: KubeletStandI
         deployment = c.kubectl_json("get", "deployment", "istiod", "-n", ISTIO_NS)
         config = operator_config_from_chart(deployment, webhook_port)
         assert config.waypoint.image_ref == "example.invalid/istiopy/waypoint:0.1.0"
+        assert config.waypoint.args == ()  # the image entrypoint runs the launcher, which takes none
 
         version = await istioctl(c, "version")
         assert version.returncode == 0, version.stderr

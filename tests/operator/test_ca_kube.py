@@ -6,20 +6,36 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import ipaddress
 import json
+import signal
+import socket
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
+import grpc
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from envoy.config.core.v3 import base_pb2
+from op_helpers import eventually, new_namespace
 
+from istiopy.api.ca_client import DEFAULT_CA_SERVER_NAME, CaClient
+from istiopy.api.gen import workload_pb2 as wl
+from istiopy.api.identity import SpiffeId
+from istiopy.api.xds_client import DeltaXdsClient
 from istiopy.ca.auth import AuthenticationError, KubeJwtAuthenticator, RequestCredentials
 from istiopy.ca.kube import ConfigMapTrustBundlePublisher, SecretRootStore
 from istiopy.ca.service import CaConfig, start_authority
 from istiopy.istiod.kube import KubeConfigMapApi, KubeSecretApi, KubeTokenReviewer
 from istiopy.operator.kubeapi import KubeApi
-from istiopy.testing.cluster import SERVICE_ACCOUNT_ISSUER, TestCluster
+from istiopy.testing.cluster import SERVICE_ACCOUNT_ISSUER, TestCluster, free_port
+from istiopy.testing.kubelet import KubeletStandIn
+from istiopy.xds.wds import ADDRESS_TYPE_URL
 
 pytestmark = [pytest.mark.k8s, pytest.mark.slow]
 
@@ -107,3 +123,102 @@ async def test_root_in_secret_shared_by_racing_replicas_and_published(
     # A restart reads the same root back.
     again = await start_authority(cfg, SecretRootStore(KubeSecretApi(api), ns))
     assert again.roots_pem == first.roots_pem
+
+
+def _listening(port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+        return True
+    return False
+
+
+def test_istiod_kube_process_serves_ca_and_wds(
+    k8s: TestCluster, k8s_kubelet: KubeletStandIn, tmp_path: Path
+) -> None:
+    """A real ``istiod-py kube`` (its own control-plane namespace, lease and CA Secret): a projected token
+    gets a certificate over gRPC, and a delta ADS client on the same TLS port sees a kubectl-created pod."""
+    istio_ns = new_namespace(k8s)
+    ns = new_namespace(k8s, {"istio.io/dataplane-mode": "ambient"})
+    xds_port, mon_port = free_port(), free_port()
+    argv = [
+        str(Path(sys.executable).parent / "istiod-py"), "kube",
+        "--kubeconfig", str(k8s.kubeconfig),
+        "--istio-namespace", istio_ns,
+        "--identity", "ca-proc",
+        "--lease-name", "istiod-py-ca-proc",
+        "--webhook-port", "0",
+        "--xds-port", str(xds_port),
+        "--monitoring-port", str(mon_port),
+        "--trusted-node-accounts", f"{istio_ns}/ztunnel",
+    ]  # fmt: skip
+    log = tmp_path / "istiod.log"
+    # cwd away from the repo root, whose folders (xds/, api/) would shadow installed packages.
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path)
+    try:
+        k8s.kubectl("create", "serviceaccount", "app", "-n", ns)
+        k8s.kubectl("create", "serviceaccount", "ztunnel", "-n", istio_ns)
+        roots = eventually(
+            lambda: k8s.kubectl(
+                "get", "configmap", "istio-ca-root-cert", "-n", ns, "-o", "jsonpath={.data.root-cert\\.pem}",
+                check=False,
+            ).stdout,
+            what=f"istio-ca-root-cert in {ns}; log: {log}",
+        )  # fmt: skip
+        eventually(lambda: proc.poll() is None and _listening(xds_port), what=f"xDS port; log: {log}")
+        token = k8s.kubectl("create", "token", "app", "-n", ns, "--audience", "istio-ca").stdout.strip()
+        node_token = k8s.kubectl(
+            "create", "token", "ztunnel", "-n", istio_ns, "--audience", "istio-ca"
+        ).stdout.strip()
+        pod = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "web", "labels": {"app": "web"}},
+            "spec": {
+                "serviceAccountName": "app",
+                "containers": [{"name": "web", "image": "example.invalid/web:1"}],
+            },
+        }
+        k8s.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(pod))
+        (running_pod,) = k8s_kubelet.wait_running(ns, "app=web", 1)
+        name = f"Kubernetes//Pod/{ns}/web"
+
+        async def flow() -> tuple[SpiffeId, list[bytes]]:
+            ca = CaClient.connect(f"127.0.0.1:{xds_port}", roots, token_source=lambda: token)
+            try:
+                bundle = await ca.fetch(SpiffeId("cluster.local", ns, "app"), ttl_seconds=3600)
+            finally:
+                await ca.close()
+            client = DeltaXdsClient(
+                f"127.0.0.1:{xds_port}",
+                base_pb2.Node(id=f"ztunnel~10.244.0.201~ztunnel-x.{istio_ns}~{istio_ns}.svc.cluster.local"),
+                credentials=grpc.ssl_channel_credentials(roots.encode()),
+                channel_options=[("grpc.ssl_target_name_override", DEFAULT_CA_SERVER_NAME)],
+                metadata=[("authorization", f"Bearer {node_token}")],
+                backoff_initial=0.05,
+            )
+            client.subscribe(ADDRESS_TYPE_URL, lambda _u: None)
+            async with client:
+                try:
+                    async with asyncio.timeout(30):
+                        await client.wait_for(lambda c: name in c.resources(ADDRESS_TYPE_URL))
+                except TimeoutError:
+                    raise AssertionError(
+                        f"{name} not in WDS {sorted(client.resources(ADDRESS_TYPE_URL))}: "
+                        f"{client.last_stream_error}\n{log.read_text()[-3000:]}"
+                    ) from None
+            w = client.resources(ADDRESS_TYPE_URL)[name].unpack(wl.Address).workload
+            return bundle.identity, list(w.addresses)
+
+        identity, addresses = asyncio.run(flow())
+        assert identity == SpiffeId("cluster.local", ns, "app")
+        assert addresses == [ipaddress.ip_address(running_pod["status"]["podIP"]).packed]
+        assert proc.poll() is None, log.read_text()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        for n in (ns, istio_ns):
+            k8s.kubectl("delete", "namespace", n, "--wait=false", check=False)

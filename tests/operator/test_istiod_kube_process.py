@@ -57,6 +57,9 @@ def start(cluster: TestCluster, identity: str, log: Path) -> subprocess.Popen[by
         "--webhook-url", f"https://127.0.0.1:{port}/validate",
         "--webhook-name", "istiod-py-proc",
         "--hub", "example.invalid/istiopy",
+        # xDS/CA and monitoring on free ports: the replicas share this host.
+        "--xds-port", str(free_port()),
+        "--monitoring-port", str(free_port()),
     ]  # fmt: skip
     out = open(log, "wb")  # noqa: SIM115 - handed to the child
     # cwd away from the repo root, whose folders (xds/, api/) would shadow installed packages.
