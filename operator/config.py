@@ -18,14 +18,14 @@ __all__ = ["OperatorConfig", "WaypointTemplate"]
 class WaypointTemplate:
     """What a waypoint Deployment runs. ``image`` defaults to ``<hub>/waypoint:<tag>``.
 
-    ``args`` are the waypoint launcher's arguments (upstream: ``proxy waypoint``); ``env`` is passed through
-    (the launcher reads the xDS/CA address from ``XDS_ADDRESS``/``CA_ADDRESS``, as ztunnel does).
+    ``args`` are the waypoint launcher's arguments (none; upstream: ``proxy waypoint``); ``env`` is passed
+    through (the launcher reads the xDS/CA address from ``XDS_ADDRESS``/``CA_ADDRESS``, as ztunnel does).
     """
 
     hub: str = "docker.io/istiopy"
     tag: str = "latest"
     image: str = ""
-    args: tuple[str, ...] = ("proxy", "waypoint")
+    args: tuple[str, ...] = ()  # the image entrypoint runs the launcher, which takes no arguments
     env: tuple[tuple[str, str], ...] = ()
     cpu_request: str = "100m"
     memory_request: str = "128Mi"

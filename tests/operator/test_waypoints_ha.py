@@ -38,7 +38,7 @@ def test_desired_objects_follow_the_template() -> None:
     assert pod["metadata"]["labels"]["istio.io/dataplane-mode"] == "none"
     assert pod["metadata"]["labels"]["gateway.networking.k8s.io/gateway-name"] == "waypoint"
     assert pod["spec"]["containers"][0]["image"] == "reg.example/istiopy/waypoint:1.2"
-    assert pod["spec"]["containers"][0]["args"] == ["proxy", "waypoint"]
+    assert pod["spec"]["containers"][0]["args"] == []  # the image entrypoint is the launcher
     assert sorted(p["port"] for p in svc["spec"]["ports"]) == [15008, 15020, 15021]
     for obj in (sa, dep, svc):
         (owner,) = obj["metadata"]["ownerReferences"]
