@@ -66,10 +66,24 @@ def _fastpath_extension() -> Extension:
     )
 
 
+def _pki_extension() -> Extension:
+    """ztunnel-py's key/CSR/chain checks on libcrypto (dataplane/_c/pki.c), so the node proxy need not
+    import ``cryptography``; same flags as the byte path (ISTIOPY_FASTPATH_SANITIZE=1 for ASan+UBSan)."""
+    fast = _fastpath_extension()
+    return Extension(
+        "istiopy.dataplane._pki",
+        sources=["dataplane/_c/pki.c"],
+        libraries=["crypto"],
+        extra_compile_args=fast.extra_compile_args,
+        extra_link_args=fast.extra_link_args,
+    )
+
+
 class OptionalBuildExt(build_ext):
     """A missing compiler or header must not break ``pip install -e .`` for everyone: warn and let
-    istiopy.dataplane.fastpath fall back to the pure-Python byte path (tests/fastpath asserts the
-    extension imports, so ``make test`` still fails loudly)."""
+    istiopy.dataplane.fastpath fall back to the pure-Python byte path and istiopy.dataplane.pki to the
+    ``cryptography`` backend (tests/fastpath and tests/dataplane/test_pki.py assert the extensions
+    import, so ``make test`` still fails loudly)."""
 
     def run(self) -> None:
         try:
@@ -95,12 +109,15 @@ class OptionalBuildExt(build_ext):
 
     @staticmethod
     def _warn(e: Exception) -> None:
-        print(f"WARNING: istiopy C byte path not built ({e}); ztunnel-py will use the pure-Python path")
+        print(
+            f"WARNING: an istiopy C extension was not built ({e}); ztunnel-py falls back to Python "
+            "(byte path: pure Python; certificates: the cryptography backend)"
+        )
 
 
 setup(
     packages=_packages(),
     cmdclass={"build_py": BuildPy, "build_ext": OptionalBuildExt},
     package_data={"istiopy.api.gen": ["*.pyi", "py.typed"]},
-    ext_modules=[_fastpath_extension()],
+    ext_modules=[_fastpath_extension(), _pki_extension()],
 )

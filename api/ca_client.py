@@ -13,23 +13,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
-from cryptography import x509
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 from google.protobuf import struct_pb2
 
+from istiopy.api.der import parse_pem_certificate
 from istiopy.api.gen import ca_pb2, ca_pb2_grpc
-from istiopy.api.identity import InvalidSpiffeId, SpiffeId, identity_of
+from istiopy.api.identity import InvalidSpiffeId, SpiffeId, identity_from_uris
+from istiopy.api.pki import CryptographyBackend, PkiBackend, verify_signatures
 from istiopy.api.tls import CertBundle, private_key_pem, split_pem_chain
+
+if TYPE_CHECKING:  # the helpers below import cryptography when called; the node proxy never calls them
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +50,20 @@ class CaClientError(Exception):
 
 
 # ------------------------------------------------------------------------------------------------ keys/CSR
+# CaClient goes through its ``pki`` backend (api.pki); these helpers serve callers holding cryptography
+# objects (control-plane tests, tools) and import cryptography only when called.
 def generate_key() -> ec.EllipticCurvePrivateKey:
     """A fresh ECDSA P-256 key: what ztunnel uses, and cheap to generate on every rotation."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
     return ec.generate_private_key(ec.SECP256R1())
 
 
 def build_csr(key: ec.EllipticCurvePrivateKey, identity: SpiffeId) -> str:
     """A PEM CSR with an empty subject and a single critical URI SAN naming ``identity``."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+
     builder = (
         x509.CertificateSigningRequestBuilder()
         .subject_name(x509.Name([]))
@@ -66,28 +75,11 @@ def build_csr(key: ec.EllipticCurvePrivateKey, identity: SpiffeId) -> str:
 
 
 def verify_chain(chain: list[x509.Certificate], roots: list[x509.Certificate]) -> None:
-    """Check each certificate is signed by the next and the last one is (or is signed by) a trusted root.
-
-    A light structural check on what the CA sent, so a misconfigured CA is caught at fetch time rather
-    than as handshake failures on the data path. Full path validation still happens in every handshake.
-    """
-    for child, parent in itertools.pairwise(chain):
-        try:
-            child.verify_directly_issued_by(parent)
-        except (ValueError, TypeError, InvalidSignature) as e:
-            raise CaClientError(
-                f"certificate chain is broken at {child.subject.rfc4514_string()!r}: {e}"
-            ) from e
-    if not roots:
-        return
-    last = chain[-1]
-    for root in roots:
-        if last == root:
-            return
-        with contextlib.suppress(ValueError, TypeError, InvalidSignature):
-            last.verify_directly_issued_by(root)
-            return
-    raise CaClientError("certificate chain does not end at a trusted root")
+    """Each certificate is signed by the next and the last one is (or is signed by) a trusted root."""
+    try:
+        verify_signatures(chain, roots)
+    except ValueError as e:
+        raise CaClientError(str(e)) from e
 
 
 # ------------------------------------------------------------------------------------------------- client
@@ -120,6 +112,7 @@ class CaClient:
     token_source: TokenSource | None = None
     cluster_id: str = ""
     timeout: float = 10.0
+    pki: PkiBackend = field(default_factory=CryptographyBackend)  # the node proxy plugs in OpenSSL's
     _stub: ca_pb2_grpc.IstioCertificateServiceStub = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -167,8 +160,8 @@ class CaClient:
         impersonate: bool = False,
     ) -> CertBundle:
         """A new key and certificate for ``identity``; ``impersonate`` asks as a node proxy on its behalf."""
-        key = generate_key()
-        request = ca_pb2.IstioCertificateRequest(csr=build_csr(key, identity), validity_duration=ttl_seconds)
+        key, csr = self.pki.new_key_csr(identity.uri)
+        request = ca_pb2.IstioCertificateRequest(csr=csr, validity_duration=ttl_seconds)
         if impersonate:
             meta = struct_pb2.Struct()
             meta.update({IMPERSONATED_IDENTITY: identity.uri})
@@ -181,29 +174,31 @@ class CaClient:
             raise CaClientError(f"CA refused {identity}: {e.code().name}: {e.details()}") from e
         return self._bundle(key, identity, list(response.cert_chain))
 
-    def _bundle(
-        self, key: ec.EllipticCurvePrivateKey, identity: SpiffeId, chain_pem: list[str]
-    ) -> CertBundle:
+    def _bundle(self, key: str | object, identity: SpiffeId, chain_pem: list[str]) -> CertBundle:
+        """Check the CA's answer (parsable, our identity, our key, chained to the roots) and bundle it.
+
+        ``key`` is the PKCS#8 PEM the backend made (or a ``cryptography`` key, for control-plane callers).
+        """
+        key_pem = key if isinstance(key, str) else private_key_pem(key)
         pems = [p for item in chain_pem for p in split_pem_chain(item)]
         if not pems:
             raise CaClientError("CA returned an empty certificate chain")
         try:
-            chain = [x509.load_pem_x509_certificate(p.encode()) for p in pems]
+            leaf = parse_pem_certificate(pems[0])
         except ValueError as e:
             raise CaClientError(f"CA returned an unparsable certificate: {e}") from e
-        leaf = chain[0]
-        if leaf.public_key() != key.public_key():
-            raise CaClientError("CA returned a certificate for a different key")
         try:
-            got = identity_of(leaf)
+            got = identity_from_uris(leaf.uri_sans)
         except InvalidSpiffeId as e:
             raise CaClientError(f"CA returned a certificate without a usable identity: {e}") from e
         if got != identity:
             raise CaClientError(f"CA returned a certificate for {got}, requested {identity}")
         roots_pem = self.roots_pem or pems[-1]
-        roots = [x509.load_pem_x509_certificate(p.encode()) for p in split_pem_chain(roots_pem)]
-        verify_chain(chain, roots)
-        return CertBundle(private_key_pem(key), tuple(pems), roots_pem)
+        try:
+            self.pki.verify_chain(pems, split_pem_chain(roots_pem), key_pem)
+        except ValueError as e:
+            raise CaClientError(f"CA returned a certificate we cannot use: {e}") from e
+        return CertBundle(key_pem, tuple(pems), roots_pem)
 
 
 # -------------------------------------------------------------------------------------------- rotation

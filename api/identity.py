@@ -9,9 +9,14 @@ read differently is an authorization bypass waiting to happen.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from cryptography import x509
+from istiopy.api.der import parse_certificate
+
+if TYPE_CHECKING:  # cryptography costs ~9 MB RSS: the node proxy reads certificates with api.der instead
+    from cryptography import x509
 
 SPIFFE_SCHEME = "spiffe://"
 DEFAULT_TRUST_DOMAIN = "cluster.local"
@@ -63,7 +68,12 @@ class SpiffeId:
 
 
 def uri_sans(cert: x509.Certificate | x509.CertificateSigningRequest) -> list[str]:
-    """Every URI SAN of a certificate or CSR (empty when it has no SAN extension)."""
+    """Every URI SAN of a ``cryptography`` certificate or CSR (empty when it has no SAN extension).
+
+    For the control plane, which holds parsed objects; DER bytes go through :func:`identity_of_der`.
+    """
+    from cryptography import x509
+
     try:
         ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
     except x509.ExtensionNotFound:
@@ -71,14 +81,26 @@ def uri_sans(cert: x509.Certificate | x509.CertificateSigningRequest) -> list[st
     return ext.value.get_values_for_type(x509.UniformResourceIdentifier)
 
 
+def identity_from_uris(uris: Iterable[str]) -> SpiffeId:
+    """The single SPIFFE identity among a certificate's URI SANs; raises if there is none or several."""
+    spiffe = [u for u in uris if u.startswith(SPIFFE_SCHEME)]
+    if len(spiffe) != 1:
+        raise InvalidSpiffeId(f"certificate carries {len(spiffe)} spiffe URI SANs, expected exactly one")
+    return SpiffeId.parse(spiffe[0])
+
+
 def identity_of(cert: x509.Certificate) -> SpiffeId:
     """The single SPIFFE identity a mesh certificate carries; raises if it carries none or several."""
-    uris = [u for u in uri_sans(cert) if u.startswith(SPIFFE_SCHEME)]
-    if len(uris) != 1:
-        raise InvalidSpiffeId(f"certificate carries {len(uris)} spiffe URI SANs, expected exactly one")
-    return SpiffeId.parse(uris[0])
+    return identity_from_uris(uri_sans(cert))
 
 
 def identity_of_der(der: bytes) -> SpiffeId:
-    """:func:`identity_of` for a DER certificate, as ``ssl`` hands out the peer's."""
-    return identity_of(x509.load_der_x509_certificate(der))
+    """:func:`identity_of` for a DER certificate, as ``ssl`` hands out the peer's (no cryptography import).
+
+    Malformed DER raises :class:`InvalidSpiffeId` too: either way the peer has no usable identity.
+    """
+    try:
+        info = parse_certificate(der)
+    except ValueError as e:
+        raise InvalidSpiffeId(f"unreadable certificate: {e}") from e
+    return identity_from_uris(info.uri_sans)

@@ -21,12 +21,13 @@ from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cached_property
+from typing import TYPE_CHECKING
 
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from istiopy.api.der import CertInfo, parse_certificate, pem_to_der
+from istiopy.api.identity import InvalidSpiffeId, SpiffeId, identity_from_uris, identity_of_der
 
-from istiopy.api.identity import InvalidSpiffeId, SpiffeId, identity_of, identity_of_der
+if TYPE_CHECKING:  # only the control plane's accessors need it, and they import it when called
+    from cryptography import x509
 
 ALPN_H2 = "h2"
 
@@ -65,7 +66,15 @@ class CertBundle:
             raise ValueError("empty certificate chain")
 
     @cached_property
+    def infos(self) -> tuple[CertInfo, ...]:
+        """What the data plane reads from each certificate (validity, SANs, names), via :mod:`api.der`."""
+        return tuple(parse_certificate(pem_to_der(p)) for p in self.chain_pem)
+
+    @cached_property
     def certificates(self) -> list[x509.Certificate]:
+        """``cryptography`` objects for control-plane callers (imports cryptography on first use)."""
+        from cryptography import x509
+
         return [x509.load_pem_x509_certificate(p.encode()) for p in self.chain_pem]
 
     @property
@@ -74,15 +83,15 @@ class CertBundle:
 
     @property
     def identity(self) -> SpiffeId:
-        return identity_of(self.leaf)
+        return identity_from_uris(self.infos[0].uri_sans)
 
     @property
     def not_before(self) -> float:
-        return self.leaf.not_valid_before_utc.timestamp()
+        return self.infos[0].not_before
 
     @property
     def not_after(self) -> float:
-        return self.leaf.not_valid_after_utc.timestamp()
+        return self.infos[0].not_after
 
     @property
     def refresh_at(self) -> float:
@@ -95,9 +104,8 @@ class CertBundle:
     @property
     def served_chain_pem(self) -> str:
         """Leaf and intermediates, without a self-signed root: what a peer is sent during the handshake."""
-        certs = self.certificates
         keep = list(self.chain_pem)
-        if len(certs) > 1 and certs[-1].issuer == certs[-1].subject:
+        if len(keep) > 1 and self.infos[-1].self_issued:
             keep = keep[:-1]
         return "".join(keep)
 
@@ -205,11 +213,14 @@ def verify_peer_identity(tls: ssl.SSLObject | ssl.SSLSocket, allowed: Collection
 
 def cert_not_after(pem: str) -> datetime:
     """Expiry of a PEM certificate (UTC), for logs and status output."""
-    return x509.load_pem_x509_certificate(pem.encode()).not_valid_after_utc.astimezone(UTC)
+    return datetime.fromtimestamp(parse_certificate(pem_to_der(pem)).not_after, UTC)
 
 
 def private_key_pem(key: object) -> str:
     """PKCS#8 PEM of a ``cryptography`` private key, unencrypted (it stays in memory)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
     if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
         raise TypeError(f"unsupported key type {type(key).__name__}")
     return key.private_bytes(

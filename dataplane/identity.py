@@ -19,15 +19,28 @@ from datetime import UTC, datetime
 
 from istiopy.api.ca_client import CaClient, CertificateManager
 from istiopy.api.identity import SpiffeId
+from istiopy.api.pki import PkiBackend
 from istiopy.api.tls import CertBundle, client_context, load_bundle, server_context
+from istiopy.dataplane import pki
 
 log = logging.getLogger("istiopy.ztunnel.identity")
 
 Fetcher = Callable[[SpiffeId], Awaitable[CertBundle]]
 
 
-def ca_fetcher(client: CaClient, *, ttl_seconds: int = 86400, impersonate: bool = True) -> Fetcher:
-    """Adapt a CA client: node proxies request with ``ImpersonatedIdentity`` (shared-proxy mode)."""
+def ca_fetcher(
+    client: CaClient,
+    *,
+    ttl_seconds: int = 86400,
+    impersonate: bool = True,
+    backend: PkiBackend | None = None,
+) -> Fetcher:
+    """Adapt a CA client: node proxies request with ``ImpersonatedIdentity`` (shared-proxy mode).
+
+    The client's keys, CSRs and chain checks switch to the data plane's backend (``dataplane.pki``:
+    OpenSSL in C), so the node proxy does not load ``cryptography``.
+    """
+    client.pki = backend or pki.backend()
 
     async def fetch(identity: SpiffeId) -> CertBundle:
         return await client.fetch(identity, ttl_seconds=ttl_seconds, impersonate=impersonate)
@@ -35,8 +48,8 @@ def ca_fetcher(client: CaClient, *, ttl_seconds: int = 86400, impersonate: bool 
     return fetch
 
 
-def _rfc3339(ts: datetime) -> str:
-    return ts.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+def _rfc3339(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class SecretManager:
@@ -165,11 +178,11 @@ class SecretManager:
                 chain = [
                     {
                         "pem": pem,
-                        "serialNumber": str(cert.serial_number),
-                        "validFrom": _rfc3339(cert.not_valid_before_utc),
-                        "expirationTime": _rfc3339(cert.not_valid_after_utc),
+                        "serialNumber": str(info.serial_number),
+                        "validFrom": _rfc3339(info.not_before),
+                        "expirationTime": _rfc3339(info.not_after),
                     }
-                    for pem, cert in zip(bundle.chain_pem, bundle.certificates, strict=True)
+                    for pem, info in zip(bundle.chain_pem, bundle.infos, strict=True)
                 ]
             else:
                 err = self._errors.get(ident)

@@ -49,6 +49,7 @@ from aiohttp import web
 from istiopy.api.ca_client import CaClient, CertificateManager
 from istiopy.api.identity import SpiffeId
 from istiopy.api.tls import CertBundle
+from istiopy.dataplane import pki
 from istiopy.dataplane.waypoint_agent import AlsService, SdsService, WaypointMetrics, start_agent_server
 
 log = logging.getLogger(__name__)
@@ -257,6 +258,7 @@ class WaypointLauncher:
     def __init__(self, opts: WaypointOptions, ca: CaClient) -> None:
         self.opts = opts
         self.ca = ca
+        ca.pki = pki.backend()  # keys, CSRs and chain checks on OpenSSL, without importing cryptography
         self.sds = SdsService()
         self.metrics = WaypointMetrics(opts.cluster_id, opts.identity.uri)
         self.als = AlsService(self.metrics)
