@@ -1,8 +1,13 @@
 """Istio's TCP metrics and the live connection table, as ztunnel reports them.
 
-Why an own registry: several proxies (and the control plane) can live in one test process; a private
-``CollectorRegistry`` keeps each ztunnel-py's numbers separate and keeps Python's process/GC collectors out of
-the Istio metric namespace unless asked for.
+Why an own exposition instead of ``prometheus_client``: the node proxy exports six counters, and the library
+(its registry, per-child locks and ``_created`` timestamps, plus its import: ~2 MB of every ztunnel-py's RSS)
+is more than the RSS target (<= 40 MB holding 1000 workloads) can carry for that. :class:`Counter` keeps one
+float per label set and :meth:`Metrics.render` writes the Prometheus text exposition format 0.0.4 itself:
+``# HELP``/``# TYPE`` lines, ``_total`` sample names, label values escaped (backslash, double quote,
+newline) and values formatted as Go's ``ParseFloat`` reads them (``1.0``, ``1.234567e+06``), the same
+text ``prometheus_client`` produced here before, minus the ``*_created`` series upstream ztunnel does not have
+either. Each proxy owns its :class:`Metrics`, so several proxies in one test process keep separate numbers.
 
 Names and labels follow upstream (``istio_tcp_connections_opened_total`` etc., with the standard Istio
 label set); ``reporter`` is ``destination`` for inbound and ``source`` for outbound, as ztunnel does.
@@ -11,17 +16,15 @@ label set); ``reporter`` is ``destination`` for inbound and ``source`` for outbo
 from __future__ import annotations
 
 import itertools
+import math
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-
-from prometheus_client import CollectorRegistry, Counter, generate_latest
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from istiopy.dataplane.state import Identity, Service, Workload
 
-CONTENT_TYPE = CONTENT_TYPE_LATEST
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 LABELS = (
     "reporter",
@@ -97,32 +100,111 @@ def connection_labels(
     }
 
 
+def _escape_label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _escape_help(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+def format_value(value: float) -> str:
+    """A sample value as Prometheus clients write it (Go's float formatting): ``1.0``, ``1.234567e+06``."""
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    if math.isnan(value):
+        return "NaN"
+    s = repr(float(value))
+    dot = s.find(".")
+    if value > 0 and dot > 6:  # from 1e6 on, an exponent (as prometheus_client and Go's %g write it)
+        mantissa = f"{s[0]}.{s[1:dot]}{s[dot + 1 :]}".rstrip("0").rstrip(".")
+        return f"{mantissa}e+{dot - 1:02d}"
+    return s
+
+
+class CounterChild:
+    """One label set of a :class:`Counter` (what ``labels(...)`` returns)."""
+
+    __slots__ = ("_counter", "_key")
+
+    def __init__(self, counter: Counter, key: tuple[str, ...]) -> None:
+        self._counter = counter
+        self._key = key
+
+    def inc(self, amount: float = 1) -> None:
+        if amount < 0:
+            raise ValueError(f"counter {self._counter.name}: cannot decrease by {amount}")
+        self._counter._add(self._key, amount)
+
+
+class Counter:
+    """A Prometheus counter with a fixed label set; ``name`` without ``_total`` (the exposition adds it)."""
+
+    def __init__(self, name: str, documentation: str, labelnames: Sequence[str] = ()) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = tuple(labelnames)
+        self._values: dict[tuple[str, ...], float] = {}
+        self._lock = threading.Lock()
+
+    def labels(self, *values: str, **kw: str) -> CounterChild:
+        """Select one label set, by position or by name (all labels, no others), like prometheus_client."""
+        if values and kw:
+            raise ValueError(f"counter {self.name}: labels by position or by name, not both")
+        if kw:
+            if set(kw) != set(self.labelnames):
+                raise ValueError(
+                    f"counter {self.name}: labels {sorted(kw)} do not match {sorted(self.labelnames)}"
+                )
+            key = tuple(str(kw[n]) for n in self.labelnames)
+        else:
+            if len(values) != len(self.labelnames):
+                raise ValueError(f"counter {self.name}: {len(values)} label values for {self.labelnames}")
+            key = tuple(str(v) for v in values)
+        return CounterChild(self, key)
+
+    def _add(self, key: tuple[str, ...], amount: float) -> None:
+        with self._lock:
+            self._values[key] = self._values.get(key, 0.0) + amount
+
+    def value(self, **labels: str) -> float:
+        """The current value of one label set (0 if never incremented)."""
+        key = tuple(labels.get(n, "") for n in self.labelnames)
+        with self._lock:
+            return self._values.get(key, 0.0)
+
+    def expose(self) -> Iterator[str]:
+        """This counter's lines of the text exposition format, in first-seen label-set order."""
+        total = self.name + "_total"
+        yield f"# HELP {total} {_escape_help(self.documentation)}\n"
+        yield f"# TYPE {total} counter\n"
+        with self._lock:
+            samples = list(self._values.items())
+        for key, value in samples:
+            if key:
+                labels = ",".join(
+                    f'{n}="{_escape_label(v)}"' for n, v in zip(self.labelnames, key, strict=True)
+                )
+                yield f"{total}{{{labels}}} {format_value(value)}\n"
+            else:
+                yield f"{total} {format_value(value)}\n"
+
+
 class Metrics:
     """The counters ztunnel-py exports on 15020."""
 
     def __init__(self) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
-        self.opened = Counter(
-            "istio_tcp_connections_opened", "Total TCP connections opened", LABELS, registry=self.registry
-        )
-        self.closed = Counter(
-            "istio_tcp_connections_closed", "Total TCP connections closed", LABELS, registry=self.registry
-        )
-        self.sent = Counter(
-            "istio_tcp_sent_bytes", "Total bytes sent over TCP", LABELS, registry=self.registry
-        )
-        self.received = Counter(
-            "istio_tcp_received_bytes", "Total bytes received over TCP", LABELS, registry=self.registry
-        )
-        self.failed = Counter(
-            "istio_tcp_connections_failed", "Total TCP connections failed", LABELS, registry=self.registry
-        )
-        self.xds_messages = Counter(
-            "istio_xds_message", "Total xDS messages received", ("url",), registry=self.registry
-        )
+        self.opened = Counter("istio_tcp_connections_opened", "Total TCP connections opened", LABELS)
+        self.closed = Counter("istio_tcp_connections_closed", "Total TCP connections closed", LABELS)
+        self.sent = Counter("istio_tcp_sent_bytes", "Total bytes sent over TCP", LABELS)
+        self.received = Counter("istio_tcp_received_bytes", "Total bytes received over TCP", LABELS)
+        self.failed = Counter("istio_tcp_connections_failed", "Total TCP connections failed", LABELS)
+        self.xds_messages = Counter("istio_xds_message", "Total xDS messages received", ("url",))
+        self.counters = (self.opened, self.closed, self.sent, self.received, self.failed, self.xds_messages)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        """The text exposition (format 0.0.4) of every counter: what ``/stats/prometheus`` serves."""
+        return "".join(line for c in self.counters for line in c.expose()).encode()
 
 
 @dataclass
