@@ -4,6 +4,12 @@ Why a separate typed model instead of keeping the protobufs: every connection co
 resolution, inbound policy), so the wire messages are validated and converted exactly once, when they arrive;
 the hot path then works on small frozen dataclasses with parsed IP addresses and precomputed indexes.
 
+Why the model is built lean: a node proxy holds every workload of the mesh (the RSS target: <= 40 MB with
+1000 of them). So the dataclasses have ``__slots__`` (no per-object ``__dict__``), values repeated across
+workloads (namespaces, service accounts, trust domains, nodes, clusters, service keys, enum names) are
+interned, equal small values (ports, port maps, localities, identities) are shared objects, and the xDS
+resource name of an address is not stored twice (it is the workload uid or the service key, as validated).
+
 Validation is the NACK boundary. ``ProxyState.apply_addresses`` / ``apply_authorizations`` are the per-type
 xDS handlers: they convert every incoming resource first, apply the ones that are valid and keep the
 *last good* version of any that is not, then raise :class:`RejectedResources` so the xDS client NACKs.
@@ -19,12 +25,14 @@ Indexes kept (all rebuilt incrementally on each change):
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
+import sys
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from functools import cached_property
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from google.protobuf.message import DecodeError
@@ -91,7 +99,7 @@ def principal(ident: SpiffeId) -> str:
 # The model
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class NetworkAddress:
     """An IP on a named network (``""`` is the default network); rendered ``network/ip`` like upstream."""
 
@@ -102,7 +110,7 @@ class NetworkAddress:
         return f"{self.network}/{self.address}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class NamespacedHostname:
     namespace: str
     hostname: str
@@ -111,7 +119,7 @@ class NamespacedHostname:
         return f"{self.namespace}/{self.hostname}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class GatewayAddress:
     """Where a waypoint or network gateway is: a service hostname or an address, plus its HBONE port."""
 
@@ -124,21 +132,21 @@ class GatewayAddress:
         return str(self.hostname if self.hostname is not None else self.address)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Locality:
     region: str = ""
     zone: str = ""
     subzone: str = ""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Port:
     service_port: int
     target_port: int
     app_protocol: str = "UNKNOWN"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Workload:
     uid: str
     name: str
@@ -166,17 +174,21 @@ class Workload:
     locality: Locality = field(default_factory=Locality)
     network_mode: str = "STANDARD"
     capacity: int = 1
+    # Derived once (a slotted class has no room for a cached_property); workloads of one service account
+    # share the object. Raises InvalidSpiffeId at construction: such a workload could never be named.
+    identity: SpiffeId = field(init=False, repr=False, compare=False)
 
-    @cached_property
-    def identity(self) -> SpiffeId:
-        return SpiffeId(self.trust_domain, self.namespace, self.service_account)
+    def __post_init__(self) -> None:
+        object.__setattr__(
+            self, "identity", _identity(self.trust_domain, self.namespace, self.service_account)
+        )
 
     @property
     def hbone(self) -> bool:
         return self.protocol == "HBONE"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Service:
     name: str
     namespace: str
@@ -190,13 +202,14 @@ class Service:
     lb_health_policy: str = "ONLY_HEALTHY"
     has_load_balancing: bool = False
     ip_families: str = "AUTOMATIC"
+    # ``namespace/hostname``, built once: the same string object keys every index the service is in.
+    key: str = field(init=False, repr=False, compare=False)
 
-    @property
-    def key(self) -> str:
-        return f"{self.namespace}/{self.hostname}"
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", sys.intern(f"{self.namespace}/{self.hostname}"))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Endpoint:
     """One workload backing a service, with its port map for that service."""
 
@@ -207,6 +220,32 @@ class Endpoint:
 
 # --------------------------------------------------------------------------------------------------
 # Conversion (the validation boundary)
+
+
+# Sharing. Interned strings and these small caches make equal values one object across all workloads; the
+# caches are bounded, so a control plane sending endless distinct values costs misses, never unbounded memory.
+_intern = sys.intern
+
+
+@functools.lru_cache(maxsize=4096)
+def _identity(trust_domain: str, namespace: str, service_account: str) -> SpiffeId:
+    return SpiffeId(trust_domain, namespace, service_account)
+
+
+@functools.lru_cache(maxsize=4096)
+def _shared_port(service_port: int, target_port: int, app_protocol: str) -> Port:
+    return Port(service_port, target_port, app_protocol)
+
+
+@functools.lru_cache(maxsize=4096)
+def _shared_port_map(pairs: tuple[tuple[int, int], ...]) -> Mapping[int, int]:
+    """One read-only port map per distinct mapping (every endpoint of a service usually has the same)."""
+    return MappingProxyType(dict(pairs))
+
+
+@functools.lru_cache(maxsize=1024)
+def _shared_locality(region: str, zone: str, subzone: str) -> Locality:
+    return Locality(region, zone, subzone)
 
 
 def _ip(raw: bytes, what: str) -> IPAddress:
@@ -223,13 +262,19 @@ def _port(value: int, what: str, *, allow_zero: bool = True) -> int:
 
 def _enum_name(enum: Any, value: int, what: str) -> str:
     try:
-        return str(enum.Name(value))
+        return _enum_value_name(enum, value)
     except ValueError:
         raise ValidationError(f"{what}: unknown enum value {value}") from None
 
 
+@functools.lru_cache(maxsize=1024)
+def _enum_value_name(enum: Any, value: int) -> str:
+    """protobuf builds a new string per ``Name()`` call; one per enum value is enough."""
+    return _intern(str(enum.Name(value)))
+
+
 def _network_address(msg: workload_pb2.NetworkAddress, what: str) -> NetworkAddress:
-    return NetworkAddress(msg.network, _ip(msg.address, what))
+    return NetworkAddress(_intern(msg.network), _ip(msg.address, what))
 
 
 def _gateway(msg: workload_pb2.GatewayAddress, what: str) -> GatewayAddress:
@@ -238,7 +283,8 @@ def _gateway(msg: workload_pb2.GatewayAddress, what: str) -> GatewayAddress:
     if kind == "hostname":
         if not msg.hostname.hostname:
             raise ValidationError(f"{what}: hostname is empty")
-        return GatewayAddress(NamespacedHostname(msg.hostname.namespace, msg.hostname.hostname), None, port)
+        host = NamespacedHostname(_intern(msg.hostname.namespace), _intern(msg.hostname.hostname))
+        return GatewayAddress(host, None, port)
     if kind == "address":
         return GatewayAddress(None, _network_address(msg.address, what), port)
     raise ValidationError(f"{what}: neither hostname nor address is set")
@@ -265,59 +311,60 @@ def workload_from_proto(msg: workload_pb2.Workload) -> Workload:
     for key, plist in msg.services.items():
         if key.count("/") != 1 or not all(key.split("/")):
             raise ValidationError(f"workload {msg.uid}: service key {key!r} is not namespace/hostname")
-        services[key] = tuple(
-            Port(
+        services[_intern(key)] = tuple(
+            _shared_port(
                 _port(p.service_port, f"workload {msg.uid} services[{key}]", allow_zero=False),
                 _port(p.target_port, f"workload {msg.uid} services[{key}]"),
                 _enum_name(workload_pb2.AppProtocol, p.app_protocol, "app_protocol"),
             )
             for p in plist.ports
         )
-    wl = Workload(
-        uid=msg.uid,
-        name=msg.name,
-        namespace=msg.namespace,
-        addresses=addresses,
-        hostname=msg.hostname,
-        network=msg.network,
-        protocol=_PROTOCOL_NAMES[msg.tunnel_protocol],
-        trust_domain=msg.trust_domain or DEFAULT_TRUST_DOMAIN,
-        service_account=msg.service_account or DEFAULT_SERVICE_ACCOUNT,
-        waypoint=_gateway(msg.waypoint, f"workload {msg.uid} waypoint") if msg.HasField("waypoint") else None,
-        network_gateway=(
-            _gateway(msg.network_gateway, f"workload {msg.uid} network_gateway")
-            if msg.HasField("network_gateway")
-            else None
-        ),
-        node=msg.node,
-        canonical_name=msg.canonical_name,
-        canonical_revision=msg.canonical_revision,
-        workload_type=_WORKLOAD_TYPES.get(msg.workload_type, "deployment"),
-        workload_name=msg.workload_name,
-        native_tunnel=msg.native_tunnel,
-        application_tunnel_protocol=(
-            _enum_name(workload_pb2.ApplicationTunnel.Protocol, msg.application_tunnel.protocol, "tunnel")
-            if msg.HasField("application_tunnel")
-            else "NONE"
-        ),
-        application_tunnel_port=(
-            _port(msg.application_tunnel.port, "application_tunnel.port")
-            if msg.HasField("application_tunnel")
-            else 0
-        ),
-        services=services,
-        authorization_policies=tuple(msg.authorization_policies),
-        healthy=msg.status == workload_pb2.HEALTHY,
-        cluster_id=msg.cluster_id,
-        locality=Locality(msg.locality.region, msg.locality.zone, msg.locality.subzone),
-        network_mode=_enum_name(workload_pb2.NetworkMode, msg.network_mode, "network_mode"),
-        capacity=msg.capacity.value if msg.HasField("capacity") else 1,
-    )
+    loc = msg.locality
     try:
-        _ = wl.identity  # a workload we could never name in a certificate or a policy is refused here
-    except InvalidSpiffeId as e:
+        return Workload(
+            uid=msg.uid,
+            name=msg.name,
+            namespace=_intern(msg.namespace),
+            addresses=addresses,
+            hostname=msg.hostname,
+            network=_intern(msg.network),
+            protocol=_PROTOCOL_NAMES[msg.tunnel_protocol],
+            trust_domain=_intern(msg.trust_domain) or DEFAULT_TRUST_DOMAIN,
+            service_account=_intern(msg.service_account) or DEFAULT_SERVICE_ACCOUNT,
+            waypoint=_gateway(msg.waypoint, f"workload {msg.uid} waypoint")
+            if msg.HasField("waypoint")
+            else None,
+            network_gateway=(
+                _gateway(msg.network_gateway, f"workload {msg.uid} network_gateway")
+                if msg.HasField("network_gateway")
+                else None
+            ),
+            node=_intern(msg.node),
+            canonical_name=_intern(msg.canonical_name),
+            canonical_revision=_intern(msg.canonical_revision),
+            workload_type=_WORKLOAD_TYPES.get(msg.workload_type, "deployment"),
+            workload_name=_intern(msg.workload_name),
+            native_tunnel=msg.native_tunnel,
+            application_tunnel_protocol=(
+                _enum_name(workload_pb2.ApplicationTunnel.Protocol, msg.application_tunnel.protocol, "tunnel")
+                if msg.HasField("application_tunnel")
+                else "NONE"
+            ),
+            application_tunnel_port=(
+                _port(msg.application_tunnel.port, "application_tunnel.port")
+                if msg.HasField("application_tunnel")
+                else 0
+            ),
+            services=services,
+            authorization_policies=tuple(_intern(p) for p in msg.authorization_policies),
+            healthy=msg.status == workload_pb2.HEALTHY,
+            cluster_id=_intern(msg.cluster_id),
+            locality=_shared_locality(loc.region, loc.zone, loc.subzone),
+            network_mode=_enum_name(workload_pb2.NetworkMode, msg.network_mode, "network_mode"),
+            capacity=msg.capacity.value if msg.HasField("capacity") else 1,
+        )
+    except InvalidSpiffeId as e:  # a workload we could never name in a certificate or a policy is refused
         raise ValidationError(f"workload {msg.uid}: {e}") from None
-    return wl
 
 
 def service_from_proto(msg: workload_pb2.Service) -> Service:
@@ -332,12 +379,12 @@ def service_from_proto(msg: workload_pb2.Service) -> Service:
         )
     lb = msg.load_balancing
     return Service(
-        name=msg.name,
-        namespace=msg.namespace,
-        hostname=msg.hostname,
+        name=_intern(msg.name),
+        namespace=_intern(msg.namespace),
+        hostname=_intern(msg.hostname),
         vips=tuple(_network_address(a, f"service {key} addresses") for a in msg.addresses),
-        ports=ports,
-        subject_alt_names=tuple(msg.subject_alt_names),
+        ports=_shared_port_map(tuple(ports.items())),
+        subject_alt_names=tuple(_intern(san) for san in msg.subject_alt_names),
         waypoint=_gateway(msg.waypoint, f"service {key} waypoint") if msg.HasField("waypoint") else None,
         lb_mode=_enum_name(workload_pb2.LoadBalancing.Mode, lb.mode, "load_balancing.mode"),
         lb_routing_preference=tuple(
@@ -377,6 +424,22 @@ def _decode(raw: Any, cls: Any, name: str) -> Any:
 # The state
 
 
+def _index_add(index: dict[str, tuple[str, ...]], key: str, value: str) -> None:
+    """A one-to-few index kept as tuples: a hostname almost always has one entry, and a 1-tuple is a quarter
+    of an empty set's size."""
+    held = index.get(key, ())
+    if value not in held:
+        index[key] = (*held, value)
+
+
+def _index_discard(index: dict[str, tuple[str, ...]], key: str, value: str) -> None:
+    rest = tuple(v for v in index.get(key, ()) if v != value)
+    if rest:
+        index[key] = rest
+    else:
+        index.pop(key, None)
+
+
 Listener = Callable[[str], None]
 
 
@@ -393,12 +456,13 @@ class ProxyState:
         self.services: dict[str, Service] = {}
         self.policies: dict[str, Authorization] = {}
         self._wl_by_addr: dict[tuple[str, IPAddress], str] = {}
-        self._wl_by_hostname: dict[str, set[str]] = {}
+        self._wl_by_hostname: dict[str, tuple[str, ...]] = {}
         self._svc_by_vip: dict[tuple[str, IPAddress], str] = {}
-        self._svc_by_hostname: dict[str, set[str]] = {}
+        self._svc_by_hostname: dict[str, tuple[str, ...]] = {}
         self._endpoints: dict[str, dict[str, Endpoint]] = {}
         self._policies_by_scope: dict[str, set[str]] = {}
-        self._address_names: dict[str, str] = {}  # xDS resource name -> "w:<uid>" | "s:<key>"
+        # xDS resource name -> True for a workload (the name is its uid), False for a service (its key)
+        self._address_names: dict[str, bool] = {}
         self._listeners: list[Listener] = []
         self.synced: set[str] = set()
         self.version = 0  # bumped on every change; lets callers cache derived views cheaply
@@ -450,10 +514,10 @@ class ProxyState:
                 self._remove_address(name)
                 if isinstance(obj, Workload):
                     self._insert_workload(obj)
-                    self._address_names[name] = "w:" + obj.uid
+                    self._address_names[obj.uid] = True
                 else:
                     self._insert_service(obj)
-                    self._address_names[name] = "s:" + obj.key
+                    self._address_names[obj.key] = False
             self.synced.add(ADDRESS_TYPE)
             self.version += 1
         self._notify(ADDRESS_TYPE)
@@ -461,29 +525,26 @@ class ProxyState:
             raise RejectedResources(ADDRESS_TYPE, errors)
 
     def _remove_address(self, name: str) -> None:
-        ref = self._address_names.pop(name, None)
-        if ref is None:
+        is_workload = self._address_names.pop(name, None)
+        if is_workload is None:
             # Tolerate removals addressed by the natural key even if we never saw the resource name.
-            ref = (
-                ("w:" + name) if name in self.workloads else ("s:" + name) if name in self.services else None
-            )
-        if ref is None:
+            is_workload = True if name in self.workloads else False if name in self.services else None
+        if is_workload is None:
             return
-        kind, key = ref[:2], ref[2:]
-        if kind == "w:":
-            self._drop_workload(key)
+        if is_workload:
+            self._drop_workload(name)
         else:
-            self._drop_service(key)
+            self._drop_service(name)
 
     def _insert_workload(self, wl: Workload) -> None:
         self.workloads[wl.uid] = wl
         for ip in wl.addresses:
             self._wl_by_addr[(wl.network, ip)] = wl.uid
         if wl.hostname:
-            self._wl_by_hostname.setdefault(wl.hostname, set()).add(wl.uid)
+            _index_add(self._wl_by_hostname, wl.hostname, wl.uid)
         for svc_key, ports in wl.services.items():
             self._endpoints.setdefault(svc_key, {})[wl.uid] = Endpoint(
-                wl.uid, svc_key, {p.service_port: p.target_port for p in ports}
+                wl.uid, svc_key, _shared_port_map(tuple((p.service_port, p.target_port) for p in ports))
             )
 
     def _drop_workload(self, uid: str) -> None:
@@ -494,7 +555,7 @@ class ProxyState:
             if self._wl_by_addr.get((wl.network, ip)) == uid:
                 del self._wl_by_addr[(wl.network, ip)]
         if wl.hostname:
-            self._wl_by_hostname.get(wl.hostname, set()).discard(uid)
+            _index_discard(self._wl_by_hostname, wl.hostname, uid)
         for svc_key in wl.services:
             eps = self._endpoints.get(svc_key)
             if eps is not None:
@@ -506,7 +567,7 @@ class ProxyState:
         self.services[svc.key] = svc
         for vip in svc.vips:
             self._svc_by_vip[(vip.network, vip.address)] = svc.key
-        self._svc_by_hostname.setdefault(svc.hostname, set()).add(svc.key)
+        _index_add(self._svc_by_hostname, svc.hostname, svc.key)
 
     def _drop_service(self, key: str) -> None:
         svc = self.services.pop(key, None)
@@ -515,7 +576,7 @@ class ProxyState:
         for vip in svc.vips:
             if self._svc_by_vip.get((vip.network, vip.address)) == key:
                 del self._svc_by_vip[(vip.network, vip.address)]
-        self._svc_by_hostname.get(svc.hostname, set()).discard(key)
+        _index_discard(self._svc_by_hostname, svc.hostname, key)
 
     # ---- WADS ---------------------------------------------------------------------------------
 
