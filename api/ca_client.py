@@ -20,11 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import grpc
 from google.protobuf import struct_pb2
+from google.protobuf.message import DecodeError
 
 from istiopy.api.der import parse_pem_certificate
-from istiopy.api.gen import ca_pb2, ca_pb2_grpc
+from istiopy.api.gen import ca_pb2
+from istiopy.api.grpc_h2 import Channel, RpcError, StatusCode, client_ssl_context
 from istiopy.api.identity import InvalidSpiffeId, SpiffeId, identity_from_uris
 from istiopy.api.pki import CryptographyBackend, PkiBackend, verify_signatures
 from istiopy.api.tls import CertBundle, private_key_pem, split_pem_chain
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 DEFAULT_TTL_SECONDS = 24 * 3600
 DEFAULT_CA_SERVER_NAME = "istiod.istio-system.svc"
 IMPERSONATED_IDENTITY = "ImpersonatedIdentity"
+CREATE_CERTIFICATE = "/istio.v1.auth.IstioCertificateService/CreateCertificate"
 INITIAL_BACKOFF = 0.5
 MAX_BACKOFF = 150.0
 
@@ -103,20 +105,18 @@ def token_file_source(path: str | Path) -> TokenSource:
 class CaClient:
     """Calls ``IstioCertificateService/CreateCertificate`` on an existing channel.
 
-    ``roots_pem`` are the anchors we expect the returned chain to end at (the mesh root); when empty, the
-    last certificate the CA returns is taken as the root (trust on first use, only for tests).
+    The channel is :class:`istiopy.api.grpc_h2.Channel` (an h2-based gRPC client), not grpcio's: the node
+    proxy is the main user and grpcio would cost it ~9 MB RSS. ``roots_pem`` are the anchors we expect the
+    returned chain to end at (the mesh root); when empty, the last certificate the CA returns is taken as
+    the root (trust on first use, only for tests).
     """
 
-    channel: grpc.aio.Channel
+    channel: Channel
     roots_pem: str = ""
     token_source: TokenSource | None = None
     cluster_id: str = ""
     timeout: float = 10.0
     pki: PkiBackend = field(default_factory=CryptographyBackend)  # the node proxy plugs in OpenSSL's
-    _stub: ca_pb2_grpc.IstioCertificateServiceStub = field(init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        self._stub = ca_pb2_grpc.IstioCertificateServiceStub(self.channel)
 
     @classmethod
     def connect(
@@ -134,15 +134,12 @@ class CaClient:
         ``client_cert`` is ``(chain_pem, key_pem)`` of a bootstrap credential (standalone mode);
         ``token_source`` yields a bearer token (Kubernetes projected token or an operator-issued one).
         """
-        key, chain = (client_cert[1].encode(), client_cert[0].encode()) if client_cert else (None, None)
-        creds = grpc.ssl_channel_credentials(roots_pem.encode(), key, chain)
-        channel = grpc.aio.secure_channel(
-            address, creds, options=[("grpc.ssl_target_name_override", server_name)]
-        )
+        ctx = client_ssl_context(roots_pem, client_cert=client_cert)
+        channel = Channel(address, ssl_context=ctx, server_name=server_name)
         return cls(channel, roots_pem, token_source, cluster_id)
 
     async def close(self) -> None:
-        await self.channel.close(None)
+        await self.channel.close()
 
     def _metadata(self) -> list[tuple[str, str]]:
         md: list[tuple[str, str]] = []
@@ -151,6 +148,18 @@ class CaClient:
         if self.cluster_id:
             md.append(("clusterid", self.cluster_id))
         return md
+
+    async def create_certificate(
+        self, request: ca_pb2.IstioCertificateRequest
+    ) -> ca_pb2.IstioCertificateResponse:
+        """The bare call with our metadata and deadline; raises :class:`~istiopy.api.grpc_h2.RpcError`."""
+        reply = await self.channel.unary_unary(
+            CREATE_CERTIFICATE, request.SerializeToString(), metadata=self._metadata(), timeout=self.timeout
+        )
+        try:
+            return ca_pb2.IstioCertificateResponse.FromString(reply)
+        except DecodeError as e:
+            raise RpcError(StatusCode.INTERNAL, f"unparsable CreateCertificate response: {e}") from e
 
     async def fetch(
         self,
@@ -167,11 +176,9 @@ class CaClient:
             meta.update({IMPERSONATED_IDENTITY: identity.uri})
             request.metadata.CopyFrom(meta)
         try:
-            response = await self._stub.CreateCertificate(
-                request, metadata=self._metadata(), timeout=self.timeout
-            )
-        except grpc.aio.AioRpcError as e:
-            raise CaClientError(f"CA refused {identity}: {e.code().name}: {e.details()}") from e
+            response = await self.create_certificate(request)
+        except RpcError as e:
+            raise CaClientError(f"CA refused {identity}: {e.code.name}: {e.details}") from e
         return self._bundle(key, identity, list(response.cert_chain))
 
     def _bundle(self, key: str | object, identity: SpiffeId, chain_pem: list[str]) -> CertBundle:

@@ -21,8 +21,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
-import grpc
-
 import istiopy
 from istiopy.api.ca_client import CaClient, token_file_source
 from istiopy.api.xds_client import DeltaXdsClient
@@ -200,17 +198,17 @@ async def run(args: argparse.Namespace) -> int:
     metadata = [("clusterid", args.cluster_id)]
     if token is not None and (tok := token()):
         metadata.append(("authorization", f"Bearer {tok}"))
-    credentials = None
-    if not args.xds_insecure:
-        key, chain = (client_cert[1].encode(), client_cert[0].encode()) if client_cert else (None, None)
-        credentials = grpc.ssl_channel_credentials(roots.encode(), key, chain)
-    xds = DeltaXdsClient(
-        args.xds_address,
-        build_node(config),
-        credentials=credentials,
-        metadata=metadata,
-        channel_options=[("grpc.ssl_target_name_override", args.server_name)] if credentials else [],
-    )
+    if args.xds_insecure:
+        xds = DeltaXdsClient(args.xds_address, build_node(config), metadata=metadata)
+    else:
+        xds = DeltaXdsClient.connect(
+            args.xds_address,
+            build_node(config),
+            roots,
+            server_name=args.server_name,
+            client_cert=client_cert,
+            metadata=metadata,
+        )
     zt = Ztunnel(
         config,
         secrets,

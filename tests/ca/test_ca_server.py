@@ -9,7 +9,6 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import grpc
 import pytest
 from ca_helpers import APP, OTHER, TD, ZTUNNEL, CaHarness, pod
 from cryptography import x509
@@ -20,7 +19,8 @@ from google.protobuf import struct_pb2
 from prometheus_client import CollectorRegistry
 
 from istiopy.api.ca_client import CaClient, CaClientError, build_csr, generate_key
-from istiopy.api.gen import ca_pb2, ca_pb2_grpc
+from istiopy.api.gen import ca_pb2
+from istiopy.api.grpc_h2 import RpcError, StatusCode
 from istiopy.api.identity import SpiffeId, identity_of
 from istiopy.ca.auth import (
     AuthenticationError,
@@ -51,13 +51,12 @@ async def raw_call(
     ttl: int = 3600,
     metadata: dict[str, object] | None = None,
 ) -> ca_pb2.IstioCertificateResponse:
-    stub = ca_pb2_grpc.IstioCertificateServiceStub(client.channel)
     req = ca_pb2.IstioCertificateRequest(csr=csr, validity_duration=ttl)
     if metadata:
         s = struct_pb2.Struct()
         s.update(metadata)
         req.metadata.CopyFrom(s)
-    return await stub.CreateCertificate(req, metadata=client._metadata(), timeout=10)
+    return await client.create_certificate(req)
 
 
 # ------------------------------------------------------------------------------------------ issuance
@@ -97,10 +96,10 @@ async def test_bootstrap_cert_caller_gets_its_own_identity(harness: CaHarness) -
 
 async def test_csr_for_another_identity_is_refused(harness: CaHarness) -> None:
     c = token_client(harness)  # authenticated as APP
-    with pytest.raises(grpc.aio.AioRpcError) as ei:
+    with pytest.raises(RpcError) as ei:
         await raw_call(c, build_csr(generate_key(), OTHER))
-    assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "may only get spiffe://cluster.local/ns/default/sa/app" in (ei.value.details() or "")
+    assert ei.value.code == StatusCode.INVALID_ARGUMENT
+    assert "may only get spiffe://cluster.local/ns/default/sa/app" in ei.value.details
     assert harness.issued() == 0
     assert harness.refused("csr-identity") == 1
 
@@ -153,35 +152,35 @@ def csr_with_sans(sans: Sequence[x509.GeneralName], key: ec.EllipticCurvePrivate
         (
             "garbage",
             3600,
-            grpc.StatusCode.INVALID_ARGUMENT,
+            StatusCode.INVALID_ARGUMENT,
             "csr-parse",
             "CSR is not a PEM certificate request",
         ),
-        ("empty", 3600, grpc.StatusCode.INVALID_ARGUMENT, "csr-parse", "empty CSR"),
-        ("extra-uri", 3600, grpc.StatusCode.INVALID_ARGUMENT, "csr-san", "CSR asks for 2 URI SANs"),
-        ("dns", 3600, grpc.StatusCode.INVALID_ARGUMENT, "csr-san", "CSR asks for DNSName SANs"),
-        ("ca-flag", 3600, grpc.StatusCode.INVALID_ARGUMENT, "csr-extension", "CSR asks for a CA certificate"),
-        ("small-rsa", 3600, grpc.StatusCode.INVALID_ARGUMENT, "csr-key", "RSA key of 1024 bits is too small"),
+        ("empty", 3600, StatusCode.INVALID_ARGUMENT, "csr-parse", "empty CSR"),
+        ("extra-uri", 3600, StatusCode.INVALID_ARGUMENT, "csr-san", "CSR asks for 2 URI SANs"),
+        ("dns", 3600, StatusCode.INVALID_ARGUMENT, "csr-san", "CSR asks for DNSName SANs"),
+        ("ca-flag", 3600, StatusCode.INVALID_ARGUMENT, "csr-extension", "CSR asks for a CA certificate"),
+        ("small-rsa", 3600, StatusCode.INVALID_ARGUMENT, "csr-key", "RSA key of 1024 bits is too small"),
         (
             "good",
             0,
-            grpc.StatusCode.INVALID_ARGUMENT,
+            StatusCode.INVALID_ARGUMENT,
             "ttl-invalid",
             "validity_duration must be positive, got 0",
         ),
-        ("good", -5, grpc.StatusCode.INVALID_ARGUMENT, "ttl-invalid", "must be positive, got -5"),
+        ("good", -5, StatusCode.INVALID_ARGUMENT, "ttl-invalid", "must be positive, got -5"),
         (
             "good",
             10**12,
-            grpc.StatusCode.INVALID_ARGUMENT,
+            StatusCode.INVALID_ARGUMENT,
             "ttl-too-long",
             "exceeds the maximum of 7776000 s",
         ),
-        ("huge", 3600, grpc.StatusCode.RESOURCE_EXHAUSTED, "request-too-large", "request is"),
+        ("huge", 3600, StatusCode.RESOURCE_EXHAUSTED, "request-too-large", "request is"),
     ],
 )
 async def test_bad_input_gets_clear_error_and_nothing_issued(
-    harness: CaHarness, csr_kind: str, ttl: int, code: grpc.StatusCode, reason: str, message: str
+    harness: CaHarness, csr_kind: str, ttl: int, code: StatusCode, reason: str, message: str
 ) -> None:
     if csr_kind == "garbage":
         csr = "-----BEGIN CERTIFICATE REQUEST-----\nbm90IGEgY3Ny\n-----END CERTIFICATE REQUEST-----\n"
@@ -205,10 +204,10 @@ async def test_bad_input_gets_clear_error_and_nothing_issued(
         csr = "A" * (1024 * 1024)
     else:
         csr = build_csr(generate_key(), APP)
-    with pytest.raises(grpc.aio.AioRpcError) as ei:
+    with pytest.raises(RpcError) as ei:
         await raw_call(token_client(harness), csr, ttl)
-    assert ei.value.code() == code
-    assert message in (ei.value.details() or "")
+    assert ei.value.code == code
+    assert message in ei.value.details
     assert harness.issued() == 0
     assert harness.refused(reason) == 1
 
@@ -219,9 +218,9 @@ async def test_csr_signed_by_another_key_is_refused(harness: CaHarness) -> None:
     der = bytearray(good.public_bytes(serialization.Encoding.DER))
     der[-5] ^= 0xFF  # flip bits in the signature
     tampered = x509.load_der_x509_csr(bytes(der)).public_bytes(serialization.Encoding.PEM).decode()
-    with pytest.raises(grpc.aio.AioRpcError) as ei:
+    with pytest.raises(RpcError) as ei:
         await raw_call(token_client(harness), tampered)
-    assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert ei.value.code == StatusCode.INVALID_ARGUMENT
     assert harness.issued() == 0
 
 
@@ -257,10 +256,10 @@ async def test_impersonation_refused(
 ) -> None:
     store.apply(pod("web-1", "default", "app", "node-a"))
     client = harness.bootstrap_client(caller, node)
-    with pytest.raises(grpc.aio.AioRpcError) as ei:
+    with pytest.raises(RpcError) as ei:
         await raw_call(client, build_csr(generate_key(), APP), metadata={"ImpersonatedIdentity": requested})
-    assert ei.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    details = ei.value.details() or ""
+    assert ei.value.code == StatusCode.UNAUTHENTICATED
+    details = ei.value.details
     assert details.startswith("request impersonation authentication failure")
     assert message in details
     assert harness.issued() == 0

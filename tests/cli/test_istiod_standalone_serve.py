@@ -15,7 +15,6 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-import grpc
 import pytest
 
 from istiopy.api.ca_client import CaClient, CaClientError
@@ -122,12 +121,12 @@ async def test_serve_wds_over_tls_ca_and_metrics(istiod: Istiod) -> None:
     roots, chain, key = istiod.bootstrap("node-1")
     assert roots == (istiod.state / "root-cert.pem").read_text()  # the trust bundle written for proxies
     port = istiod.ports["tls"]
-    creds = grpc.ssl_channel_credentials(roots.encode(), key.encode(), chain.encode())
-    client = DeltaXdsClient(
+    client = DeltaXdsClient.connect(
         f"127.0.0.1:{port}",
         _node("ztunnel~10.10.0.1~ztunnel-n1.istio-system~istio-system.svc.cluster.local"),
-        credentials=creds,
-        channel_options=[("grpc.ssl_target_name_override", "istiod.istio-system.svc")],
+        roots,
+        server_name="istiod.istio-system.svc",
+        client_cert=(chain, key),
         backoff_initial=0.05,
     )
     client.subscribe(ADDRESS_TYPE)
@@ -162,12 +161,11 @@ async def test_serve_wds_over_tls_ca_and_metrics(istiod: Istiod) -> None:
 
 async def test_serve_refuses_streams_without_a_client_certificate(istiod: Istiod) -> None:
     roots = (istiod.state / "root-cert.pem").read_text()
-    creds = grpc.ssl_channel_credentials(roots.encode())
-    client = DeltaXdsClient(
+    client = DeltaXdsClient.connect(
         f"127.0.0.1:{istiod.ports['tls']}",
         _node("ztunnel~10.10.0.1~x.istio-system~istio-system.svc.cluster.local"),
-        credentials=creds,
-        channel_options=[("grpc.ssl_target_name_override", "istiod.istio-system.svc")],
+        roots,
+        server_name="istiod.istio-system.svc",
         backoff_initial=0.05,
     )
     client.subscribe(ADDRESS_TYPE)

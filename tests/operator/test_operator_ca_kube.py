@@ -17,7 +17,6 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import grpc
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
@@ -188,11 +187,11 @@ def test_istiod_kube_process_serves_ca_and_wds(
                 bundle = await ca.fetch(SpiffeId("cluster.local", ns, "app"), ttl_seconds=3600)
             finally:
                 await ca.close()
-            client = DeltaXdsClient(
+            client = DeltaXdsClient.connect(
                 f"127.0.0.1:{xds_port}",
                 base_pb2.Node(id=f"ztunnel~10.244.0.201~ztunnel-x.{istio_ns}~{istio_ns}.svc.cluster.local"),
-                credentials=grpc.ssl_channel_credentials(roots.encode()),
-                channel_options=[("grpc.ssl_target_name_override", DEFAULT_CA_SERVER_NAME)],
+                roots,
+                server_name=DEFAULT_CA_SERVER_NAME,
                 metadata=[("authorization", f"Bearer {node_token}")],
                 backoff_initial=0.05,
             )

@@ -15,6 +15,7 @@ from envoy.service.discovery.v3 import discovery_pb2
 from grpc import aio
 from xds_harness import Harness, make_pki, pod, service, start_harness, stop_harness
 
+from istiopy.api.grpc_h2 import client_ssl_context
 from istiopy.api.xds_client import DeltaXdsClient
 from istiopy.testing.envoy import EnvoyProcess, HttpBackend, ads_bootstrap, free_port, http_get, wait_until
 from istiopy.xds import types
@@ -203,15 +204,16 @@ async def test_tls_with_client_cert_identity_and_rejection() -> None:
     h.server.authenticate = spiffe_from_cert
     h.store.apply(service("a", 80, 8080))
     port = h.server.ports["tls"]
-    creds = grpc.ssl_channel_credentials(pki.ca_pem, pki.client_key_pem, pki.client_cert_pem)
-    opts = [("grpc.ssl_target_name_override", "istiod.istio-system.svc")]
-    client = DeltaXdsClient(f"127.0.0.1:{port}", NODE, credentials=creds, channel_options=opts)
+    ctx = client_ssl_context(
+        pki.ca_pem, client_cert=(pki.client_cert_pem.decode(), pki.client_key_pem.decode())
+    )
+    opts: dict[str, Any] = {"ssl_context": ctx, "server_name": "istiod.istio-system.svc"}
+    client = DeltaXdsClient(f"127.0.0.1:{port}", NODE, **opts)
     client.subscribe(types.CLUSTER)
     denied = DeltaXdsClient(
         f"127.0.0.1:{port}",
         NODE,
-        credentials=creds,
-        channel_options=opts,
+        **opts,
         metadata=[("x-deny", "yes")],
         backoff_initial=5,
     )
@@ -228,9 +230,7 @@ async def test_tls_with_client_cert_identity_and_rejection() -> None:
             assert not denied.resources(types.CLUSTER)
             # The node may not claim a namespace its certificate does not back.
             other = base_pb2.Node(id="sidecar~127.0.0.1~x.other~other.svc.cluster.local")
-            impostor = DeltaXdsClient(
-                f"127.0.0.1:{port}", other, credentials=creds, channel_options=opts, backoff_initial=5
-            )
+            impostor = DeltaXdsClient(f"127.0.0.1:{port}", other, **opts, backoff_initial=5)
             impostor.subscribe(types.CLUSTER)
             await impostor.start()
             try:
