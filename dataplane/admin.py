@@ -18,7 +18,8 @@ import contextlib
 import functools
 import json
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+import sys
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
@@ -145,8 +146,53 @@ def service_json(svc: Service, state: ProxyState) -> dict[str, Any]:
 
 
 def config_dump(src: AdminSources) -> dict[str, Any]:
-    """Build the ``/config_dump`` document."""
+    """Build the ``/config_dump`` document (the server streams the same text: :func:`config_dump_text`)."""
     workloads, services, policies = src.state.snapshot()
+    return {
+        "workloads": [workload_json(w) for w in sorted(workloads, key=lambda w: w.uid)],
+        "services": [service_json(s, src.state) for s in sorted(services, key=lambda s: s.key)],
+        "policies": [p.to_json() for p in sorted(policies, key=lambda p: p.key)],
+        "certificates": src.certificates(),
+        "workloadState": _workload_state(src),
+        "config": src.config,
+    }
+
+
+def config_dump_text(src: AdminSources) -> Iterator[str]:
+    """``json.dumps(config_dump(src), indent=2)``, piece by piece: one workload, service or policy at a time.
+
+    Why: the whole document for 1000 workloads is a few MB of dicts and text at once, and after it is freed
+    the allocator keeps most of it, so each ``istioctl ztunnel-config`` grew the node proxy's RSS by ~5 MB.
+    Streamed, only one entry's JSON exists at a time.
+    """
+    workloads, services, policies = src.state.snapshot()
+    workloads.sort(key=lambda w: w.uid)
+    services.sort(key=lambda s: s.key)
+    policies.sort(key=lambda p: p.key)
+    sections: list[tuple[str, Iterable[Any], Callable[[Any], Any]]] = [
+        ("workloads", workloads, workload_json),
+        ("services", services, lambda s: service_json(s, src.state)),
+        ("policies", policies, lambda p: p.to_json()),
+    ]
+    yield "{"
+    first = True
+    for key, items, to_json in sections:
+        yield ("\n" if first else ",\n") + f"  {json.dumps(key)}: ["
+        first = False
+        empty = True
+        for item in items:
+            yield ("\n    " if empty else ",\n    ") + json.dumps(to_json(item), indent=2).replace(
+                "\n", "\n    "
+            )
+            empty = False
+        yield "]" if empty else "\n  ]"
+    rest = {"certificates": src.certificates(), "workloadState": _workload_state(src), "config": src.config}
+    for key, value in rest.items():
+        yield f",\n  {json.dumps(key)}: " + json.dumps(value, indent=2).replace("\n", "\n  ")
+    yield "\n}"
+
+
+def _workload_state(src: AdminSources) -> dict[str, Any]:
     state: dict[str, Any] = {}
     for info in src.local_workloads():
         state[info.uid] = {
@@ -175,14 +221,7 @@ def config_dump(src: AdminSources) -> dict[str, Any]:
                     },
                 }
             entry["connections"][conn.direction].append(conn.to_json())
-    return {
-        "workloads": [workload_json(w) for w in sorted(workloads, key=lambda w: w.uid)],
-        "services": [service_json(s, src.state) for s in sorted(services, key=lambda s: s.key)],
-        "policies": [p.to_json() for p in sorted(policies, key=lambda p: p.key)],
-        "certificates": src.certificates(),
-        "workloadState": state,
-        "config": src.config,
-    }
+    return state
 
 
 # --------------------------------------------------------------------------------------------------
@@ -242,6 +281,8 @@ class Response:
     text: str = ""
     body: bytes | None = None
     content_type: str = "text/plain; charset=utf-8"
+    # A body written as it is produced, without Content-Length (the connection close ends it).
+    stream: Iterator[str] | None = None
 
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -253,6 +294,22 @@ _REASONS = {
     503: "Service Unavailable",
 }
 _MAX_HEAD = 16384
+
+
+async def _write_stream(writer: asyncio.StreamWriter, chunks: Iterator[str], batch: int = 65536) -> None:
+    """Write ``chunks`` in ~64 KiB batches, waiting for the peer between them, so a slow reader holds back
+    the producer instead of the whole body piling up in the transport."""
+    buf: list[str] = []
+    size = 0
+    for chunk in chunks:
+        buf.append(chunk)
+        size += len(chunk)
+        if size >= batch:
+            writer.write("".join(buf).encode())
+            buf, size = [], 0
+            await writer.drain()
+    writer.write("".join(buf).encode())
+    await writer.drain()
 
 
 class AdminServer:
@@ -276,7 +333,7 @@ class AdminServer:
     # ---- handlers -----------------------------------------------------------------------------
 
     async def _config_dump(self, request: Request) -> Response:
-        return Response(text=json.dumps(config_dump(self.src), indent=2), content_type="application/json")
+        return Response(stream=config_dump_text(self.src), content_type="application/json")
 
     async def _logging(self, request: Request) -> Response:
         if request.method == "POST":
@@ -302,7 +359,15 @@ class AdminServer:
         return Response(text="shutdown now\n")
 
     async def _index(self, request: Request) -> Response:
-        return Response(text="ztunnel-py admin\n  /config_dump\n  /logging\n  /quitquitquit\n")
+        return Response(
+            text="ztunnel-py admin\n  /config_dump\n  /debug/modules\n  /logging\n  /quitquitquit\n"
+        )
+
+    async def _modules(self, request: Request) -> Response:
+        """The top-level Python packages this process has imported, one per line: what a memory
+        investigation (and the test that keeps grpcio, cryptography and prometheus_client out of the node
+        proxy) wants to know without attaching a debugger."""
+        return Response(text="".join(f"{m}\n" for m in sorted({n.partition(".")[0] for n in sys.modules})))
 
     async def _metrics(self, request: Request) -> Response:
         from istiopy.dataplane.metrics import CONTENT_TYPE
@@ -350,13 +415,16 @@ class AdminServer:
                         resp = Response(status=500, text="500: Internal Server Error")
             payload = resp.body if resp.body is not None else resp.text.encode()
             reason = _REASONS.get(resp.status, "Internal Server Error" if resp.status >= 500 else "")
+            length = f"Content-Length: {len(payload)}\r\n" if resp.stream is None else ""
             writer.write(
                 f"HTTP/1.1 {resp.status} {reason}\r\nContent-Type: {resp.content_type}\r\n"
-                f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n".encode()
+                f"{length}Connection: close\r\n\r\n".encode()
                 + (payload if method != "HEAD" else b"")
             )
             with contextlib.suppress(ConnectionError):
                 await writer.drain()
+                if resp.stream is not None and method != "HEAD":
+                    await _write_stream(writer, resp.stream)
         finally:
             writer.close()
             with contextlib.suppress(Exception):
@@ -371,6 +439,7 @@ class AdminServer:
             "admin": {
                 "/": (self._index, False),
                 "/config_dump": (self._config_dump, False),
+                "/debug/modules": (self._modules, False),
                 "/logging": (self._logging, True),
                 "/quitquitquit": (self._quit, True),
             },
