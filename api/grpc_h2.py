@@ -39,7 +39,6 @@ import enum
 import logging
 import math
 import os
-import secrets
 import ssl
 import struct
 import urllib.parse
@@ -52,6 +51,7 @@ import h2.events
 import h2.exceptions
 import h2.settings
 from h2.errors import ErrorCodes
+from hpack import NeverIndexedHeaderTuple
 
 __all__ = [
     "Call",
@@ -64,6 +64,9 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+# hpack logs every header it encodes at DEBUG, values included (our bearer tokens); a node proxy run with
+# --log-level debug must not write credentials to its log, so its debug output is off.
+logging.getLogger("hpack").setLevel(logging.INFO)
 
 USER_AGENT = "istiopy-grpc-h2/1"
 STREAM_WINDOW = 4 * 1024 * 1024  # what one stream may have in flight towards us
@@ -74,6 +77,8 @@ READ_CHUNK = 256 * 1024
 CONNECT_TIMEOUT = 20.0
 _H2_DEFAULT_WINDOW = 65535
 _PREFIX = struct.Struct(">BI")
+# Never put these in the HPACK table (RFC 7541 7.1.3): a credential must not outlive its request there.
+_SENSITIVE = frozenset({"authorization", "proxy-authorization", "cookie"})
 
 
 class StatusCode(enum.IntEnum):
@@ -246,6 +251,8 @@ def _metadata_headers(metadata: Metadata) -> list[tuple[str, str]]:
             out.append((k, base64.b64encode(raw).decode().rstrip("=")))
         elif isinstance(value, bytes):
             raise ValueError(f"metadata {key!r}: bytes values need a key ending in '-bin'")
+        elif k in _SENSITIVE:
+            out.append(NeverIndexedHeaderTuple(k, value))
         else:
             out.append((k, value))
     return out
@@ -655,7 +662,7 @@ class _Connection:
     async def _ping_loop(self, interval: float, ack_within: float) -> None:
         while not self.dead:
             await asyncio.sleep(interval)
-            data = secrets.token_bytes(8)
+            data = os.urandom(8)
             fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._ping_acks[data] = fut
             with contextlib.suppress(h2.exceptions.ProtocolError):
