@@ -52,6 +52,7 @@ import h2.exceptions
 import h2.settings
 from h2.errors import ErrorCodes
 from hpack import NeverIndexedHeaderTuple
+from hyperframe.frame import Frame, GoAwayFrame
 
 __all__ = [
     "Call",
@@ -79,6 +80,7 @@ _H2_DEFAULT_WINDOW = 65535
 _PREFIX = struct.Struct(">BI")
 # Never put these in the HPACK table (RFC 7541 7.1.3): a credential must not outlive its request there.
 _SENSITIVE = frozenset({"authorization", "proxy-authorization", "cookie"})
+_Header = tuple[str, str] | NeverIndexedHeaderTuple
 
 
 class StatusCode(enum.IntEnum):
@@ -240,8 +242,8 @@ def encode_timeout(seconds: float) -> str:
     return f"{min(99_999_999, math.ceil(micros / 3_600_000_000))}H"
 
 
-def _metadata_headers(metadata: Metadata) -> list[tuple[str, str]]:
-    out: list[tuple[str, str]] = []
+def _metadata_headers(metadata: Metadata) -> list[_Header]:
+    out: list[_Header] = []
     for key, value in metadata:
         k = key.lower()
         if k.startswith(":") or k in ("content-type", "te", "grpc-timeout"):
@@ -480,6 +482,24 @@ class Call:
 
 
 # ------------------------------------------------------------------------------------------ connection
+class _GracefulH2Connection(h2.connection.H2Connection):
+    """h2 treats any received GOAWAY as the end: it drops queued output, moves to CLOSED and then rejects
+    every later frame as a protocol error. RFC 9113 6.8 lets the streams up to ``last_stream_id`` finish,
+    and grpc servers rely on it (max connection age, graceful shutdown: GOAWAY, then the open calls end
+    normally). So a GOAWAY here only reports ``ConnectionTerminated``; :class:`_Connection` opens no new
+    streams on this connection and fails those the server will not process."""
+
+    def _receive_goaway_frame(self, frame: GoAwayFrame) -> tuple[list[Frame], list[h2.events.Event]]:
+        event = h2.events.ConnectionTerminated()
+        try:
+            event.error_code = ErrorCodes(frame.error_code)
+        except ValueError:
+            event.error_code = frame.error_code
+        event.last_stream_id = frame.last_stream_id
+        event.additional_data = frame.additional_data or None
+        return [], [event]
+
+
 class _Connection:
     """One HTTP/2 connection: a reader task turns frames into call events; calls write through it."""
 
@@ -494,7 +514,7 @@ class _Connection:
         self.reader = reader
         self.writer = writer
         cfg = h2.config.H2Configuration(client_side=True, header_encoding=None, validate_inbound_headers=True)
-        self.h2 = h2.connection.H2Connection(cfg)
+        self.h2 = _GracefulH2Connection(cfg)
         self.h2.local_settings = h2.settings.Settings(
             client=True,
             initial_values={
@@ -578,9 +598,7 @@ class _Connection:
             self._close_soon()
 
     # -- calls -----------------------------------------------------------------------------------------
-    async def open_call(
-        self, headers: list[tuple[str, str]], max_message: int, deadline: float | None
-    ) -> Call:
+    async def open_call(self, headers: list[_Header], max_message: int, deadline: float | None) -> Call:
         while self.usable and self.h2.open_outbound_streams >= self.h2.remote_settings.max_concurrent_streams:
             self._slot_freed.clear()
             await self._slot_freed.wait()
@@ -817,10 +835,10 @@ class Channel:
             reader, writer, keepalive_time=self.keepalive_time, keepalive_timeout=self.keepalive_timeout
         )
 
-    def _headers(self, method: str, metadata: Metadata, timeout: float | None) -> list[tuple[str, str]]:
+    def _headers(self, method: str, metadata: Metadata, timeout: float | None) -> list[_Header]:
         if not method.startswith("/"):
             raise ValueError(f"method {method!r} must look like /package.Service/Method")
-        headers = [
+        headers: list[_Header] = [
             (":method", "POST"),
             (":scheme", "https" if self.ssl_context is not None else "http"),
             (":path", method),

@@ -410,3 +410,85 @@ def test_wire_clients_import_neither_grpc_nor_cryptography() -> None:
     )
     out = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[] False", out.stdout + out.stderr
+
+
+# ------------------------------------------------------------------------------- a raw HTTP/2 peer (h2)
+async def raw_h2_server() -> tuple[asyncio.Server, int]:
+    """A misbehaving peer grpcio cannot play: HTTP errors, compressed messages, GOAWAY before answering."""
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    async def serve(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        conn = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=False, header_encoding="utf-8")
+        )
+        conn.initiate_connection()
+        w.write(conn.data_to_send())
+        while data := await r.read(65536):
+            for ev in conn.receive_data(data):
+                if not isinstance(ev, h2.events.RequestReceived):
+                    continue
+                sid, path = ev.stream_id, dict(ev.headers or [])[":path"]
+                if path.endswith("/Http503"):
+                    conn.send_headers(sid, [(":status", "503"), ("content-type", "text/plain")])
+                    conn.send_data(sid, b"busy, come back later", end_stream=True)
+                elif path.endswith("/Compressed"):
+                    conn.send_headers(sid, [(":status", "200"), ("content-type", "application/grpc")])
+                    conn.send_data(sid, b"\x01\x00\x00\x00\x03abc")
+                    conn.send_headers(sid, [("grpc-status", "0")], end_stream=True)
+                elif path.endswith("/GoAway"):
+                    conn.close_connection(last_stream_id=0)
+            w.write(conn.data_to_send())
+            await w.drain()
+        w.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+async def test_http_errors_compression_and_goaway_from_a_raw_peer() -> None:
+    server, port = await raw_h2_server()
+    try:
+        async with Channel(f"127.0.0.1:{port}") as ch:
+            with pytest.raises(RpcError) as ei:
+                await ch.unary_unary("/raw.Svc/Http503", b"")
+            assert ei.value.code == StatusCode.UNAVAILABLE  # the gRPC mapping of HTTP 503
+            assert "503" in ei.value.details
+            with pytest.raises(RpcError) as ei:
+                await ch.unary_unary("/raw.Svc/Compressed", b"")
+            assert ei.value.code == StatusCode.INTERNAL
+            assert "compressed" in ei.value.details
+            with pytest.raises(RpcError) as ei:
+                await ch.unary_unary("/raw.Svc/GoAway", b"", timeout=5)
+            assert ei.value.code == StatusCode.UNAVAILABLE  # never processed: safe to retry
+            assert "GOAWAY" in ei.value.details
+            with pytest.raises(RpcError):  # the next call dials a new connection
+                await ch.unary_unary("/raw.Svc/Http503", b"")
+            assert ch.connects == 2
+    finally:
+        server.close()
+
+
+async def test_graceful_goaway_moves_new_calls_to_a_new_connection() -> None:
+    """grpc's max_connection_age sends GOAWAY; the open call finishes, later calls use a fresh connection."""
+    seen = Seen()
+    opts = [("grpc.max_connection_age_ms", 300), ("grpc.max_connection_age_grace_ms", 10_000)]
+    server = grpc.aio.server(options=opts)
+    server.add_generic_rpc_handlers((handler(seen),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with Channel(f"127.0.0.1:{port}") as ch:
+            call = await ch.stream_stream(f"/{SVC}/BidiEcho")
+            await call.write(b"before")
+            assert await call.read() == b"before"
+            await asyncio.sleep(1.0)  # past the connection's max age: the server sent GOAWAY
+            assert await ch.unary_unary(f"/{SVC}/Echo", b"new") == b"new"
+            assert ch.connects == 2
+            await call.write(b"after")  # the old connection still carries the call it had
+            assert await call.read() == b"after"
+            await call.done_writing()
+            assert await call.read() is None
+    finally:
+        await server.stop(0)
