@@ -41,6 +41,7 @@ class Seen:
     time_remaining: list[float | None] = field(default_factory=list)
     peer_certs: list[bool] = field(default_factory=list)
     cancelled: asyncio.Event = field(default_factory=asyncio.Event)
+    flooded: int = 0  # messages the Flood handler got past flow control
 
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
@@ -102,6 +103,11 @@ def handler(seen: Seen) -> grpc.GenericRpcHandler:
             seen.cancelled.set()
             raise
 
+    async def flood(it: AsyncIterator[bytes], ctx: Ctx) -> AsyncIterator[bytes]:
+        for _ in range(64):
+            yield b"f" * (1 << 20)
+            seen.flooded += 1
+
     uu, ss = grpc.unary_unary_rpc_method_handler, grpc.stream_stream_rpc_method_handler
     return grpc.method_handlers_generic_handler(
         SVC,
@@ -114,6 +120,7 @@ def handler(seen: Seen) -> grpc.GenericRpcHandler:
             "Total": ss(total),
             "AbortOnStop": ss(abort_on_stop),
             "Hold": ss(hold),
+            "Flood": ss(flood),
         },
     )
 
@@ -299,6 +306,20 @@ async def test_cancel_resets_the_stream(srv: Server, chan: Channel) -> None:
     async with asyncio.timeout(5):
         await srv.seen.cancelled.wait()  # the server saw RST_STREAM(CANCEL)
     assert await chan.unary_unary(f"/{SVC}/Echo", b"next") == b"next"
+
+
+async def test_a_reader_that_stops_holds_the_server_back(srv: Server, chan: Channel) -> None:
+    """Received data is acknowledged as the reader takes it: 64 MiB do not pile up in the client."""
+    call = await chan.stream_stream(f"/{SVC}/Flood")
+    assert len(await call.read() or b"") == 1 << 20
+    await asyncio.sleep(1.0)  # not reading: the windows fill and the server's writes wait
+    assert srv.seen.flooded < 16
+    got = 1
+    while (m := await call.read()) is not None:
+        assert len(m) == 1 << 20
+        got += 1
+    assert got == 64
+    assert srv.seen.flooded == 64
 
 
 # -------------------------------------------------------------------------------------------------- TLS
