@@ -6,7 +6,7 @@
  *   new_key_csr(uri: str) -> (key_pem: str, csr_pem: str)
  *       ECDSA P-256 key (PKCS#8 PEM) and a SHA-256 signed CSR with an empty subject and exactly one
  *       critical subjectAltName: the URI `uri`.
- *   verify_chain(chain_pems: sequence[str], roots_pems: sequence[str], key_pem: str) -> None
+ *   verify_chain(chain_pems: sequence[str], roots_pems: sequence[str], key_pem: str) -> None  (PKCS#8 key)
  *       chain_pems is leaf first, one PEM certificate per item. Raises ValueError with OpenSSL's reason
  *       unless the leaf certifies key_pem's public key and the chain verifies to one of the roots
  *       (roots need not be self-signed: PARTIAL_CHAIN; validity times are not checked: NO_CHECK_TIME,
@@ -103,6 +103,7 @@ static PyObject *new_key_csr(PyObject *self, PyObject *args) {
     }
     EVP_PKEY *pkey = NULL;
     X509_REQ *req = NULL;
+    PKCS8_PRIV_KEY_INFO *p8 = NULL;
     BIO *key_bio = BIO_new(BIO_s_mem());
     BIO *csr_bio = BIO_new(BIO_s_mem());
     const char *failed = NULL;
@@ -113,7 +114,7 @@ static PyObject *new_key_csr(PyObject *self, PyObject *args) {
         failed = "generating a P-256 key failed";
     else if ((req = make_csr(pkey, uri, uri_len)) == NULL)
         failed = "building the CSR failed";
-    else if (PEM_write_bio_PrivateKey(key_bio, pkey, NULL, NULL, 0, NULL, NULL) != 1)
+    else if ((p8 = EVP_PKEY2PKCS8(pkey)) == NULL || PEM_write_bio_PKCS8_PRIV_KEY_INFO(key_bio, p8) != 1)
         failed = "writing the key PEM failed";
     else if (PEM_write_bio_X509_REQ(csr_bio, req) != 1)
         failed = "writing the CSR PEM failed";
@@ -125,6 +126,7 @@ static PyObject *new_key_csr(PyObject *self, PyObject *args) {
         result = PyTuple_Pack(2, key_pem, csr_pem);
     Py_XDECREF(key_pem);
     Py_XDECREF(csr_pem);
+    PKCS8_PRIV_KEY_INFO_free(p8);
     X509_REQ_free(req);
     EVP_PKEY_free(pkey);
     BIO_free(key_bio);
@@ -184,11 +186,14 @@ static EVP_PKEY *load_key(const char *pem, Py_ssize_t len) {
         PyErr_SetString(PyExc_ValueError, "private key: too large");
         return NULL;
     }
+    /* PKCS#8 directly: PEM_read_bio_PrivateKey's decoder search costs ~0.8 ms on OpenSSL 3.0. */
     BIO *bio = BIO_new_mem_buf(pem, (int)len);
-    EVP_PKEY *pkey = bio ? PEM_read_bio_PrivateKey(bio, NULL, NULL, NULL) : NULL;
+    PKCS8_PRIV_KEY_INFO *p8 = bio ? PEM_read_bio_PKCS8_PRIV_KEY_INFO(bio, NULL, NULL, NULL) : NULL;
+    EVP_PKEY *pkey = p8 ? EVP_PKCS82PKEY(p8) : NULL;
+    PKCS8_PRIV_KEY_INFO_free(p8);
     BIO_free(bio);
     if (pkey == NULL)
-        ossl_error("private key: not a PEM private key");
+        ossl_error("private key: not a PKCS#8 PEM private key");
     return pkey;
 }
 
