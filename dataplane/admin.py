@@ -301,14 +301,16 @@ async def _write_stream(writer: asyncio.StreamWriter, chunks: Iterator[str], bat
     the producer instead of the whole body piling up in the transport."""
     buf: list[str] = []
     size = 0
-    for chunk in chunks:
-        buf.append(chunk)
-        size += len(chunk)
-        if size >= batch:
-            writer.write("".join(buf).encode())
-            buf, size = [], 0
-            await writer.drain()
-    writer.write("".join(buf).encode())
+    try:
+        for chunk in chunks:
+            buf.append(chunk)
+            size += len(chunk)
+            if size >= batch:
+                writer.write("".join(buf).encode())
+                buf, size = [], 0
+                await writer.drain()
+    finally:  # also when producing failed: the reader gets everything up to the failure
+        writer.write("".join(buf).encode())
     await writer.drain()
 
 
@@ -424,7 +426,12 @@ class AdminServer:
             with contextlib.suppress(ConnectionError):
                 await writer.drain()
                 if resp.stream is not None and method != "HEAD":
-                    await _write_stream(writer, resp.stream)
+                    try:
+                        await _write_stream(writer, resp.stream)
+                    except ConnectionError:
+                        raise
+                    except Exception:  # the status line is out: all that is left is to cut the body short
+                        log.exception("admin %s failed while streaming its body", line[1])
         finally:
             writer.close()
             with contextlib.suppress(Exception):

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import json
 
+import pytest
+
 from istiopy.dataplane.admin import AdminServer, AdminSources, LocalWorkloadInfo, config_dump
 from istiopy.dataplane.metrics import ConnectionTracker, Metrics, connection_labels
 from istiopy.dataplane.state import ProxyState
@@ -103,5 +105,26 @@ async def test_empty_dump_is_the_document() -> None:
         _, body = await _get(server.ports["admin"], "/config_dump")
         assert body.decode() == json.dumps(config_dump(src), indent=2)
         assert json.loads(body)["workloads"] == []
+    finally:
+        await server.stop()
+
+
+async def test_failure_mid_stream_cuts_the_body_and_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    def broken() -> list[dict[str, object]]:
+        raise RuntimeError("certificate store on fire")
+
+    src = AdminSources(state=_mesh(10), metrics=Metrics(), certificates=broken)
+    server = AdminServer(src, admin_addr=("127.0.0.1", 0), metrics_addr=None, readiness_addr=None)
+    await server.start()
+    try:
+        head, body = await _get(server.ports["admin"], "/config_dump")
+        assert head.startswith("HTTP/1.1 200 OK")  # already sent when the failure came
+        assert body.startswith(b'{\n  "workloads": [')
+        with pytest.raises(json.JSONDecodeError):
+            json.loads(body)  # a reader can tell: the document is incomplete
+        assert "failed while streaming" in caplog.text
+        assert "certificate store on fire" in caplog.text
+        head, _ = await _get(server.ports["admin"], "/debug/modules")
+        assert head.startswith("HTTP/1.1 200 OK")  # the server keeps serving
     finally:
         await server.stop()
