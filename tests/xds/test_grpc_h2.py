@@ -12,7 +12,7 @@ import contextlib
 import logging
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -132,9 +132,12 @@ class Server:
     seen: Seen
 
 
-async def start_server(port: int = 0, creds: grpc.ServerCredentials | None = None) -> Server:
+async def start_server(
+    port: int = 0, creds: grpc.ServerCredentials | None = None, options: Sequence[tuple[str, Any]] = ()
+) -> Server:
     seen = Seen()
     opts = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+    opts += options
     server = grpc.aio.server(options=opts)
     server.add_generic_rpc_handlers((handler(seen),))
     addr = f"127.0.0.1:{port}"
@@ -374,31 +377,51 @@ async def test_server_restart_unavailable_then_reconnects() -> None:
         await s.server.stop(0)
 
 
-async def test_connection_loss_fails_open_calls_unavailable(srv: Server) -> None:
-    """A TCP relay in front of the server is cut mid-call: every open call fails with UNAVAILABLE."""
-    conns: list[asyncio.StreamWriter] = []
+@dataclass
+class Relay:
+    """A TCP relay in front of a server that a test can cut (RST) or freeze (a silent, half-dead peer)."""
 
-    async def relay(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        ur, uw = await asyncio.open_connection("127.0.0.1", srv.port)
-        conns.extend([w, uw])
+    server: asyncio.Server
+    port: int
+    conns: list[asyncio.StreamWriter] = field(default_factory=list)
+    frozen: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def cut(self) -> None:
+        for w in self.conns:
+            w.transport.abort()
+
+
+async def start_relay(upstream_port: int) -> Relay:
+    relay: Relay
+
+    async def serve(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        ur, uw = await asyncio.open_connection("127.0.0.1", upstream_port)
+        relay.conns.extend([w, uw])
 
         async def pump(a: asyncio.StreamReader, b: asyncio.StreamWriter) -> None:
             with contextlib.suppress(Exception):
                 while data := await a.read(65536):
+                    if relay.frozen.is_set():
+                        continue  # swallow: nothing gets through, nothing is closed
                     b.write(data)
                     await b.drain()
 
         await asyncio.gather(pump(r, uw), pump(ur, w))
 
-    proxy = await asyncio.start_server(relay, "127.0.0.1", 0)
-    port = proxy.sockets[0].getsockname()[1]
-    ch = Channel(f"127.0.0.1:{port}")
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    relay = Relay(server, server.sockets[0].getsockname()[1])
+    return relay
+
+
+async def test_connection_loss_fails_open_calls_unavailable(srv: Server) -> None:
+    """The connection is cut mid-call: every open call fails with UNAVAILABLE, the next call re-dials."""
+    relay = await start_relay(srv.port)
+    ch = Channel(f"127.0.0.1:{relay.port}")
     try:
         calls = [await ch.stream_stream(f"/{SVC}/Hold") for _ in range(3)]
         for c in calls:
             assert await c.read() == b"held"
-        for w in conns:
-            w.transport.abort()
+        relay.cut()
         for c in calls:
             with pytest.raises(RpcError) as ei:
                 async with asyncio.timeout(5):
@@ -408,7 +431,32 @@ async def test_connection_loss_fails_open_calls_unavailable(srv: Server) -> None
         assert ch.connects == 2
     finally:
         await ch.close()
-        proxy.close()
+        relay.server.close()
+
+
+async def test_keepalive_detects_a_silent_peer() -> None:
+    """With keepalive on, a peer that stops answering (no FIN, no RST) fails the open call in time."""
+    # grpc servers answer frequent pings with GOAWAY(too_many_pings) unless told to accept them.
+    ping_opts = [("grpc.http2.min_ping_interval_without_data_ms", 10), ("grpc.http2.max_ping_strikes", 0)]
+    srv = await start_server(options=ping_opts)
+    relay = await start_relay(srv.port)
+    ch = Channel(f"127.0.0.1:{relay.port}", keepalive_time=0.2, keepalive_timeout=0.5)
+    try:
+        call = await ch.stream_stream(f"/{SVC}/Hold")
+        assert await call.read() == b"held"
+        await asyncio.sleep(0.5)  # pings answered: the call is unaffected
+        assert not call.done
+        relay.frozen.set()
+        with pytest.raises(RpcError) as ei:
+            async with asyncio.timeout(5):
+                await call.read()
+        assert ei.value.code == StatusCode.UNAVAILABLE
+        assert "keepalive" in ei.value.details
+    finally:
+        await ch.close()
+        relay.cut()
+        relay.server.close()
+        await srv.server.stop(0)
 
 
 async def test_closed_channel_cancels_calls_and_refuses_new_ones(chan: Channel) -> None:
