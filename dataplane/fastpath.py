@@ -4,11 +4,15 @@ Split of work, and why:
 
 * Python keeps every *decision*: which pod and certificate, RBAC on a CONNECT, which pooled connection a
   stream uses, the expected peer identities, metrics export. These change rarely and need the mesh state.
-* The C engine keeps every *byte* of an established tunnel: one epoll thread, without the GIL, owns the
-  sockets, the TLS 1.3 records (OpenSSL, handshake included, with the PEM certificates Python gives it)
+* The C engine keeps every *byte* of an established tunnel: epoll worker threads, without the GIL, own
+  the sockets, the TLS 1.3 records (OpenSSL, handshake included, with the PEM certificates Python gives it)
   and the HTTP/2 framing and flow control of HBONE streams (nghttp2). Plain-to-plain legs are spliced
-  (zero copy). Python learns the peer SPIFFE id after the handshake and applies policy before any stream
-  flows; it gets byte counts when a relay ends and live counters from :meth:`FastPath.stats`.
+  (zero copy). ``$ISTIOPY_WORKER_THREADS`` (1..16, default 2 like upstream ztunnel's workers) sets how many
+  threads; each new connection or relay goes to the least busy one and stays there with all its streams
+  (sharded, not locked), and :class:`FastPool` spreads concurrent streams over up to that many connections
+  per key so they can use more than one thread. Python learns the peer SPIFFE id after the handshake and
+  applies policy before any stream flows; it gets byte counts when a relay ends and live counters from
+  :meth:`FastPath.stats`.
 * kTLS is not used: this kernel offers no ``tls`` ULP (``/proc/sys/net/ipv4/tcp_available_ulp``), and
   with HTTP/2 framing inside the records the win would be small next to the framing work anyway.
 
@@ -62,6 +66,12 @@ log = logging.getLogger(__name__)
 
 BYTE_PATH_ENV = "ISTIOPY_BYTE_PATH"
 BYTE_PATHS = ("c", "python")
+WORKER_THREADS_ENV = "ISTIOPY_WORKER_THREADS"
+DEFAULT_WORKER_THREADS = 2
+MAX_WORKER_THREADS = 16
+# FastPool opens another connection for a key (up to one per worker thread) only once every connection
+# already carries this many streams: sequential use stays on one connection, concurrent load spreads.
+SPREAD_AT_STREAMS = 2
 
 _ext: Any
 _import_error: str | None
@@ -95,12 +105,15 @@ except ImportError as e:  # the build degraded to Python (see setup.py OptionalB
 __all__ = [
     "BYTE_PATHS",
     "BYTE_PATH_ENV",
+    "DEFAULT_WORKER_THREADS",
+    "WORKER_THREADS_ENV",
     "FastConn",
     "FastPath",
     "FastStream",
     "available",
     "byte_path",
     "import_error",
+    "worker_threads",
 ]
 
 
@@ -123,6 +136,22 @@ def byte_path(flag: str | None = None) -> str:
         warnings.warn(f"C byte path unavailable ({_import_error}); using the Python path", stacklevel=2)
         return "python"
     return want
+
+
+def worker_threads(value: str | None = None) -> int:
+    """How many engine threads: ``value``, else ``$ISTIOPY_WORKER_THREADS``, else 2 (upstream ztunnel's
+    default worker count). A bad value is an error naming the variable, not a silent default: a proxy
+    started with a typo should say so."""
+    raw = value if value is not None else os.environ.get(WORKER_THREADS_ENV)
+    if raw is None or raw.strip() == "":
+        return DEFAULT_WORKER_THREADS
+    try:
+        n = int(raw.strip())
+    except ValueError:
+        n = 0
+    if not 1 <= n <= MAX_WORKER_THREADS:
+        raise ValueError(f"{WORKER_THREADS_ENV} must be an integer 1..{MAX_WORKER_THREADS}, not {raw!r}")
+    return n
 
 
 def _take_fd(obj: socket.socket | TcpStream) -> tuple[int, bytes]:
@@ -306,13 +335,15 @@ class _ServerConn:
 
 
 class FastPath:
-    """One C engine bound to the running event loop; events arrive through its eventfd."""
+    """One C engine bound to the running event loop; events of all its threads arrive through one eventfd.
+    ``threads``: worker threads (default :func:`worker_threads`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, threads: int | None = None) -> None:
         if _ext is None:
             raise RuntimeError(f"C byte path unavailable: {_import_error}")
+        self.threads = worker_threads() if threads is None else worker_threads(str(threads))
         self._loop = asyncio.get_running_loop()
-        self._engine: Any = _ext.Engine()
+        self._engine: Any = _ext.Engine(threads=self.threads)
         self._fd = self._engine.fileno()
         self._streams: dict[int, FastStream] = {}
         self._conns: dict[int, FastConn | _ServerConn] = {}
@@ -459,6 +490,10 @@ class FastPath:
         """Engine counters: connections, streams, relays (active/total) and bytes each way."""
         return dict(self._require().stats())
 
+    def thread_stats(self) -> list[dict[str, int]]:
+        """:meth:`stats` per worker thread: which threads carry the connections, relays and bytes."""
+        return [dict(d) for d in self._require().thread_stats()]
+
     async def close(self) -> None:
         """Stop the engine thread: every socket it owns is closed (with RST)."""
         if self._engine is None:
@@ -594,8 +629,10 @@ Dialer = Callable[[tuple[str, int]], Awaitable[socket.socket]]
 
 class FastPool:
     """``HbonePool`` with the byte path in C: connections per key, at most ``max_streams_per_conn``
-    streams each, closed after ``idle_timeout`` without streams. ``open_stream`` returns a
-    :class:`FastStream` already answered 200, whose app side :func:`relay` attaches."""
+    streams each, closed after ``idle_timeout`` without streams. Concurrent streams spread over up to one
+    connection per engine thread (see ``SPREAD_AT_STREAMS``); one stream at a time reuses one connection.
+    ``open_stream`` returns a :class:`FastStream` already answered 200, whose app side :func:`relay`
+    attaches."""
 
     def __init__(
         self,
@@ -628,9 +665,11 @@ class FastPool:
         async with self._locks.setdefault(key, asyncio.Lock()):
             live = [c for c in self._conns.get(key, []) if not c.closed]
             self._conns[key] = live
-            for c in live:
-                if len(c.streams) < self.max_streams:
-                    return c
+            # the least busy usable connection, unless all are busy and another thread could take a new one
+            usable = [c for c in live if len(c.streams) < self.max_streams]
+            best = min(usable, key=lambda c: len(c.streams), default=None)
+            if best is not None and (len(best.streams) < SPREAD_AT_STREAMS or len(live) >= self._fp.threads):
+                return best
             if connect is not None:
                 sock = await asyncio.wait_for(connect(dst), self.connect_timeout)
             else:

@@ -47,6 +47,7 @@ enum { T_RELAY = 1, T_CONN, T_STREAM };
 enum { H_WAKE = 1, H_RELAY0, H_RELAY1, H_CONN, H_APP };
 
 typedef struct handle { int kind; void *obj; } handle;
+typedef struct worker worker;
 
 typedef struct obj {
     uint64_t id;
@@ -80,7 +81,7 @@ typedef struct stream stream;
 
 struct fp_conn {
     obj o;
-    struct fp_engine *e;
+    struct worker *w;
     int fd;
     handle h;
     uint32_t ev;
@@ -140,20 +141,42 @@ typedef struct cmd {
 } cmd;
 enum { C_RELAY = 1, C_CONN, C_OPEN, C_ACCEPT, C_REJECT, C_RESET, C_CLOSE, C_ATTACH };
 
-struct fp_engine {
-    int ep, wake_fd, ev_fd;
+/* One event-loop thread and everything it owns: its epoll set, its command queue, its objects (id table,
+ * graveyard) and its read buffer. Nothing here is touched by another worker; Python touches only cmds
+ * (under mu) and the atomic counters. */
+struct worker {
+    struct fp_engine *e;
+    int idx;
+    int ep, wake_fd;
     handle wake_h;
     pthread_t thr;
-    int started, stop;
-    pthread_mutex_t mu; /* guards cmds, events and next_id only */
+    int started;
+    pthread_mutex_t mu; /* guards cmds only */
     cmd *cmds, **cmds_tail;
-    fp_event *evs, **evs_tail;
-    uint64_t next_id;
     obj *table[NBUCKETS];
     obj *grave;
-    fp_stats st;
+    fp_stats st;   /* this worker's counters (atomic: read from other threads) */
+    uint64_t load; /* connections + relays placed here and not yet gone (atomic): placement of new ones */
     uint8_t rbuf[READ_BUF];
 };
+
+struct fp_engine {
+    int nworkers, ev_fd, stop;
+    worker *w[FP_MAX_WORKERS];
+    pthread_mutex_t mu; /* guards the event queue only */
+    fp_event *evs, **evs_tail;
+    uint64_t next_seq; /* atomic */
+    unsigned rr;       /* atomic: where placement starts looking, so ties rotate */
+};
+
+/* Ids carry their worker in the low bits, so a command finds its thread without a shared table. */
+static uint64_t new_id(fp_engine *e, int idx) {
+    return (__atomic_add_fetch(&e->next_seq, 1, __ATOMIC_RELAXED) << FP_WORKER_BITS) | (uint64_t)idx;
+}
+
+static worker *worker_of(fp_engine *e, uint64_t id) {
+    return e->w[(id & ((1u << FP_WORKER_BITS) - 1)) % (unsigned)e->nworkers];
+}
 
 static void conn_fail(struct fp_conn *c, const char *why);
 static void stream_finish(stream *st, const char *why, int reset_app, uint32_t rst_code);
@@ -192,20 +215,20 @@ static void close_fd(int fd, int rst) {
     else close(fd);
 }
 
-static void tbl_add(fp_engine *e, obj *o) {
-    obj **b = &e->table[o->id % NBUCKETS];
+static void tbl_add(worker *w, obj *o) {
+    obj **b = &w->table[o->id % NBUCKETS];
     o->hnext = *b;
     *b = o;
 }
 
-static obj *tbl_get(fp_engine *e, uint64_t id) {
-    for (obj *o = e->table[id % NBUCKETS]; o; o = o->hnext)
+static obj *tbl_get(worker *w, uint64_t id) {
+    for (obj *o = w->table[id % NBUCKETS]; o; o = o->hnext)
         if (o->id == id && !o->dead) return o;
     return NULL;
 }
 
-static void tbl_del(fp_engine *e, obj *o) {
-    for (obj **p = &e->table[o->id % NBUCKETS]; *p; p = &(*p)->hnext)
+static void tbl_del(worker *w, obj *o) {
+    for (obj **p = &w->table[o->id % NBUCKETS]; *p; p = &(*p)->hnext)
         if (*p == o) {
             *p = o->hnext;
             return;
@@ -214,17 +237,17 @@ static void tbl_del(fp_engine *e, obj *o) {
 
 /* Dead objects are freed at the end of the event batch: later events of the same batch may still
  * point at them (they check o->dead). */
-static void bury(fp_engine *e, obj *o) {
+static void bury(worker *w, obj *o) {
     o->dead = 1;
-    tbl_del(e, o);
-    o->gnext = e->grave;
-    e->grave = o;
+    tbl_del(w, o);
+    o->gnext = w->grave;
+    w->grave = o;
 }
 
-static void free_grave(fp_engine *e) {
-    while (e->grave) {
-        obj *o = e->grave;
-        e->grave = o->gnext;
+static void free_grave(worker *w) {
+    while (w->grave) {
+        obj *o = w->grave;
+        w->grave = o->gnext;
         if (o->type == T_STREAM) {
             stream *st = (stream *)o;
             free(st->up);
@@ -240,7 +263,7 @@ static void free_grave(fp_engine *e) {
     }
 }
 
-static void emit(fp_engine *e, int kind, uint64_t id, int32_t sid, int status, uint64_t up, uint64_t down,
+static void emit(worker *w, int kind, uint64_t id, int32_t sid, int status, uint64_t up, uint64_t down,
                  const char *text, char *hdrs, size_t hdrs_len) {
     fp_event *ev = xcalloc(1, sizeof *ev);
     ev->kind = kind;
@@ -252,27 +275,31 @@ static void emit(fp_engine *e, int kind, uint64_t id, int32_t sid, int status, u
     ev->text = xstrdup(text ? text : "");
     ev->hdrs = hdrs; /* ownership moves to the event */
     ev->hdrs_len = hdrs_len;
+    fp_engine *e = w->e; /* every worker's events go to the one queue Python reads */
     pthread_mutex_lock(&e->mu);
+    int first = e->evs == NULL;
     *e->evs_tail = ev;
     e->evs_tail = &ev->next;
     pthread_mutex_unlock(&e->mu);
+    /* Signal only the empty -> non-empty step: whoever made the queue non-empty signals, and the reader
+     * takes the whole queue after clearing the eventfd, so a later event is never stranded. */
     uint64_t one = 1;
-    if (write(e->ev_fd, &one, sizeof one) < 0) { /* counter saturated: the reader is already signalled */
+    if (first && write(e->ev_fd, &one, sizeof one) < 0) { /* counter saturated: the reader is signalled */
     }
 }
 
 /* Register, modify or remove an fd's interest; an empty interest removes it so HUP/ERR cannot spin. */
-static void watch(fp_engine *e, int fd, handle *h, uint32_t *cur, int *reg, uint32_t want) {
+static void watch(worker *w, int fd, handle *h, uint32_t *cur, int *reg, uint32_t want) {
     if (fd < 0) return;
     if (want == 0) {
-        if (*reg) epoll_ctl(e->ep, EPOLL_CTL_DEL, fd, NULL);
+        if (*reg) epoll_ctl(w->ep, EPOLL_CTL_DEL, fd, NULL);
         *reg = 0;
         *cur = 0;
         return;
     }
     if (*reg && *cur == want) return;
     struct epoll_event ev = {.events = want, .data.ptr = h};
-    if (epoll_ctl(e->ep, *reg ? EPOLL_CTL_MOD : EPOLL_CTL_ADD, fd, &ev) == 0) {
+    if (epoll_ctl(w->ep, *reg ? EPOLL_CTL_MOD : EPOLL_CTL_ADD, fd, &ev) == 0) {
         *reg = 1;
         *cur = want;
     }
@@ -280,20 +307,21 @@ static void watch(fp_engine *e, int fd, handle *h, uint32_t *cur, int *reg, uint
 
 /* ---- plain relay (splice) ------------------------------------------------------------------ */
 
-static void relay_end(fp_engine *e, relay *r, const char *why, int reset) {
+static void relay_end(worker *w, relay *r, const char *why, int reset) {
     for (int i = 0; i < 2; i++) {
-        watch(e, r->fd[i], &r->h[i], &r->ev[i], &r->reg[i], 0);
+        watch(w, r->fd[i], &r->h[i], &r->ev[i], &r->reg[i], 0);
         if (r->fd[i] >= 0) close_fd(r->fd[i], reset);
         r->fd[i] = -1;
         for (int j = 0; j < 2; j++)
             if (r->d[i].pipe[j] >= 0) close(r->d[i].pipe[j]);
     }
-    __atomic_sub_fetch(&e->st.relays_active, 1, __ATOMIC_RELAXED);
-    emit(e, FP_EV_DONE, r->o.id, 0, 0, r->d[0].bytes, r->d[1].bytes, why, NULL, 0);
-    bury(e, &r->o);
+    __atomic_sub_fetch(&w->st.relays_active, 1, __ATOMIC_RELAXED);
+    __atomic_sub_fetch(&w->load, 1, __ATOMIC_RELAXED);
+    emit(w, FP_EV_DONE, r->o.id, 0, 0, r->d[0].bytes, r->d[1].bytes, why, NULL, 0);
+    bury(w, &r->o);
 }
 
-static void relay_pump(fp_engine *e, relay *r) {
+static void relay_pump(worker *w, relay *r) {
     for (int i = 0; i < 2; i++) {
         rdir *d = &r->d[i];
         int src = r->fd[i], dst = r->fd[1 - i];
@@ -304,14 +332,14 @@ static void relay_pump(fp_engine *e, relay *r) {
                 if (n > 0) {
                     d->inpipe -= (size_t)n;
                     d->bytes += (uint64_t)n;
-                    __atomic_add_fetch(&e->st.bytes_spliced, (uint64_t)n, __ATOMIC_RELAXED);
+                    __atomic_add_fetch(&w->st.bytes_spliced, (uint64_t)n, __ATOMIC_RELAXED);
                     budget = budget > (size_t)n ? budget - (size_t)n : 0;
                     continue;
                 }
                 if (n < 0 && errno == EAGAIN) {
                     if (d->eof) break;
                 } else if (n < 0 && errno != EINTR) {
-                    relay_end(e, r, "reset", 1);
+                    relay_end(w, r, "reset", 1);
                     return;
                 }
             }
@@ -331,37 +359,37 @@ static void relay_pump(fp_engine *e, relay *r) {
             } else if (errno == EAGAIN) {
                 break;
             } else if (errno != EINTR) {
-                relay_end(e, r, "reset", 1);
+                relay_end(w, r, "reset", 1);
                 return;
             }
         }
     }
     if (r->d[0].shut && r->d[1].shut) {
-        relay_end(e, r, "", 0);
+        relay_end(w, r, "", 0);
         return;
     }
     for (int i = 0; i < 2; i++) {
         uint32_t want = 0;
         if (!r->d[i].eof && r->d[i].inpipe < PIPE_CAP) want |= EPOLLIN;
         if (r->d[1 - i].inpipe > 0 && !r->d[1 - i].shut) want |= EPOLLOUT;
-        watch(e, r->fd[i], &r->h[i], &r->ev[i], &r->reg[i], want);
+        watch(w, r->fd[i], &r->h[i], &r->ev[i], &r->reg[i], want);
     }
 }
 
-static void relay_on_event(fp_engine *e, relay *r, int side, uint32_t events) {
+static void relay_on_event(worker *w, relay *r, int side, uint32_t events) {
     if (events & EPOLLERR) {
         int err = 0;
         socklen_t len = sizeof err;
         getsockopt(r->fd[side], SOL_SOCKET, SO_ERROR, &err, &len);
         if (err) {
-            relay_end(e, r, "reset", 1);
+            relay_end(w, r, "reset", 1);
             return;
         }
     }
-    relay_pump(e, r);
+    relay_pump(w, r);
 }
 
-static void do_relay(fp_engine *e, uint64_t id, int a, int b) {
+static void do_relay(worker *w, uint64_t id, int a, int b) {
     relay *r = xcalloc(1, sizeof *r);
     r->o.id = id;
     r->o.type = T_RELAY;
@@ -372,19 +400,19 @@ static void do_relay(fp_engine *e, uint64_t id, int a, int b) {
         r->h[i].obj = r;
         r->d[i].pipe[0] = r->d[i].pipe[1] = -1;
     }
-    tbl_add(e, &r->o);
-    __atomic_add_fetch(&e->st.relays_active, 1, __ATOMIC_RELAXED);
-    __atomic_add_fetch(&e->st.relays_total, 1, __ATOMIC_RELAXED);
+    tbl_add(w, &r->o);
+    __atomic_add_fetch(&w->st.relays_active, 1, __ATOMIC_RELAXED);
+    __atomic_add_fetch(&w->st.relays_total, 1, __ATOMIC_RELAXED);
     for (int i = 0; i < 2; i++) {
         if (pipe2(r->d[i].pipe, O_NONBLOCK | O_CLOEXEC) < 0) {
-            relay_end(e, r, "pipe failed", 1);
+            relay_end(w, r, "pipe failed", 1);
             return;
         }
         fcntl(r->d[i].pipe[1], F_SETPIPE_SZ, PIPE_CAP);
     }
     set_nonblock(a);
     set_nonblock(b);
-    relay_pump(e, r);
+    relay_pump(w, r);
 }
 
 /* ---- streams ------------------------------------------------------------------------------- */
@@ -394,16 +422,16 @@ static void stream_watch(stream *st) {
     if (st->app_fd < 0) return;
     if (st->open && !st->app_eof && st->up_len - st->up_off < UP_CAP / 2) want |= EPOLLIN;
     if (st->down_len > st->down_off) want |= EPOLLOUT;
-    watch(st->c->e, st->app_fd, &st->h, &st->ev, &st->reg, want);
+    watch(st->c->w, st->app_fd, &st->h, &st->ev, &st->reg, want);
 }
 
 /* Free-standing finish: close the app side, tell nghttp2 (RST_STREAM unless it already closed), report. */
 static void stream_finish(stream *st, const char *why, int reset_app, uint32_t rst_code) {
     struct fp_conn *c = st->c;
-    fp_engine *e = c->e;
+    worker *w = c->w;
     if (st->o.dead) return;
     if (st->app_fd >= 0) {
-        watch(e, st->app_fd, &st->h, &st->ev, &st->reg, 0);
+        watch(w, st->app_fd, &st->h, &st->ev, &st->reg, 0);
         close_fd(st->app_fd, reset_app);
         st->app_fd = -1;
     }
@@ -414,9 +442,9 @@ static void stream_finish(stream *st, const char *why, int reset_app, uint32_t r
     if (st->prev) st->prev->next = st->next;
     else c->streams = st->next;
     if (st->next) st->next->prev = st->prev;
-    __atomic_sub_fetch(&e->st.streams_active, 1, __ATOMIC_RELAXED);
-    emit(e, FP_EV_DONE, st->o.id, st->sid, 0, st->sent, st->received, why, NULL, 0);
-    bury(e, &st->o);
+    __atomic_sub_fetch(&w->st.streams_active, 1, __ATOMIC_RELAXED);
+    emit(w, FP_EV_DONE, st->o.id, st->sid, 0, st->sent, st->received, why, NULL, 0);
+    bury(w, &st->o);
 }
 
 static stream *stream_new(struct fp_conn *c, uint64_t id) {
@@ -430,9 +458,9 @@ static stream *stream_new(struct fp_conn *c, uint64_t id) {
     st->next = c->streams;
     if (c->streams) c->streams->prev = st;
     c->streams = st;
-    tbl_add(c->e, &st->o);
-    __atomic_add_fetch(&c->e->st.streams_active, 1, __ATOMIC_RELAXED);
-    __atomic_add_fetch(&c->e->st.streams_total, 1, __ATOMIC_RELAXED);
+    tbl_add(c->w, &st->o);
+    __atomic_add_fetch(&c->w->st.streams_active, 1, __ATOMIC_RELAXED);
+    __atomic_add_fetch(&c->w->st.streams_total, 1, __ATOMIC_RELAXED);
     return st;
 }
 
@@ -463,7 +491,7 @@ static void stream_flush_down(stream *st) {
     if (st->down_off == st->down_len) st->down_off = st->down_len = 0;
     if (done) {
         st->received += done;
-        __atomic_add_fetch(&st->c->e->st.bytes_down, done, __ATOMIC_RELAXED);
+        __atomic_add_fetch(&st->c->w->st.bytes_down, done, __ATOMIC_RELAXED);
         if (st->c->s && !st->h2_closed) nghttp2_session_consume(st->c->s, st->sid, done);
         else if (st->c->s) nghttp2_session_consume_connection(st->c->s, done);
     }
@@ -482,7 +510,6 @@ static void stream_up_init(stream *st) {
 
 /* Read from the app into the up buffer (bounded) and wake nghttp2's deferred DATA. */
 static void stream_read_app(stream *st) {
-    fp_engine *e = st->c->e;
     stream_up_init(st);
     if (st->up_off == st->up_len) {
         st->up_off = st->up_len = UP_HEAD;
@@ -506,7 +533,6 @@ static void stream_read_app(stream *st) {
             return;
         }
     }
-    (void)e;
     if (st->deferred && (st->up_len > st->up_off || st->app_eof)) {
         st->deferred = 0;
         nghttp2_session_resume_data(st->c->s, st->sid);
@@ -553,7 +579,7 @@ static ssize_t data_read_cb(nghttp2_session *s, int32_t sid, uint8_t *buf, size_
     memcpy(buf, st->up + st->up_off, n);
     st->up_off += n;
     st->sent += n;
-    __atomic_add_fetch(&st->c->e->st.bytes_up, n, __ATOMIC_RELAXED);
+    __atomic_add_fetch(&st->c->w->st.bytes_up, n, __ATOMIC_RELAXED);
     if (st->up_off == st->up_len && st->app_eof) {
         *flags |= NGHTTP2_DATA_FLAG_EOF;
         st->end_sent = 1;
@@ -602,7 +628,7 @@ static int send_data_cb(nghttp2_session *s, nghttp2_frame *frame, const uint8_t 
     if (rc < 0) return NGHTTP2_ERR_CALLBACK_FAILURE;
     st->up_off += length;
     st->sent += length;
-    __atomic_add_fetch(&c->e->st.bytes_up, length, __ATOMIC_RELAXED);
+    __atomic_add_fetch(&c->w->st.bytes_up, length, __ATOMIC_RELAXED);
     stream_watch(st); /* room again: resume reading the app */
     if (enc_pending(c) >= OUT_CAP) {
         c->paused = 1;
@@ -616,10 +642,7 @@ static int send_data_cb(nghttp2_session *s, nghttp2_frame *frame, const uint8_t 
 static int on_begin_headers(nghttp2_session *s, const nghttp2_frame *f, void *user) {
     struct fp_conn *c = user;
     if (!c->server || f->hd.type != NGHTTP2_HEADERS || f->headers.cat != NGHTTP2_HCAT_REQUEST) return 0;
-    pthread_mutex_lock(&c->e->mu);
-    uint64_t id = ++c->e->next_id;
-    pthread_mutex_unlock(&c->e->mu);
-    stream *st = stream_new(c, id);
+    stream *st = stream_new(c, new_id(c->w->e, c->w->idx));
     st->sid = f->hd.stream_id;
     nghttp2_session_set_stream_user_data(s, st->sid, st);
     return 0;
@@ -668,10 +691,10 @@ static int on_frame_recv(nghttp2_session *s, const nghttp2_frame *f, void *user)
         size_t hl = st->hdrs_len;
         st->hdrs = NULL;
         st->hdrs_len = 0;
-        emit(c->e, FP_EV_REQUEST, c->o.id, st->sid, 0, st->o.id, 0, "", h, hl);
+        emit(c->w, FP_EV_REQUEST, c->o.id, st->sid, 0, st->o.id, 0, "", h, hl);
     } else if (f->hd.type == NGHTTP2_HEADERS && f->headers.cat == NGHTTP2_HCAT_RESPONSE && st->client) {
         int status = st->status;
-        emit(c->e, FP_EV_RESPONSE, st->o.id, st->sid, status, 0, 0, "", NULL, 0);
+        emit(c->w, FP_EV_RESPONSE, st->o.id, st->sid, status, 0, 0, "", NULL, 0);
         if (status == 200) {
             st->open = 1;
             stream_pump_app(st);
@@ -718,7 +741,7 @@ static int on_data_chunk(nghttp2_session *s, uint8_t flags, int32_t sid, const u
         }
         if (off) {
             st->received += off;
-            __atomic_add_fetch(&st->c->e->st.bytes_down, off, __ATOMIC_RELAXED);
+            __atomic_add_fetch(&st->c->w->st.bytes_down, off, __ATOMIC_RELAXED);
             nghttp2_session_consume(s, sid, off);
         }
     }
@@ -761,11 +784,11 @@ static void conn_watch(struct fp_conn *c) {
     if (c->fd < 0) return;
     uint32_t want = EPOLLIN;
     if (c->out_off < c->out_len || c->want_write || enc_pending(c) > 0) want |= EPOLLOUT;
-    watch(c->e, c->fd, &c->h, &c->ev, &c->reg, want);
+    watch(c->w, c->fd, &c->h, &c->ev, &c->reg, want);
 }
 
 static void conn_fail(struct fp_conn *c, const char *why) {
-    fp_engine *e = c->e;
+    worker *w = c->w;
     if (c->o.dead) return;
     while (c->streams) {
         stream *st = c->streams;
@@ -773,7 +796,7 @@ static void conn_fail(struct fp_conn *c, const char *why) {
         stream_finish(st, why && *why ? why : "connection closed", 1, NGHTTP2_CANCEL);
     }
     if (c->fd >= 0) {
-        watch(e, c->fd, &c->h, &c->ev, &c->reg, 0);
+        watch(w, c->fd, &c->h, &c->ev, &c->reg, 0);
         close(c->fd);
         c->fd = -1;
     }
@@ -781,9 +804,10 @@ static void conn_fail(struct fp_conn *c, const char *why) {
     c->s = NULL;
     if (c->ssl) SSL_free(c->ssl);
     c->ssl = NULL;
-    __atomic_sub_fetch(&e->st.conns_active, 1, __ATOMIC_RELAXED);
-    emit(e, FP_EV_DOWN, c->o.id, 0, 0, 0, 0, why, NULL, 0);
-    bury(e, &c->o);
+    __atomic_sub_fetch(&w->st.conns_active, 1, __ATOMIC_RELAXED);
+    __atomic_sub_fetch(&w->load, 1, __ATOMIC_RELAXED);
+    emit(w, FP_EV_DOWN, c->o.id, 0, 0, 0, 0, why, NULL, 0);
+    bury(w, &c->o);
 }
 
 static const char *ssl_reason(void) {
@@ -1014,7 +1038,7 @@ static void conn_up(struct fp_conn *c) {
         conn_fail(c, "nghttp2 setup failed");
         return;
     }
-    emit(c->e, FP_EV_UP, c->o.id, 0, 0, 0, 0, c->peer ? c->peer : "", NULL, 0);
+    emit(c->w, FP_EV_UP, c->o.id, 0, 0, 0, 0, c->peer ? c->peer : "", NULL, 0);
 }
 
 /* Hand the bytes queued in this read batch to the apps. */
@@ -1042,7 +1066,7 @@ static int conn_feed(struct fp_conn *c, const uint8_t *data, size_t len) {
 }
 
 static void conn_on_event(struct fp_conn *c, uint32_t events) {
-    fp_engine *e = c->e;
+    worker *w = c->w;
     (void)events;
     c->want_write = 0;
     if (!c->up) {
@@ -1070,7 +1094,7 @@ static void conn_on_event(struct fp_conn *c, uint32_t events) {
             size_t got = 0;
             int err = SSL_ERROR_NONE;
             while (got < READ_BUF - 16384) {
-                int r = SSL_read(c->ssl, e->rbuf + got, (int)(READ_BUF - got));
+                int r = SSL_read(c->ssl, w->rbuf + got, (int)(READ_BUF - got));
                 if (r <= 0) {
                     err = SSL_get_error(c->ssl, r);
                     break;
@@ -1090,7 +1114,7 @@ static void conn_on_event(struct fp_conn *c, uint32_t events) {
             }
             n = (ssize_t)got; /* an error after data is seen again by the next SSL_read */
         } else {
-            n = recv(c->fd, e->rbuf, READ_BUF, 0);
+            n = recv(c->fd, w->rbuf, READ_BUF, 0);
             if (n < 0 && errno == EINTR) continue;
             if (n < 0 && errno == EAGAIN) break;
             if (n <= 0) {
@@ -1098,7 +1122,7 @@ static void conn_on_event(struct fp_conn *c, uint32_t events) {
                 return;
             }
         }
-        if (conn_feed(c, e->rbuf, (size_t)n) < 0) return;
+        if (conn_feed(c, w->rbuf, (size_t)n) < 0) return;
         if (c->down_pending > 0) conn_flush_streams(c);
     }
     if (c->down_pending > 0) conn_flush_streams(c);
@@ -1106,18 +1130,18 @@ static void conn_on_event(struct fp_conn *c, uint32_t events) {
     conn_flush(c);
 }
 
-static void do_conn(fp_engine *e, uint64_t id, int fd, SSL_CTX *ctx, int server) {
+static void do_conn(worker *w, uint64_t id, int fd, SSL_CTX *ctx, int server) {
     struct fp_conn *c = xcalloc(1, sizeof *c);
     c->o.id = id;
     c->o.type = T_CONN;
-    c->e = e;
+    c->w = w;
     c->fd = fd;
     c->server = server;
     c->h.kind = H_CONN;
     c->h.obj = c;
-    tbl_add(e, &c->o);
-    __atomic_add_fetch(&e->st.conns_active, 1, __ATOMIC_RELAXED);
-    __atomic_add_fetch(&e->st.conns_total, 1, __ATOMIC_RELAXED);
+    tbl_add(w, &c->o);
+    __atomic_add_fetch(&w->st.conns_active, 1, __ATOMIC_RELAXED);
+    __atomic_add_fetch(&w->st.conns_total, 1, __ATOMIC_RELAXED);
     set_nonblock(fd);
     int one = 1;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one); /* fails harmlessly on non-TCP */
@@ -1144,11 +1168,11 @@ static void do_conn(fp_engine *e, uint64_t id, int fd, SSL_CTX *ctx, int server)
     conn_on_event(c, EPOLLOUT);
 }
 
-static void do_open(fp_engine *e, uint64_t id, uint64_t conn_id, int app_fd, char *hdrs, size_t hl) {
-    obj *o = tbl_get(e, conn_id);
+static void do_open(worker *w, uint64_t id, uint64_t conn_id, int app_fd, char *hdrs, size_t hl) {
+    obj *o = tbl_get(w, conn_id);
     if (!o || o->type != T_CONN || !((struct fp_conn *)o)->up) {
         if (app_fd >= 0) close_rst(app_fd);
-        emit(e, FP_EV_DONE, id, 0, 0, 0, 0, "no such connection", NULL, 0);
+        emit(w, FP_EV_DONE, id, 0, 0, 0, 0, "no such connection", NULL, 0);
         return;
     }
     struct fp_conn *c = (struct fp_conn *)o;
@@ -1178,14 +1202,14 @@ static void do_open(fp_engine *e, uint64_t id, uint64_t conn_id, int app_fd, cha
 
 /* Answer a request: 200 and relay to app_fd (prefix: app bytes Python had already read, sent first),
  * or status with END_STREAM when app_fd < 0. */
-static void do_answer(fp_engine *e, uint64_t id, uint64_t conn_id, int32_t sid, int app_fd, int status,
+static void do_answer(worker *w, uint64_t id, uint64_t conn_id, int32_t sid, int app_fd, int status,
                       const char *prefix, size_t plen) {
-    obj *o = tbl_get(e, conn_id);
+    obj *o = tbl_get(w, conn_id);
     struct fp_conn *c = o && o->type == T_CONN ? (struct fp_conn *)o : NULL;
     stream *st = c && c->s ? nghttp2_session_get_stream_user_data(c->s, sid) : NULL;
     if (!st || st->o.dead) {
         if (app_fd >= 0) close_rst(app_fd);
-        if (id) emit(e, FP_EV_DONE, id, sid, 0, 0, 0, "stream gone", NULL, 0);
+        if (id) emit(w, FP_EV_DONE, id, sid, 0, 0, 0, "stream gone", NULL, 0);
         (void)status;
         return;
     }
@@ -1220,12 +1244,12 @@ static void do_answer(fp_engine *e, uint64_t id, uint64_t conn_id, int32_t sid, 
 }
 
 /* Give an open client stream its app socket (and bytes Python had already read from it). */
-static void do_attach(fp_engine *e, uint64_t id, int app_fd, const char *prefix, size_t plen) {
-    obj *o = tbl_get(e, id);
+static void do_attach(worker *w, uint64_t id, int app_fd, const char *prefix, size_t plen) {
+    obj *o = tbl_get(w, id);
     stream *st = o && o->type == T_STREAM ? (stream *)o : NULL;
     if (!st || st->app_fd >= 0) {
         close_rst(app_fd);
-        if (!st) emit(e, FP_EV_DONE, id, 0, 0, 0, 0, "stream gone", NULL, 0);
+        if (!st) emit(w, FP_EV_DONE, id, 0, 0, 0, 0, "stream gone", NULL, 0);
         return;
     }
     st->app_fd = app_fd;
@@ -1246,10 +1270,10 @@ static void do_attach(fp_engine *e, uint64_t id, int app_fd, const char *prefix,
     if (!c->o.dead) conn_flush(c);
 }
 
-static void do_reset(fp_engine *e, uint64_t id) {
-    obj *o = tbl_get(e, id);
+static void do_reset(worker *w, uint64_t id) {
+    obj *o = tbl_get(w, id);
     if (!o) return;
-    if (o->type == T_RELAY) relay_end(e, (relay *)o, "reset", 1);
+    if (o->type == T_RELAY) relay_end(w, (relay *)o, "reset", 1);
     else if (o->type == T_STREAM) {
         struct fp_conn *c = ((stream *)o)->c;
         stream_finish((stream *)o, "reset", 1, NGHTTP2_CANCEL);
@@ -1257,8 +1281,8 @@ static void do_reset(fp_engine *e, uint64_t id) {
     } else if (o->type == T_CONN) conn_fail((struct fp_conn *)o, "reset");
 }
 
-static void do_close(fp_engine *e, uint64_t id) {
-    obj *o = tbl_get(e, id);
+static void do_close(worker *w, uint64_t id) {
+    obj *o = tbl_get(w, id);
     if (!o || o->type != T_CONN) return;
     struct fp_conn *c = (struct fp_conn *)o;
     if (c->s) {
@@ -1271,24 +1295,24 @@ static void do_close(fp_engine *e, uint64_t id) {
 
 /* ---- the loop ------------------------------------------------------------------------------ */
 
-static void run_cmds(fp_engine *e) {
-    pthread_mutex_lock(&e->mu);
-    cmd *list = e->cmds;
-    e->cmds = NULL;
-    e->cmds_tail = &e->cmds;
-    pthread_mutex_unlock(&e->mu);
+static void run_cmds(worker *w) {
+    pthread_mutex_lock(&w->mu);
+    cmd *list = w->cmds;
+    w->cmds = NULL;
+    w->cmds_tail = &w->cmds;
+    pthread_mutex_unlock(&w->mu);
     while (list) {
         cmd *c = list;
         list = c->next;
         switch (c->op) {
-        case C_RELAY: do_relay(e, c->id, c->fd, c->fd2); break;
-        case C_CONN: do_conn(e, c->id, c->fd, c->ctx, c->server); break;
-        case C_OPEN: do_open(e, c->id, c->conn, c->fd, c->hdrs, c->hdrs_len); break;
-        case C_ACCEPT: do_answer(e, c->id, c->conn, c->stream, c->fd, 200, c->hdrs, c->hdrs_len); break;
-        case C_REJECT: do_answer(e, 0, c->conn, c->stream, -1, c->status, NULL, 0); break;
-        case C_RESET: do_reset(e, c->id); break;
-        case C_CLOSE: do_close(e, c->id); break;
-        case C_ATTACH: do_attach(e, c->id, c->fd, c->hdrs, c->hdrs_len); break;
+        case C_RELAY: do_relay(w, c->id, c->fd, c->fd2); break;
+        case C_CONN: do_conn(w, c->id, c->fd, c->ctx, c->server); break;
+        case C_OPEN: do_open(w, c->id, c->conn, c->fd, c->hdrs, c->hdrs_len); break;
+        case C_ACCEPT: do_answer(w, c->id, c->conn, c->stream, c->fd, 200, c->hdrs, c->hdrs_len); break;
+        case C_REJECT: do_answer(w, 0, c->conn, c->stream, -1, c->status, NULL, 0); break;
+        case C_RESET: do_reset(w, c->id); break;
+        case C_CLOSE: do_close(w, c->id); break;
+        case C_ATTACH: do_attach(w, c->id, c->fd, c->hdrs, c->hdrs_len); break;
         }
         free(c->hdrs);
         free(c);
@@ -1296,23 +1320,23 @@ static void run_cmds(fp_engine *e) {
 }
 
 static void *loop(void *arg) {
-    fp_engine *e = arg;
+    worker *w = arg;
     struct epoll_event evs[64];
-    while (!__atomic_load_n(&e->stop, __ATOMIC_ACQUIRE)) {
-        int n = epoll_wait(e->ep, evs, 64, -1);
+    while (!__atomic_load_n(&w->e->stop, __ATOMIC_ACQUIRE)) {
+        int n = epoll_wait(w->ep, evs, 64, -1);
         for (int i = 0; i < n; i++) {
             handle *h = evs[i].data.ptr;
             uint32_t ev = evs[i].events;
             if (h->kind == H_WAKE) {
                 uint64_t v;
-                if (read(e->wake_fd, &v, sizeof v) < 0) { /* spurious wake */
+                if (read(w->wake_fd, &v, sizeof v) < 0) { /* spurious wake */
                 }
-                run_cmds(e);
+                run_cmds(w);
                 continue;
             }
             obj *o = h->obj;
             if (o->dead) continue;
-            if (h->kind == H_RELAY0 || h->kind == H_RELAY1) relay_on_event(e, (relay *)o, h->kind == H_RELAY1, ev);
+            if (h->kind == H_RELAY0 || h->kind == H_RELAY1) relay_on_event(w, (relay *)o, h->kind == H_RELAY1, ev);
             else if (h->kind == H_CONN) conn_on_event((struct fp_conn *)o, ev);
             else if (h->kind == H_APP) {
                 stream *st = (stream *)o;
@@ -1322,54 +1346,90 @@ static void *loop(void *arg) {
                 if (!c->o.dead) conn_flush(c);
             }
         }
-        free_grave(e);
+        free_grave(w);
     }
     return NULL;
 }
 
-fp_engine *fp_engine_new(void) {
+static void worker_free(worker *w) {
+    if (!w) return;
+    if (w->ep >= 0) close(w->ep);
+    if (w->wake_fd >= 0) close(w->wake_fd);
+    pthread_mutex_destroy(&w->mu);
+    free(w);
+}
+
+static worker *worker_new(fp_engine *e, int idx) {
+    worker *w = xcalloc(1, sizeof *w);
+    w->e = e;
+    w->idx = idx;
+    pthread_mutex_init(&w->mu, NULL);
+    w->cmds_tail = &w->cmds;
+    w->ep = epoll_create1(EPOLL_CLOEXEC);
+    w->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (w->ep < 0 || w->wake_fd < 0) {
+        worker_free(w);
+        return NULL;
+    }
+    w->wake_h.kind = H_WAKE;
+    struct epoll_event ev = {.events = EPOLLIN, .data.ptr = &w->wake_h};
+    epoll_ctl(w->ep, EPOLL_CTL_ADD, w->wake_fd, &ev);
+    return w;
+}
+
+fp_engine *fp_engine_new(int threads) {
+    if (threads < 1 || threads > FP_MAX_WORKERS) return NULL;
     fp_engine *e = xcalloc(1, sizeof *e);
     pthread_mutex_init(&e->mu, NULL);
-    e->cmds_tail = &e->cmds;
     e->evs_tail = &e->evs;
-    e->ep = epoll_create1(EPOLL_CLOEXEC);
-    e->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     e->ev_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    if (e->ep < 0 || e->wake_fd < 0 || e->ev_fd < 0) {
+    if (e->ev_fd < 0) {
         fp_engine_free(e);
         return NULL;
     }
-    e->wake_h.kind = H_WAKE;
-    struct epoll_event ev = {.events = EPOLLIN, .data.ptr = &e->wake_h};
-    epoll_ctl(e->ep, EPOLL_CTL_ADD, e->wake_fd, &ev);
+    for (int i = 0; i < threads; i++) {
+        e->w[i] = worker_new(e, i);
+        if (!e->w[i]) {
+            fp_engine_free(e);
+            return NULL;
+        }
+        e->nworkers = i + 1;
+    }
     return e;
 }
 
 int fp_engine_start(fp_engine *e) {
-    if (pthread_create(&e->thr, NULL, loop, e) != 0) return -1;
-    e->started = 1;
+    for (int i = 0; i < e->nworkers; i++) {
+        if (pthread_create(&e->w[i]->thr, NULL, loop, e->w[i]) != 0) return -1; /* fp_engine_free joins */
+        e->w[i]->started = 1;
+    }
     return 0;
 }
 
-static void wake(fp_engine *e) {
+int fp_engine_threads(fp_engine *e) { return e->nworkers; }
+
+static void wake(worker *w) {
     uint64_t one = 1;
-    if (write(e->wake_fd, &one, sizeof one) < 0) { /* already pending */
+    if (write(w->wake_fd, &one, sizeof one) < 0) { /* already pending */
     }
 }
 
-/* Close every live object (engine thread stopped, or single-threaded fuzz use). */
+/* Close every live object (engine threads stopped, or single-threaded fuzz use). */
 void fp_fuzz_drop(fp_engine *e) {
-    for (int b = 0; b < NBUCKETS; b++) {
-        while (e->table[b]) {
-            obj *o = e->table[b];
-            if (o->type == T_RELAY) relay_end(e, (relay *)o, "engine closed", 1);
-            else if (o->type == T_CONN) conn_fail((struct fp_conn *)o, "engine closed");
-            else { /* a stream whose connection is elsewhere in the table: its conn closes it */
-                conn_fail(((stream *)o)->c, "engine closed");
+    for (int i = 0; i < e->nworkers; i++) {
+        worker *w = e->w[i];
+        for (int b = 0; b < NBUCKETS; b++) {
+            while (w->table[b]) {
+                obj *o = w->table[b];
+                if (o->type == T_RELAY) relay_end(w, (relay *)o, "engine closed", 1);
+                else if (o->type == T_CONN) conn_fail((struct fp_conn *)o, "engine closed");
+                else { /* a stream whose connection is elsewhere in the table: its conn closes it */
+                    conn_fail(((stream *)o)->c, "engine closed");
+                }
             }
         }
+        free_grave(w);
     }
-    free_grave(e);
     pthread_mutex_lock(&e->mu);
     fp_event *ev = e->evs;
     e->evs = NULL;
@@ -1380,16 +1440,17 @@ void fp_fuzz_drop(fp_engine *e) {
 
 void fp_engine_free(fp_engine *e) {
     if (!e) return;
-    if (e->started) {
-        __atomic_store_n(&e->stop, 1, __ATOMIC_RELEASE);
-        wake(e);
-        pthread_join(e->thr, NULL);
-        e->started = 0;
+    __atomic_store_n(&e->stop, 1, __ATOMIC_RELEASE);
+    for (int i = 0; i < e->nworkers; i++) {
+        if (!e->w[i]->started) continue;
+        wake(e->w[i]);
+        pthread_join(e->w[i]->thr, NULL);
+        e->w[i]->started = 0;
     }
-    run_cmds(e); /* take ownership of fds still queued so they get closed */
+    /* every thread has stopped: from here one thread tidies all workers */
+    for (int i = 0; i < e->nworkers; i++) run_cmds(e->w[i]); /* take ownership of queued fds to close them */
     fp_fuzz_drop(e);
-    if (e->ep >= 0) close(e->ep);
-    if (e->wake_fd >= 0) close(e->wake_fd);
+    for (int i = 0; i < e->nworkers; i++) worker_free(e->w[i]);
     if (e->ev_fd >= 0) close(e->ev_fd);
     pthread_mutex_destroy(&e->mu);
     free(e);
@@ -1419,19 +1480,50 @@ void fp_event_free(fp_event *ev) {
     }
 }
 
-void fp_get_stats(fp_engine *e, fp_stats *out) {
-    uint64_t *src = (uint64_t *)&e->st, *dst = (uint64_t *)out;
-    for (size_t i = 0; i < sizeof *out / sizeof(uint64_t); i++) dst[i] = __atomic_load_n(&src[i], __ATOMIC_RELAXED);
+static void add_stats(const fp_stats *src, fp_stats *dst) {
+    const uint64_t *s = (const uint64_t *)src;
+    uint64_t *d = (uint64_t *)dst;
+    for (size_t i = 0; i < sizeof *dst / sizeof(uint64_t); i++) d[i] += __atomic_load_n(&s[i], __ATOMIC_RELAXED);
 }
 
-static uint64_t push(fp_engine *e, cmd *c, int new_id) {
-    pthread_mutex_lock(&e->mu);
-    if (new_id) c->id = ++e->next_id;
+void fp_get_stats(fp_engine *e, fp_stats *out) {
+    memset(out, 0, sizeof *out);
+    for (int i = 0; i < e->nworkers; i++) add_stats(&e->w[i]->st, out);
+}
+
+int fp_get_worker_stats(fp_engine *e, int idx, fp_stats *out) {
+    if (idx < 0 || idx >= e->nworkers) return -1;
+    memset(out, 0, sizeof *out);
+    add_stats(&e->w[idx]->st, out);
+    return 0;
+}
+
+/* Where a new connection or relay goes: the worker with the fewest live ones (ties rotate), counted when
+ * placed rather than when the thread gets to the command, so a burst of new connections spreads too. */
+static worker *place(fp_engine *e) {
+    unsigned start = __atomic_fetch_add(&e->rr, 1, __ATOMIC_RELAXED);
+    worker *best = NULL;
+    uint64_t least = UINT64_MAX;
+    for (int k = 0; k < e->nworkers; k++) {
+        worker *w = e->w[(start + (unsigned)k) % (unsigned)e->nworkers];
+        uint64_t load = __atomic_load_n(&w->load, __ATOMIC_RELAXED);
+        if (load < least) {
+            least = load;
+            best = w;
+        }
+    }
+    __atomic_add_fetch(&best->load, 1, __ATOMIC_RELAXED);
+    return best;
+}
+
+/* Queue a command for its worker; returns its id (read before the worker may run and free it). */
+static uint64_t push(worker *w, cmd *c) {
     uint64_t id = c->id;
-    *e->cmds_tail = c;
-    e->cmds_tail = &c->next;
-    pthread_mutex_unlock(&e->mu);
-    wake(e);
+    pthread_mutex_lock(&w->mu);
+    *w->cmds_tail = c;
+    w->cmds_tail = &c->next;
+    pthread_mutex_unlock(&w->mu);
+    wake(w);
     return id;
 }
 
@@ -1440,7 +1532,9 @@ uint64_t fp_cmd_relay(fp_engine *e, int a, int b) {
     c->op = C_RELAY;
     c->fd = a;
     c->fd2 = b;
-    return push(e, c, 1);
+    worker *w = place(e);
+    c->id = new_id(e, w->idx);
+    return push(w, c);
 }
 
 uint64_t fp_cmd_conn(fp_engine *e, int fd, SSL_CTX *ctx, int server) {
@@ -1450,7 +1544,9 @@ uint64_t fp_cmd_conn(fp_engine *e, int fd, SSL_CTX *ctx, int server) {
     c->ctx = ctx;
     if (ctx) SSL_CTX_up_ref(ctx);
     c->server = server;
-    return push(e, c, 1);
+    worker *w = place(e);
+    c->id = new_id(e, w->idx);
+    return push(w, c);
 }
 
 uint64_t fp_cmd_open(fp_engine *e, uint64_t conn, int app_fd, const char *hdrs, size_t hl) {
@@ -1461,7 +1557,9 @@ uint64_t fp_cmd_open(fp_engine *e, uint64_t conn, int app_fd, const char *hdrs, 
     c->hdrs = xcalloc(1, hl + 1);
     memcpy(c->hdrs, hdrs, hl);
     c->hdrs_len = hl;
-    return push(e, c, 1);
+    worker *w = worker_of(e, conn); /* a stream lives on its connection's thread */
+    c->id = new_id(e, w->idx);
+    return push(w, c);
 }
 
 uint64_t fp_cmd_accept(fp_engine *e, uint64_t id, uint64_t conn, int32_t sid, int app_fd, const char *prefix,
@@ -1477,7 +1575,7 @@ uint64_t fp_cmd_accept(fp_engine *e, uint64_t id, uint64_t conn, int32_t sid, in
     c->conn = conn;
     c->stream = sid;
     c->fd = app_fd;
-    return push(e, c, 0);
+    return push(worker_of(e, conn), c);
 }
 
 void fp_cmd_reject(fp_engine *e, uint64_t conn, int32_t sid, int status) {
@@ -1486,7 +1584,7 @@ void fp_cmd_reject(fp_engine *e, uint64_t conn, int32_t sid, int status) {
     c->conn = conn;
     c->stream = sid;
     c->status = status;
-    push(e, c, 0);
+    push(worker_of(e, conn), c);
 }
 
 void fp_cmd_attach(fp_engine *e, uint64_t id, int app_fd, const char *prefix, size_t plen) {
@@ -1499,21 +1597,21 @@ void fp_cmd_attach(fp_engine *e, uint64_t id, int app_fd, const char *prefix, si
         memcpy(c->hdrs, prefix, plen);
         c->hdrs_len = plen;
     }
-    push(e, c, 0);
+    push(worker_of(e, id), c);
 }
 
 void fp_cmd_reset(fp_engine *e, uint64_t id) {
     cmd *c = xcalloc(1, sizeof *c);
     c->op = C_RESET;
     c->id = id;
-    push(e, c, 0);
+    push(worker_of(e, id), c);
 }
 
 void fp_cmd_close(fp_engine *e, uint64_t conn) {
     cmd *c = xcalloc(1, sizeof *c);
     c->op = C_CLOSE;
     c->id = conn;
-    push(e, c, 0);
+    push(worker_of(e, conn), c);
 }
 
 /* ---- TLS ----------------------------------------------------------------------------------- */
@@ -1603,11 +1701,11 @@ out:
 /* ---- fuzzing ------------------------------------------------------------------------------- */
 
 fp_conn *fp_fuzz_conn(fp_engine *e, int fd, int server) {
-    pthread_mutex_lock(&e->mu);
-    uint64_t id = ++e->next_id;
-    pthread_mutex_unlock(&e->mu);
-    do_conn(e, id, fd, NULL, server);
-    obj *o = tbl_get(e, id);
+    worker *w = e->w[0]; /* single-threaded: the caller plays worker 0 (the engine is never started) */
+    uint64_t id = new_id(e, 0);
+    __atomic_add_fetch(&w->load, 1, __ATOMIC_RELAXED);
+    do_conn(w, id, fd, NULL, server);
+    obj *o = tbl_get(w, id);
     if (!o || server) return o ? (fp_conn *)o : NULL;
     /* client: three CONNECT streams (one app attached later), whose answers the input then carries */
     static const char hdrs[] = ":method\0CONNECT\0:authority\00010.0.0.5:8080\0";
@@ -1619,7 +1717,7 @@ fp_conn *fp_fuzz_conn(fp_engine *e, int fd, int server) {
             close(sv[0]);
             sv[0] = -1;
         }
-        do_open(e, ++e->next_id, id, sv[0], (char *)hdrs, sizeof hdrs - 1);
+        do_open(w, new_id(e, 0), id, sv[0], (char *)hdrs, sizeof hdrs - 1);
         if (o->dead) break;
     }
     return o->dead ? NULL : (fp_conn *)o;
@@ -1633,13 +1731,13 @@ int fp_fuzz_feed(fp_conn *c, const uint8_t *data, size_t len) {
     conn_flush(c);
     /* answer requests the way Python would: alternately accept (with a socketpair app) and reject;
      * attach an app to an answered client stream that had none */
-    fp_event *ev = fp_take_events(c->e);
+    fp_event *ev = fp_take_events(c->w->e);
     for (fp_event *p = ev; p && !c->o.dead; p = p->next) {
         if (p->kind == FP_EV_RESPONSE && p->status == 200) {
             int sv[2];
             if (socketpair(AF_UNIX, SOCK_STREAM, 0, sv) == 0) {
                 close(sv[1]);
-                do_attach(c->e, p->id, sv[0], "early", 5);
+                do_attach(c->w, p->id, sv[0], "early", 5);
             }
             continue;
         }
@@ -1648,10 +1746,10 @@ int fp_fuzz_feed(fp_conn *c, const uint8_t *data, size_t len) {
             int sv[2];
             if (socketpair(AF_UNIX, SOCK_STREAM, 0, sv) == 0) {
                 close(sv[1]);
-                do_answer(c->e, p->up, c->o.id, p->stream, sv[0], 200, "x", 1);
+                do_answer(c->w, p->up, c->o.id, p->stream, sv[0], 200, "x", 1);
             }
         } else {
-            do_answer(c->e, 0, c->o.id, p->stream, -1, 401, NULL, 0);
+            do_answer(c->w, 0, c->o.id, p->stream, -1, 401, NULL, 0);
         }
     }
     fp_event_free(ev);

@@ -3,10 +3,15 @@
  * Why a separate core: the same code is linked into the CPython extension (module.c) and into the
  * libFuzzer harness (tests/fuzz/fuzz_hbone.c), so what is fuzzed is what runs.
  *
- * Threading: one epoll thread owns every socket, SSL and nghttp2 object. Python never touches them: it
- * queues commands (fp_cmd_*) which the thread executes, and reads events (fp_take_events) signalled
- * through an eventfd. Objects therefore live and die on one thread, so there is no lock around the
- * I/O and no use-after-free window between epoll_wait and a Python call. */
+ * Threading: N worker threads (fp_engine_new(threads)), sharded rather than locked. Each worker owns its
+ * epoll fd, command queue, read buffer and objects: a relay, or a connection with all of its streams, is
+ * placed on one worker when created (the one with the fewest live connections + relays) and lives and dies
+ * there. Ids carry the worker in their low FP_WORKER_BITS bits, so a command (fp_cmd_*, queued by Python,
+ * which never touches the objects) goes straight to the owning worker's queue; a stream's id names its
+ * connection's worker. So objects still live and die on one thread, there is no lock around the I/O and no
+ * use-after-free window between epoll_wait and a Python call. Events of every worker go to one queue,
+ * signalled through one eventfd (fp_take_events). Counters are per worker, updated atomically, and summed
+ * by fp_get_stats. */
 #ifndef FP_ENGINE_H
 #define FP_ENGINE_H
 
@@ -41,14 +46,19 @@ typedef struct fp_stats {
     uint64_t bytes_up, bytes_down, bytes_spliced;
 } fp_stats;
 
+#define FP_WORKER_BITS 4
+#define FP_MAX_WORKERS (1 << FP_WORKER_BITS)
+
 /* lifecycle */
-fp_engine *fp_engine_new(void);
-int fp_engine_start(fp_engine *e);  /* spawn the epoll thread; 0 on success */
-void fp_engine_free(fp_engine *e);  /* stop the thread, close everything */
+fp_engine *fp_engine_new(int threads); /* 1..FP_MAX_WORKERS workers; NULL if out of range or no fds */
+int fp_engine_start(fp_engine *e);     /* spawn the worker threads; 0 on success */
+void fp_engine_free(fp_engine *e);     /* stop the threads, close everything */
+int fp_engine_threads(fp_engine *e);
 int fp_engine_event_fd(fp_engine *e);
 fp_event *fp_take_events(fp_engine *e);
 void fp_event_free(fp_event *ev);
-void fp_get_stats(fp_engine *e, fp_stats *out);
+void fp_get_stats(fp_engine *e, fp_stats *out);                  /* all workers */
+int fp_get_worker_stats(fp_engine *e, int idx, fp_stats *out); /* one worker; -1 if no such worker */
 
 /* commands (thread-safe; ids are returned at once, failures arrive as DONE/DOWN events) */
 uint64_t fp_cmd_relay(fp_engine *e, int fd_a, int fd_b);
@@ -65,7 +75,7 @@ void fp_cmd_close(fp_engine *e, uint64_t conn);
 SSL_CTX *fp_tls_ctx(const char *chain, const char *key, const char *roots, int server, char *err, size_t n);
 
 /* fuzzing entry: a plaintext connection on fd (server, or client with three CONNECT streams opened),
- * fed bytes directly on the calling thread */
+ * fed bytes directly on the calling thread, which plays worker 0 of a never-started engine */
 typedef struct fp_conn fp_conn;
 fp_conn *fp_fuzz_conn(fp_engine *e, int fd, int server);
 int fp_fuzz_feed(fp_conn *c, const uint8_t *data, size_t len);

@@ -58,10 +58,15 @@ static PyTypeObject TlsConfigType = {
 /* ---- Engine -------------------------------------------------------------------------------- */
 
 static int engine_init(Engine *self, PyObject *args, PyObject *kw) {
-    static char *names[] = {NULL};
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "", names)) return -1;
+    static char *names[] = {"threads", NULL};
+    int threads = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|i", names, &threads)) return -1;
+    if (threads < 1 || threads > FP_MAX_WORKERS) {
+        PyErr_Format(PyExc_ValueError, "threads must be 1..%d, not %d", FP_MAX_WORKERS, threads);
+        return -1;
+    }
     if (self->e) return 0;
-    self->e = fp_engine_new();
+    self->e = fp_engine_new(threads);
     if (!self->e || fp_engine_start(self->e) != 0) {
         fp_engine_free(self->e);
         self->e = NULL;
@@ -271,16 +276,44 @@ static PyObject *engine_events(Engine *self, PyObject *unused) {
     return out;
 }
 
+static PyObject *stats_dict(const fp_stats *sp) {
+    fp_stats s = *sp;
+    return Py_BuildValue("{sKsKsKsKsKsKsKsKsK}", "conns_active", s.conns_active, "conns_total", s.conns_total,
+                         "streams_active", s.streams_active, "streams_total", s.streams_total, "relays_active",
+                         s.relays_active, "relays_total", s.relays_total, "bytes_up", s.bytes_up, "bytes_down",
+                         s.bytes_down, "bytes_spliced", s.bytes_spliced);
+}
+
 static PyObject *engine_stats(Engine *self, PyObject *unused) {
     (void)unused;
     fp_engine *e = live(self);
     if (!e) return NULL;
     fp_stats s;
     fp_get_stats(e, &s);
-    return Py_BuildValue("{sKsKsKsKsKsKsKsKsK}", "conns_active", s.conns_active, "conns_total", s.conns_total,
-                         "streams_active", s.streams_active, "streams_total", s.streams_total, "relays_active",
-                         s.relays_active, "relays_total", s.relays_total, "bytes_up", s.bytes_up, "bytes_down",
-                         s.bytes_down, "bytes_spliced", s.bytes_spliced);
+    return stats_dict(&s);
+}
+
+/* the same counters per worker thread: where connections and relays were placed */
+static PyObject *engine_thread_stats(Engine *self, PyObject *unused) {
+    (void)unused;
+    fp_engine *e = live(self);
+    if (!e) return NULL;
+    int n = fp_engine_threads(e);
+    PyObject *out = PyList_New(n);
+    for (int i = 0; out && i < n; i++) {
+        fp_stats s;
+        fp_get_worker_stats(e, i, &s);
+        PyObject *d = stats_dict(&s);
+        if (!d) Py_CLEAR(out);
+        else PyList_SET_ITEM(out, i, d);
+    }
+    return out;
+}
+
+static PyObject *engine_threads(Engine *self, PyObject *unused) {
+    (void)unused;
+    fp_engine *e = live(self);
+    return e ? PyLong_FromLong(fp_engine_threads(e)) : NULL;
 }
 
 static PyMethodDef engine_methods[] = {
@@ -296,6 +329,8 @@ static PyMethodDef engine_methods[] = {
     {"close_conn", (PyCFunction)engine_close_conn, METH_VARARGS, "close_conn(conn): GOAWAY and close"},
     {"events", (PyCFunction)engine_events, METH_NOARGS, "drain the event queue"},
     {"stats", (PyCFunction)engine_stats, METH_NOARGS, "byte and connection counters"},
+    {"thread_stats", (PyCFunction)engine_thread_stats, METH_NOARGS, "stats() of each worker thread, a list"},
+    {"threads", (PyCFunction)engine_threads, METH_NOARGS, "number of worker threads"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -303,7 +338,7 @@ static PyTypeObject EngineType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "istiopy.dataplane._fastpath.Engine",
     .tp_basicsize = sizeof(Engine),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "The C byte path: one epoll thread running relays and HBONE connections",
+    .tp_doc = "The C byte path: Engine(threads=1), epoll worker threads running relays and HBONE connections",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)engine_init,
     .tp_dealloc = (destructor)engine_dealloc,

@@ -18,7 +18,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     data++;
     size--;
     if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK, 0, sv) != 0) return 0;
-    fp_engine *e = fp_engine_new();
+    fp_engine *e = fp_engine_new(1);
     if (!e) abort();
     fp_conn *c = fp_fuzz_conn(e, sv[0], server); /* the engine owns sv[0] now */
     /* feed in a few pieces so frames straddle reads, as they do on a socket */
