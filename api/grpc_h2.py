@@ -315,6 +315,7 @@ class Call:
         self._trailers: list[tuple[bytes, bytes]] = []
         self._status: RpcError | None = None
         self._half_closed = False
+        self._write_lock = asyncio.Lock()  # a message waiting for window must not interleave with another
         self._deadline_timer: asyncio.TimerHandle | None = None
         if deadline is not None:
             self._deadline_timer = asyncio.get_running_loop().call_at(deadline, self._expire)
@@ -372,6 +373,10 @@ class Call:
 
     # -- sending ---------------------------------------------------------------------------------------
     async def _send(self, data: bytes, *, end_stream: bool) -> None:
+        async with self._write_lock:
+            await self._send_locked(data, end_stream=end_stream)
+
+    async def _send_locked(self, data: bytes, *, end_stream: bool) -> None:
         if self._half_closed:
             raise RpcError(StatusCode.INTERNAL, "write after done_writing")
         view = memoryview(data)
