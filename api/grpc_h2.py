@@ -18,7 +18,9 @@ What it does::
 
 * One connection per channel (TLS with ALPN ``h2``, or plaintext), multiplexing every call. A connection
   that died or got a GOAWAY is replaced on the next call (lazy reconnect); losing it fails its open calls
-  with ``UNAVAILABLE``.
+  with ``UNAVAILABLE``. After a GOAWAY the calls the server accepted run to their end (grpc's max
+  connection age and graceful stop depend on that); the others fail with ``UNAVAILABLE``. Optional
+  keepalive PINGs find a peer that went silent; the server's PINGs are answered (by h2).
 * Messages are bytes (callers serialize); the 5-byte length prefix is added and parsed here. Compressed
   messages are refused: we advertise ``grpc-accept-encoding: identity`` only.
 * Flow control both ways: received DATA is acknowledged as it is needed to complete a message and, once
