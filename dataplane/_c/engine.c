@@ -34,11 +34,12 @@
 #define UP_CAP (256 * 1024)
 #define UP_HEAD 16 /* headroom before app bytes: a DATA frame header is written there (no payload copy) */
 #define OUT_CAP (256 * 1024)
-#define READ_BUF (64 * 1024)
+#define READ_BUF (256 * 1024)     /* per worker: decrypted records gathered for one nghttp2 feed */
+#define TLS_READ_BUF (128 * 1024) /* per connection: OpenSSL's read-ahead buffer, ciphertext per read() */
 #define STREAM_WINDOW (4 * 1024 * 1024)
 #define CONN_WINDOW (16 * 1024 * 1024)
 #define MAX_FRAME (1024 * 1024)
-#define SEND_FRAME (64 * 1024) /* DATA payload we send per frame (peer's max permitting) */
+#define SEND_FRAME (256 * 1024) /* DATA payload per frame (peer's max permitting): one app send() each */
 #define MAX_STREAMS 100
 #define MAX_HDRS (64 * 1024)
 #define NBUCKETS 4096
@@ -1646,7 +1647,7 @@ SSL_CTX *fp_tls_ctx(const char *chain, const char *key, const char *roots, int s
      * server's order decides, so a C server picks it with any client offering it (all do). */
     SSL_CTX_set_ciphersuites(ctx, "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256");
     SSL_CTX_set_options(ctx, SSL_OP_CIPHER_SERVER_PREFERENCE);
-    SSL_CTX_set_default_read_buffer_len(ctx, READ_BUF);
+    SSL_CTX_set_default_read_buffer_len(ctx, TLS_READ_BUF); /* default ~16K: one record per read() */
     SSL_CTX_set_num_tickets(ctx, 0);
     b = BIO_new_mem_buf(chain, -1);
     while (b && (x = PEM_read_bio_X509(b, NULL, NULL, NULL))) {
