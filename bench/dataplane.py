@@ -4,8 +4,10 @@ One run, one machine, same payloads; client and server are separate pods (networ
 ``istiopy.testing.netns``) on separate nodes:
 
 1. ``direct``: the client talks to the server pod's IP (the physical baseline);
-2. ``sidecar``: a real Envoy in each pod, mTLS (TLS 1.3) TCP proxying, one worker each (Istio sidecars at
-   L4; the set-up of ``shared/reference/baselines.md``);
+2. ``sidecar``: a real Envoy in each pod, mTLS (TLS 1.3) TCP proxying (Istio sidecars at L4; the set-up
+   of ``shared/reference/baselines.md``), with ``--workers`` worker threads each (default 2, Istio's
+   default for sidecars and ztunnel alike; the C engine gets the same count, ``--workers 1`` is the
+   reference's one-worker set-up);
 3. ``ztunnel-python`` and 4. ``ztunnel-c``: a ztunnel-py node-proxy pair built from the data-plane byte path
    (``HbonePool``/``HboneServer``/``relay``, or :class:`istiopy.dataplane.fastpath.FastPath`): the client
    side listens in the client pod, opens pooled HBONE (mTLS + HTTP/2 CONNECT) to port 15008 in the server
@@ -356,9 +358,11 @@ def wait_port(pod: Any, host: str, port: int, timeout: float = 15.0) -> None:
 
 
 def start_mode(
-    mode: str, client: Any, server: Any, work: Path, certs: dict[str, dict[str, str]]
+    mode: str, client: Any, server: Any, work: Path, certs: dict[str, dict[str, str]], workers: int
 ) -> list[Any]:
-    """Start the proxies of ``mode`` (none for direct) and wait until they listen."""
+    """Start the proxies of ``mode`` (none for direct) and wait until they listen. ``workers`` is both the
+    Envoys' ``--concurrency`` and the C engine's ``ISTIOPY_WORKER_THREADS``, so neither side gets more
+    threads than the other (the pure-Python path is one asyncio loop either way)."""
     from istiopy.testing.envoy import envoy_binary
 
     procs: list[Any] = []
@@ -367,7 +371,8 @@ def start_mode(
             cfg = work / f"envoy-{side}.json"
             cfg.write_text(json.dumps(sidecar_bootstrap(side, certs[side], server.ip)))
             base_id = str(os.getpid() % 1000 + len(procs))
-            argv = [envoy_binary(), "-c", str(cfg), "--concurrency", "1", "--disable-hot-restart"]
+            argv = [envoy_binary(), "-c", str(cfg), "--concurrency", str(workers)]
+            argv.append("--disable-hot-restart")
             procs.append(pod.spawn([*argv, "-l", "error", "--base-id", base_id]))
         wait_port(server, server.ip, SIDECAR_HTTP)
         wait_port(client, "127.0.0.1", OUT_HTTP)
@@ -386,7 +391,8 @@ def start_mode(
                 "1000",
             ]
 
-            procs.append(pod.spawn([*argv, "--certs", str(work / side), "--dst", server.ip]))
+            env = {"ISTIOPY_WORKER_THREADS": str(workers)}
+            procs.append(pod.spawn([*argv, "--certs", str(work / side), "--dst", server.ip], env=env))
             if side == "out":
                 wait_port(pod, "127.0.0.1", OUT_HTTP, timeout=30)
             else:
@@ -511,6 +517,7 @@ def waypoint_mesh(work: Path) -> Iterator[dict[str, Any]]:
     from istiopy.testing.mesh import Mesh
 
     os.environ["ISTIOPY_BYTE_PATH"] = "c"  # inherited by the kit's ztunnel-py processes
+    os.environ.setdefault("ISTIOPY_WORKER_THREADS", "2")
     with Mesh(documents=waypoint_documents(), workdir=work / "mesh", log_level="warning") as mesh:
         server = mesh.pod(f"{WP_NS}/server")
         apps = [server.pod.spawn(["iperf3", "-s", "-p", str(IPERF_PORT)])]
@@ -561,6 +568,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "cpus": os.cpu_count(),
+        "workers": args.workers,
         "load_generator": f"fortio {FORTIO_VERSION}" if FORTIO.exists() else "none",
         "modes": {},
     }
@@ -600,7 +608,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         pids = list(mesh["pids"])
                         cpod, host, iport, hport = mesh["client"], mesh["vip"], IPERF_PORT, HTTP_PORT
                     else:
-                        procs = start_mode(mode, client, server, work, certs)
+                        procs = start_mode(mode, client, server, work, certs, args.workers)
                         pids = [p.pid for p in procs]
                         local = mode != "direct"
                         host = "127.0.0.1" if local else server.ip
@@ -699,6 +707,13 @@ def main() -> None:
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--rounds", type=int, default=3, help="best of N rounds per mode")
+    ap.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        help="worker threads of every proxy: Envoy --concurrency and the C engine's threads (Istio's "
+        "default is 2 for sidecars and ztunnel alike; shared/reference/baselines.md used 1)",
+    )
     args = ap.parse_args()
     if args.cmd == "proxy":
         asyncio.run(_proxy(args))
@@ -708,6 +723,7 @@ def main() -> None:
     if not FORTIO.exists():
         print(f"note: {FORTIO} missing (make bench builds it); latency columns stay empty", file=sys.stderr)
     results = run(args)
+    print(f"worker threads per proxy: {results['workers']} (Envoy --concurrency, C engine threads)")
     print(table(results))
     real = results.get("ztunnel_real")
     if real:
