@@ -51,7 +51,8 @@ from typing import Any
 
 from istiopy.api.identity import SpiffeId
 from istiopy.api.tls import CertBundle, PeerIdentityError
-from istiopy.dataplane.hbone import (
+from istiopy.dataplane import tunnel
+from istiopy.dataplane.tunnel import (
     DEFAULT_MAX_STREAMS,
     ConnectRequest,
     Decision,
@@ -739,8 +740,6 @@ async def relay(a: Any, b: Any, *, splice: bool = False) -> RelayResult:
     """``hbone.relay`` that hands the bytes to C when it can: a :class:`FastStream` on either side is
     attached to the other (an app socket); two plain TCP legs are spliced when ``splice``; anything else
     runs the Python relay. Byte counts keep ``hbone.relay``'s meaning (a_to_b: from ``a`` to ``b``)."""
-    from istiopy.dataplane import hbone
-
     if isinstance(b, FastStream):
         b.attach(a)
         return await b.result()  # up (app -> tunnel) is a -> b
@@ -754,4 +753,4 @@ async def relay(a: Any, b: Any, *, splice: bool = False) -> RelayResult:
             return await fp.relay(a, b)
         finally:
             await _release(fp)
-    return await hbone.relay(a, b)
+    return await tunnel.relay(a, b)

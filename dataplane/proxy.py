@@ -31,26 +31,12 @@ import os
 import socket
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from istiopy.api.identity import DEFAULT_TRUST_DOMAIN, SpiffeId
 from istiopy.api.xds_client import DeltaUpdate, DeltaXdsClient
 from istiopy.dataplane import fastpath, sockets
 from istiopy.dataplane.admin import AdminServer, AdminSources, LocalWorkloadInfo
-from istiopy.dataplane.hbone import (
-    Accept,
-    ByteStream,
-    ConnectRequest,
-    Decision,
-    HbonePool,
-    HboneServer,
-    PoolKey,
-    Reject,
-    RelayResult,
-    TcpStream,
-    build_baggage,
-    hbone_headers,
-)
 from istiopy.dataplane.identity import SecretManager
 from istiopy.dataplane.inbound import InboundAuthorizer, InboundRefused
 from istiopy.dataplane.inpod import PodNetns
@@ -58,7 +44,22 @@ from istiopy.dataplane.metrics import ConnectionTracker, Metrics, connection_lab
 from istiopy.dataplane.outbound import NoHealthyUpstream, OutboundPlan, OutboundResolver
 from istiopy.dataplane.rbac import Connection, check_inbound
 from istiopy.dataplane.state import ADDRESS_TYPE, AUTHORIZATION_TYPE, IPAddress, ProxyState, Workload
+from istiopy.dataplane.tunnel import (
+    Accept,
+    ByteStream,
+    ConnectRequest,
+    Decision,
+    PoolKey,
+    Reject,
+    RelayResult,
+    TcpStream,
+    build_baggage,
+    hbone_headers,
+)
 from istiopy.dataplane.zds import ZdsWorkload
+
+if TYPE_CHECKING:
+    from istiopy.dataplane.hbone import HbonePool, HboneServer
 
 log = logging.getLogger("istiopy.ztunnel.proxy")
 
@@ -147,11 +148,13 @@ class _PodProxy:
         self.info = info
         self.netns = netns
         self.netns_fd = netns.fd
-        self.hbone: HboneServer | fastpath.FastHboneServer = (
-            fastpath.FastHboneServer(self.on_connect, self._server_bundle)
-            if zt.config.byte_path == "c"
-            else HboneServer(self.on_connect, self._server_ctx, trust_domain=None)
-        )
+        self.hbone: HboneServer | fastpath.FastHboneServer
+        if zt.config.byte_path == "c":
+            self.hbone = fastpath.FastHboneServer(self.on_connect, self._server_bundle)
+        else:  # the Python byte path is imported only when chosen (issue 8: ~0.4 MB RSS on the C path)
+            from istiopy.dataplane.hbone import HboneServer
+
+            self.hbone = HboneServer(self.on_connect, self._server_ctx, trust_domain=None)
         self._servers: list[asyncio.Server] = []
         self._tasks: set[asyncio.Task[None]] = set()
         # Live inbound connections with what their authorization was decided on, so a policy change can
@@ -617,7 +620,11 @@ class Ztunnel:
     def pool_for(self, uid: str) -> HbonePool | fastpath.FastPool:
         pool = self._pools.get(uid)
         if pool is None:
-            cls = fastpath.FastPool if self.config.byte_path == "c" else HbonePool
+            cls: type[HbonePool | fastpath.FastPool] = fastpath.FastPool
+            if self.config.byte_path != "c":
+                from istiopy.dataplane.hbone import HbonePool
+
+                cls = HbonePool
             pool = self._pools[uid] = cls(
                 max_streams_per_conn=self.config.pool_max_streams,
                 idle_timeout=self.config.pool_idle_timeout,
