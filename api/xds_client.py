@@ -44,14 +44,21 @@ def _pb() -> Any:
 
 @dataclass(frozen=True)
 class HeldResource:
-    """One resource as last accepted: its version and the packed ``google.protobuf.Any``."""
+    """One resource as last accepted: its version and the packed ``google.protobuf.Any``.
+
+    ``resource`` is None in the state of a client made with ``keep_resources=False``: the handler saw the
+    ``Any`` in its :class:`DeltaUpdate`, and names and versions are all a reconnect needs.
+    """
 
     name: str
     version: str
     resource: Message
 
     def unpack(self, message_class: Any) -> Any:
-        """The resource as ``message_class`` (raises ``ValueError`` when the type does not match)."""
+        """The resource as ``message_class`` (raises ``ValueError`` when the type does not match, or when
+        the client did not keep the resource)."""
+        if self.resource is None:
+            raise ValueError(f"resource {self.name!r} was not kept (DeltaXdsClient(keep_resources=False))")
         msg = message_class()
         if not self.resource.Unpack(msg):
             raise ValueError(
@@ -93,6 +100,12 @@ class DeltaXdsClient:
     Plaintext unless ``ssl_context`` is given (see :meth:`connect` for TLS from PEM strings);
     ``server_name`` is the name the server's certificate is verified for (and sent as SNI and
     ``:authority``) when it differs from the host in ``target``.
+
+    ``keep_resources=False`` keeps only names and versions in the state (``resources()`` then holds
+    ``HeldResource``s whose ``resource`` is None): each held ``Any`` is a view into the response it came in,
+    so keeping any of it keeps whole responses alive (~0.6 MB for ztunnel-py holding 1000 workloads and
+    500 services, issue 8); a caller whose handler copies what it needs out of the update (ztunnel-py) has
+    no use for them.
     """
 
     def __init__(
@@ -107,6 +120,7 @@ class DeltaXdsClient:
         backoff_max: float = 10.0,
         max_message_bytes: int = 200 * 1024 * 1024,
         keepalive_time: float | None = None,
+        keep_resources: bool = True,
     ) -> None:
         self.target = target
         self.node = node
@@ -115,6 +129,7 @@ class DeltaXdsClient:
         self.metadata = tuple(metadata)
         self.max_message_bytes = max_message_bytes
         self.keepalive_time = keepalive_time
+        self.keep_resources = keep_resources
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
         self.subscriptions: dict[str, _Subscription] = {}
@@ -292,6 +307,8 @@ class DeltaXdsClient:
                 got = True
                 self.responses += 1
                 ack = await self._process(resp)
+                # Not kept while waiting for the next one: the response (and every view into it) can go now.
+                del data, resp
                 self._outbox.put_nowait(ack)
                 await self._notify()
         finally:
@@ -332,7 +349,10 @@ class DeltaXdsClient:
             return ack
         sub.acks += 1
         sub.system_version = update.system_version
-        sub.state.update(updated)
+        if self.keep_resources:
+            sub.state.update(updated)
+        else:
+            sub.state.update((n, HeldResource(n, h.version, None)) for n, h in updated.items())
         for name in update.removed:
             sub.state.pop(name, None)
         return ack

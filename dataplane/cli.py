@@ -195,11 +195,12 @@ async def run(args: argparse.Namespace) -> int:
         cluster_id=args.cluster_id,
     )
     secrets = SecretManager(ca_fetcher(ca, ttl_seconds=args.secret_ttl))
+    # The handlers copy what they need into ProxyState; held Anys would keep whole WDS responses alive.
     metadata = [("clusterid", args.cluster_id)]
     if token is not None and (tok := token()):
         metadata.append(("authorization", f"Bearer {tok}"))
     if args.xds_insecure:
-        xds = DeltaXdsClient(args.xds_address, build_node(config), metadata=metadata)
+        xds = DeltaXdsClient(args.xds_address, build_node(config), metadata=metadata, keep_resources=False)
     else:
         xds = DeltaXdsClient.connect(
             args.xds_address,
@@ -208,6 +209,7 @@ async def run(args: argparse.Namespace) -> int:
             server_name=args.server_name,
             client_cert=client_cert,
             metadata=metadata,
+            keep_resources=False,
         )
     zt = Ztunnel(
         config,
