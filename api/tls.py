@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import os
 import ssl
-import tempfile
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -27,6 +26,8 @@ from istiopy.api.der import CertInfo, parse_certificate, pem_to_der
 from istiopy.api.identity import InvalidSpiffeId, SpiffeId, identity_from_uris, identity_of_der
 
 if TYPE_CHECKING:  # only the control plane's accessors need it, and they import it when called
+    import tempfile
+
     from cryptography import x509
 
 ALPN_H2 = "h2"
@@ -135,6 +136,10 @@ def _memory_files(*contents: str) -> Iterator[list[str]]:
                 paths.append(f"/proc/self/fd/{fd}")
             else:  # pragma: no cover - non-Linux fallback: a private directory removed at once
                 if tmpdir is None:
+                    # imported here: tempfile pulls in shutil, bz2, lzma and random, and a node proxy on
+                    # Linux never comes here (issue 8)
+                    import tempfile
+
                     tmpdir = tempfile.TemporaryDirectory(prefix="istiopy-tls-")
                 p = os.path.join(tmpdir.name, f"{i}.pem")
                 with open(os.open(p, os.O_WRONLY | os.O_CREAT, 0o600), "w") as fh:
