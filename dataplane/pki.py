@@ -9,7 +9,10 @@ path falls back to Python.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+import os
+import sys
 from collections.abc import Sequence
 from types import ModuleType
 
@@ -17,6 +20,9 @@ from istiopy.api.pki import CryptographyBackend, PkiBackend
 from istiopy.api.tls import split_pem_chain
 
 log = logging.getLogger("istiopy.ztunnel.pki")
+
+PKI_SO_ENV = "ISTIOPY_PKI_SO"
+_MODULE = "istiopy.dataplane._pki"
 
 
 class OpenSslBackend:
@@ -39,10 +45,27 @@ class OpenSslBackend:
 def c_backend() -> OpenSslBackend | None:
     """The OpenSSL backend, or None when the extension is not importable."""
     try:
-        from istiopy.dataplane import _pki  # type: ignore[attr-defined]
+        return OpenSslBackend(_load())
     except ImportError:
         return None
-    return OpenSslBackend(_pki)
+
+
+def _load() -> ModuleType:
+    """The extension; ``$ISTIOPY_PKI_SO`` names another build of it (``make test-asan`` loads the sanitizer
+    build that way, leaving the normal in-place build alone for concurrent test runs). That build is
+    registered under the extension's own name, so later imports (and a test that hides the module through
+    ``sys.modules``) see the same thing as with the normal build."""
+    path = os.environ.get(PKI_SO_ENV)
+    if path and _MODULE not in sys.modules:
+        spec = importlib.util.spec_from_file_location(_MODULE, path)
+        if spec is None or spec.loader is None:
+            raise ImportError(f"cannot load {path} (from ${PKI_SO_ENV})")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        sys.modules[_MODULE] = mod
+    from istiopy.dataplane import _pki  # type: ignore[attr-defined]
+
+    return _pki  # type: ignore[no-any-return]
 
 
 def backend() -> PkiBackend:
