@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import ctypes.util
 import ipaddress
 import os
 import socket
@@ -66,7 +65,7 @@ IPV6_TRANSPARENT = 75
 IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)
 IPV6_FREEBIND = 78
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc = ctypes.CDLL(None, use_errno=True)  # the libc already mapped (find_library would spawn ldconfig)
 
 
 def setns(fd: int, nstype: int = CLONE_NEWNET) -> None:
