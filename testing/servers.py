@@ -25,7 +25,9 @@ import struct
 import sys
 
 
-async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """An asyncio stream handler echoing every byte, then half-closing after the peer did (tests use it
+    in-process as the app behind a tunnel)."""
     try:
         while True:
             data = await reader.read(65536)
@@ -91,7 +93,7 @@ def _http_factory(pod: str) -> object:
 
 
 async def _main(kind: str, port: int, host: str, pod: str) -> None:
-    handler = _echo if kind == "echo" else _http_factory(pod)
+    handler = echo if kind == "echo" else _http_factory(pod)
     server = await asyncio.start_server(handler, host, port, reuse_address=True, backlog=1024)  # type: ignore[arg-type]
     bound = server.sockets[0].getsockname()[1]
     print(f"ready {bound}", flush=True)

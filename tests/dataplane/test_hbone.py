@@ -37,6 +37,7 @@ from istiopy.dataplane.hbone import (
     parse_authority,
 )
 from istiopy.testing.certs import TestCA
+from istiopy.testing.servers import echo as echo_app
 
 CLIENT_ID = "spiffe://cluster.local/ns/default/sa/client"
 SERVER_ID = "spiffe://cluster.local/ns/default/sa/server"
@@ -52,19 +53,6 @@ async def eventually(pred: Callable[[], bool], within: float = 30.0) -> None:
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError("condition not reached")
         await asyncio.sleep(0.02)
-
-
-async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    try:
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-        writer.write_eof()
-        await writer.drain()
-    except ConnectionError:
-        pass
-    finally:
-        writer.close()
 
 
 @dataclass
@@ -100,7 +88,7 @@ def ca() -> TestCA:
 
 @pytest.fixture
 async def env(ca: TestCA) -> AsyncIterator[Env]:
-    echo = await asyncio.start_server(_echo, "127.0.0.1", 0, backlog=4096)
+    echo = await asyncio.start_server(echo_app, "127.0.0.1", 0, backlog=4096)
     apps: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Queue()
 
     async def park(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
@@ -405,7 +393,7 @@ async def test_client_ignoring_stream_limit_gets_streams_refused(env: Env) -> No
 @pytest.mark.slow  # a thousand real TLS+HTTP/2 streams: ~6 s on 2 cores
 async def test_1000_streams_pooled_within_limit_and_no_fd_leak(ca: TestCA) -> None:
     async def run() -> None:
-        echo = await asyncio.start_server(_echo, "127.0.0.1", 0, backlog=4096)
+        echo = await asyncio.start_server(echo_app, "127.0.0.1", 0, backlog=4096)
         echo_port = echo.sockets[0].getsockname()[1]
         peak: list[int] = [0]
         server_holder: list[HboneServer] = []
@@ -533,7 +521,7 @@ async def test_connection_flood_is_bounded(ca: TestCA) -> None:
 
 
 async def test_pool_recovers_after_server_goes_away(ca: TestCA) -> None:
-    echo = await asyncio.start_server(_echo, "127.0.0.1", 0, backlog=4096)
+    echo = await asyncio.start_server(echo_app, "127.0.0.1", 0, backlog=4096)
     echo_port = echo.sockets[0].getsockname()[1]
 
     async def on_connect(req: ConnectRequest) -> Decision:

@@ -34,6 +34,7 @@ from istiopy.dataplane.hbone import (
     relay,
 )
 from istiopy.testing.certs import TestCA
+from istiopy.testing.servers import echo as echo_app
 
 CLIENT_ID = "spiffe://cluster.local/ns/default/sa/client"
 SERVER_ID = "spiffe://cluster.local/ns/default/sa/server"
@@ -67,19 +68,6 @@ def test_byte_path_env(monkeypatch: pytest.MonkeyPatch) -> None:
     assert fastpath.byte_path() == "python"
     monkeypatch.setenv(fastpath.BYTE_PATH_ENV, "c")
     assert fastpath.byte_path() == "c"
-
-
-async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    try:
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-        writer.write_eof()
-        await writer.drain()
-    except ConnectionError:
-        pass
-    finally:
-        writer.close()
 
 
 @dataclass
@@ -144,7 +132,7 @@ async def mesh(request: pytest.FixtureRequest) -> AsyncIterator[Mesh]:
     client, server = request.param
     ca = TestCA()
     fp = FastPath()
-    app = await asyncio.start_server(_echo, "127.0.0.1", 0)
+    app = await asyncio.start_server(echo_app, "127.0.0.1", 0)
     app_addr = app.sockets[0].getsockname()[:2]
     server_cert = ca.issue(SERVER_ID)
     lsock = socket.create_server(("127.0.0.1", 0))

@@ -18,6 +18,7 @@ from istiopy.dataplane import fastpath
 from istiopy.dataplane.fastpath import FastPath, FastPool
 from istiopy.dataplane.hbone import Accept, ConnectRequest, Decision, PoolKey, TcpStream, hbone_headers
 from istiopy.testing.certs import TestCA
+from istiopy.testing.servers import echo as echo_app
 
 CLIENT_ID = "spiffe://cluster.local/ns/default/sa/client"
 SERVER_ID = "spiffe://cluster.local/ns/default/sa/server"
@@ -49,19 +50,6 @@ async def test_engine_rejects_a_bad_thread_count(monkeypatch: pytest.MonkeyPatch
         await fp.close()
 
 
-async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    try:
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-        writer.write_eof()
-        await writer.drain()
-    except ConnectionError:
-        pass
-    finally:
-        writer.close()
-
-
 @dataclass
 class Side:
     """A C HBONE server (fp.serve) in front of an echo app, both on one engine."""
@@ -76,7 +64,7 @@ class Side:
 async def side() -> AsyncIterator[Side]:
     ca = TestCA()
     fp = FastPath(threads=3)
-    app = await asyncio.start_server(_echo, "127.0.0.1", 0)
+    app = await asyncio.start_server(echo_app, "127.0.0.1", 0)
     app_addr = app.sockets[0].getsockname()[:2]
     cert = ca.issue(SERVER_ID)
     lsock = socket.create_server(("127.0.0.1", 0))
@@ -144,7 +132,7 @@ async def test_tunnels_and_relays_spread_over_threads_and_keep_bytes_exact(side:
         done = asyncio.ensure_future(fp.relay(a_eng, b_eng))
         ra, wa = await asyncio.open_connection(sock=a_app)
         rb, wb = await asyncio.open_connection(sock=b_app)
-        echo = asyncio.ensure_future(_echo(rb, wb))  # b's app echoes: both directions carry the payload
+        echo = asyncio.ensure_future(echo_app(rb, wb))  # b's app echoes: both directions carry the payload
         await _exchange(ra, wa, 768 * 1024 + i)
         await echo
         result = await asyncio.wait_for(done, 30)
