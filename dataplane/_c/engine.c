@@ -1081,6 +1081,10 @@ static void conn_on_event(struct fp_conn *c, uint32_t events) {
                 conn_watch(c);
                 return;
             }
+            /* OpenSSL >= 3.2 reads handshake records exactly (read-ahead starts once encrypted): drop what
+             * the peer already sent (e.g. plain text instead of TLS), so the close is a FIN, not an RST */
+            for (int i = 0; i < 16 && recv(c->fd, w->rbuf, READ_BUF, MSG_DONTWAIT) > 0; i++) {
+            }
             conn_fail(c, err == SSL_ERROR_SYSCALL ? "connection closed during handshake" : ssl_reason());
             return;
         }
