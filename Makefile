@@ -13,6 +13,7 @@ PYTEST_ARGS ?=
 export PYTHONSAFEPATH := 1
 
 -include tools/k8s/k8s.mk
+-include tools/openssl/openssl.mk
 
 .PHONY: help setup deps venv proto lint test test-fast demo crds charts bench clean
 
@@ -37,7 +38,7 @@ $(BIN)/python:
 	$(BIN)/pip install -q -U pip setuptools wheel
 
 # Editable install: also generates the protobuf code and builds C extensions (setup.py).
-$(STAMP)/pip: pyproject.toml setup.py $(wildcard api/proto/*.proto) $(wildcard dataplane/_c/*.c dataplane/_c/*.h) | $(BIN)/python
+$(STAMP)/pip: pyproject.toml setup.py $(wildcard api/proto/*.proto) $(wildcard dataplane/_c/*.c dataplane/_c/*.h) $(OPENSSL_STAMP) | $(BIN)/python
 	@mkdir -p $(STAMP)
 	$(BIN)/pip install -q -e '.[dev]'
 	$(PYTHON) api/genproto.py

@@ -49,18 +49,49 @@ def _packages() -> list[str]:
 
 
 def _fastpath_extension() -> Extension:
-    """ztunnel-py's C byte path (dataplane/_c). ISTIOPY_FASTPATH_SANITIZE=1 builds it with ASan+UBSan."""
+    """ztunnel-py's C byte path (dataplane/_c). ISTIOPY_FASTPATH_SANITIZE=1 builds it with ASan+UBSan.
+
+    It links a private, static OpenSSL (tools/openssl/build.sh: a newer one with the AVX-512 AES-GCM code,
+    issue 8) from ``$ISTIOPY_OPENSSL_DIR`` (default: that script's cache dir) when it is built, with its
+    symbols hidden (--exclude-libs), so the process keeps the system libssl.so for the ssl module and
+    _pki side by side, as the cryptography wheel does. Otherwise, and for the sanitizer build, it links the
+    system OpenSSL (libssl-dev). _pki copies the flags; --exclude-libs is a no-op there (no static libs)."""
+    import re
+
     flags = ["-O2", "-g", "-Wall", "-Wextra", "-Werror=implicit-function-declaration", "-std=gnu11"]
     link: list[str] = []
+    libraries = ["ssl", "crypto", "nghttp2", "pthread"]
+    include_dirs: list[str] = []
+    objects: list[str] = []
     if os.environ.get("ISTIOPY_FASTPATH_SANITIZE") == "1":
         flags = ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined"]
         flags += ["-Wall", "-Wextra", "-Werror"]
         link = ["-fsanitize=address,undefined"]
+    else:
+        script = ROOT / "tools" / "openssl" / "build.sh"
+        found = re.search(r"^OPENSSL_VERSION=(\S+)", script.read_text(), re.M) if script.exists() else None
+        cache = os.environ.get("ISTIOPY_CACHE") or os.path.expanduser("~/.cache/istiopy")
+        default = os.path.join(cache, "openssl", found.group(1)) if found else ""
+        ossl = os.environ.get("ISTIOPY_OPENSSL_DIR") or default
+        static = [os.path.join(ossl, "lib", n) for n in ("libssl.a", "libcrypto.a")]
+        if ossl and all(os.path.isfile(a) for a in static):
+            include_dirs = [os.path.join(ossl, "include")]
+            objects = static  # after the extension's objects: libssl before libcrypto
+            libraries = ["nghttp2", "pthread", "dl"]
+            link = ["-Wl,--exclude-libs,ALL"]
+        elif not getattr(_fastpath_extension, "warned", False):
+            _fastpath_extension.warned = True  # type: ignore[attr-defined]
+            print(
+                f"WARNING: no static OpenSSL in {ossl or '(unset)'} (make setup builds it: "
+                "tools/openssl/build.sh); the C byte path links the system OpenSSL (slower AES-GCM)"
+            )
     return Extension(
         "istiopy.dataplane._fastpath",
         sources=["dataplane/_c/engine.c", "dataplane/_c/module.c"],
-        depends=["dataplane/_c/engine.h"],
-        libraries=["ssl", "crypto", "nghttp2", "pthread"],
+        depends=["dataplane/_c/engine.h", *objects],
+        include_dirs=include_dirs,
+        extra_objects=objects,
+        libraries=libraries,
         extra_compile_args=flags,
         extra_link_args=link,
     )

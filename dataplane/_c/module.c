@@ -6,6 +6,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <openssl/crypto.h>
 #include <unistd.h>
 
 #include "engine.h"
@@ -345,7 +346,20 @@ static PyTypeObject EngineType = {
     .tp_methods = engine_methods,
 };
 
-static struct PyModuleDef moddef = {PyModuleDef_HEAD_INIT, "_fastpath", "ztunnel-py C byte path", -1, NULL,
+/* The OpenSSL this extension runs on: setup.py links a private static one when it is built
+ * (tools/openssl), else the system's; Python's ssl module reports its own (ssl.OPENSSL_VERSION). */
+static PyObject *fp_openssl_version(PyObject *self, PyObject *unused) {
+    (void)self;
+    (void)unused;
+    return PyUnicode_FromString(OpenSSL_version(OPENSSL_VERSION));
+}
+
+static PyMethodDef module_methods[] = {
+    {"openssl_version", fp_openssl_version, METH_NOARGS, "OpenSSL_version(OPENSSL_VERSION) of the linked OpenSSL"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef moddef = {PyModuleDef_HEAD_INIT, "_fastpath", "ztunnel-py C byte path", -1, module_methods,
                                     NULL, NULL, NULL, NULL};
 
 PyMODINIT_FUNC PyInit__fastpath(void) {

@@ -1,0 +1,14 @@
+# Private static OpenSSL for the C byte path (included by the root Makefile; issue 8).
+#   make openssl - build OpenSSL (pinned in tools/openssl/build.sh; source: the openssl-src crate via cargo)
+#                  into $${ISTIOPY_CACHE:-~/.cache/istiopy}/openssl/<version> once; setup.py links
+#                  istiopy.dataplane._fastpath against it (the ASan build and the fuzzer keep the system one)
+OPENSSL_DIR := $(shell bash tools/openssl/build.sh --print-dir)
+OPENSSL_STAMP := $(OPENSSL_DIR)/.stamp
+
+.PHONY: openssl
+
+openssl: $(OPENSSL_STAMP)
+
+# Keyed by version (the directory): a warm cache is never rebuilt, a new pin builds a new directory.
+$(OPENSSL_STAMP):
+	@bash tools/openssl/build.sh
