@@ -55,7 +55,8 @@ def _fastpath_extension() -> Extension:
     issue 8) from ``$ISTIOPY_OPENSSL_DIR`` (default: that script's cache dir) when it is built, with its
     symbols hidden (--exclude-libs), so the process keeps the system libssl.so for the ssl module and
     _pki side by side, as the cryptography wheel does. Otherwise, and for the sanitizer build, it links the
-    system OpenSSL (libssl-dev). _pki copies the flags; --exclude-libs is a no-op there (no static libs)."""
+    system OpenSSL (libssl-dev). _pki copies the flags; both link options are no-ops there (no static
+    libs)."""
     import re
 
     flags = ["-O2", "-g", "-Wall", "-Wextra", "-Werror=implicit-function-declaration", "-std=gnu11"]
@@ -78,7 +79,7 @@ def _fastpath_extension() -> Extension:
             include_dirs = [os.path.join(ossl, "include")]
             objects = static  # after the extension's objects: libssl before libcrypto
             libraries = ["nghttp2", "pthread", "dl"]
-            link = ["-Wl,--exclude-libs,ALL"]
+            link = ["-Wl,--exclude-libs,ALL", "-Wl,--gc-sections"]  # its per-function sections
         elif not getattr(_fastpath_extension, "warned", False):
             _fastpath_extension.warned = True  # type: ignore[attr-defined]
             print(

@@ -9,6 +9,7 @@ OPENSSL_STAMP := $(OPENSSL_DIR)/.stamp
 
 openssl: $(OPENSSL_STAMP)
 
-# Keyed by version (the directory): a warm cache is never rebuilt, a new pin builds a new directory.
-$(OPENSSL_STAMP):
+# Keyed by version (the directory); the script re-checks the stamp (pin + Configure options) when it
+# changed, and only rebuilds when those did.
+$(OPENSSL_STAMP): tools/openssl/build.sh
 	@bash tools/openssl/build.sh
