@@ -16,6 +16,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <malloc.h>
 #include <nghttp2/nghttp2.h>
 #include <openssl/err.h>
 #include <openssl/x509v3.h>
@@ -1384,6 +1385,11 @@ static worker *worker_new(fp_engine *e, int idx) {
 
 fp_engine *fp_engine_new(int threads) {
     if (threads < 1 || threads > FP_MAX_WORKERS) return NULL;
+    /* Stream buffers (256 KiB) come and go with streams. glibc raises its mmap threshold once such a
+     * buffer is freed, so later ones come from the worker threads' heaps and stay resident after their
+     * streams end; a fixed threshold keeps them mmap'd and returned on free (about 1-2 MB less RSS per
+     * proxy after a benchmark run, throughput unchanged). Process-wide, but this process is the proxy. */
+    mallopt(M_MMAP_THRESHOLD, 128 * 1024);
     fp_engine *e = xcalloc(1, sizeof *e);
     pthread_mutex_init(&e->mu, NULL);
     e->evs_tail = &e->evs;
