@@ -545,7 +545,9 @@ async def _release(fp: FastPath) -> None:
         _engines[key] = (fp, n - 1)
 
 
-BundlePicker = CertBundle | Callable[[str], CertBundle]
+# A picker may return an awaitable: the first connection to a pod whose certificate is still being issued
+# waits for it (bounded by the handshake timeout) instead of being refused.
+BundlePicker = CertBundle | Callable[[str], CertBundle | Awaitable[CertBundle]]
 
 
 class FastHboneServer:
@@ -599,8 +601,12 @@ class FastHboneServer:
             self._fp = _acquire()
         try:
             local = sock.getsockname()
-            bundle = self.bundle if isinstance(self.bundle, CertBundle) else self.bundle(local[0])
-        except (OSError, ConnectionError, LookupError, ValueError) as e:
+            picked = self.bundle if isinstance(self.bundle, CertBundle) else self.bundle(local[0])
+            if isinstance(picked, CertBundle):
+                bundle = picked
+            else:
+                bundle = await asyncio.wait_for(picked, self.handshake_timeout)
+        except (OSError, ConnectionError, LookupError, ValueError, TimeoutError) as e:
             self.handshake_failures += 1
             log.debug("HBONE connection refused before the handshake: %r", e)
             sock.close()

@@ -571,7 +571,9 @@ def _header_dict(headers: Sequence[tuple[bytes | str, bytes | str]]) -> dict[str
 # Server
 
 
-ContextPicker = ssl.SSLContext | Callable[[str], ssl.SSLContext]
+# A picker may return an awaitable (a certificate still being issued): the handshake waits for it, bounded
+# by the handshake timeout.
+ContextPicker = ssl.SSLContext | Callable[[str], ssl.SSLContext | Awaitable[ssl.SSLContext]]
 
 
 class HboneServer:
@@ -684,7 +686,12 @@ class HboneServer:
             ctx = self.ssl_context if isinstance(self.ssl_context, ssl.SSLContext) else None
             try:
                 if ctx is None:
-                    ctx = self.ssl_context(local[0])  # type: ignore[operator]
+                    picked = self.ssl_context(local[0])  # type: ignore[operator]
+                    ctx = (
+                        picked
+                        if isinstance(picked, ssl.SSLContext)
+                        else await asyncio.wait_for(picked, self.handshake_timeout)
+                    )
                 reader = asyncio.StreamReader(limit=READ_CHUNK)
                 protocol = asyncio.StreamReaderProtocol(reader)
                 transport, _ = await loop.connect_accepted_socket(

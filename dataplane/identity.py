@@ -142,7 +142,7 @@ class SecretManager:
         return ctx
 
     def server_context_nowait(self, identity: SpiffeId) -> ssl.SSLContext | None:
-        """The server context if a certificate is already at hand (the HBONE handshake cannot wait)."""
+        """The server context if a certificate is at hand; None starts a fetch (callers may await it)."""
         ctx = self._server_ctx.get(identity)
         if ctx is None:
             bundle = self.current(identity)

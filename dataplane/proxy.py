@@ -219,15 +219,19 @@ class _PodProxy:
 
     def _server_bundle(self, _local_ip: str) -> Any:
         bundle = self.zt.secrets.current(self.identity)
-        if bundle is None:
-            raise ConnectionRefusedError(f"no certificate for {self.identity} yet")
-        return bundle
+        return bundle if bundle is not None else self._issued(self.zt.secrets.fetch)
 
     def _server_ctx(self, _local_ip: str) -> Any:
         ctx = self.zt.secrets.server_context_nowait(self.identity)
-        if ctx is None:
-            raise ConnectionRefusedError(f"no certificate for {self.identity} yet")
-        return ctx
+        return ctx if ctx is not None else self._issued(self.zt.secrets.server_context)
+
+    async def _issued(self, get: Callable[[SpiffeId], Awaitable[Any]]) -> Any:
+        """The pod's certificate (or context) once the CA issued it: a connection that arrives while the
+        prefetch is in flight (the first one after the pod appeared) waits rather than being refused."""
+        try:
+            return await get(self.identity)
+        except Exception as e:
+            raise ConnectionRefusedError(f"no certificate for {self.identity}: {e}") from e
 
     # ---- lifecycle ----------------------------------------------------------------------------
 

@@ -42,6 +42,8 @@ class Mesh:
     zts: list[Ztunnel]
     pods: dict[str, Pod]
     authority: CertificateAuthority
+    # The CA holds back certificates for these identities until the event is set (an issuance in flight).
+    held: dict[SpiffeId, asyncio.Event]
 
     def apply(self, *addrs: object, removed: tuple[str, ...] = ()) -> None:
         for zt in self.zts:
@@ -91,7 +93,11 @@ async def _refused(pod: Pod, host: str, port: int) -> bool:
 async def mesh(topology: Topology) -> AsyncIterator[Mesh]:
     authority = CertificateAuthority(CaConfig(), generate_root("cluster.local"))
 
+    held: dict[SpiffeId, asyncio.Event] = {}
+
     async def fetch(ident: SpiffeId) -> CertBundle:
+        if ident in held:
+            await held[ident].wait()
         return authority.issue_workload(ident)
 
     n0, n1 = topology.add_node("node-0"), topology.add_node("node-1")
@@ -121,7 +127,7 @@ async def mesh(topology: Topology) -> AsyncIterator[Mesh]:
             )
             await zt.start()
             zts.append(zt)
-        mesh = Mesh(topology, zts, pods, authority)
+        mesh = Mesh(topology, zts, pods, authority, held)
         mesh.apply(
             b.service("echo", "srv", SVC_VIP, {80: 8080}),
             *(
@@ -179,6 +185,28 @@ async def test_cross_node_hbone_mtls_carries_identity(mesh: Mesh) -> None:
     assert any(
         'destination_workload="srv"' in x and 'destination_workload_namespace="srv"' in x for x in inbound
     )
+
+
+async def test_first_connection_waits_for_a_certificate_still_being_issued(mesh: Mesh) -> None:
+    """A pod's first inbound connection can arrive before the CA answered its certificate prefetch (the
+    source pod started earlier): the handshake waits for the certificate instead of being refused."""
+    late = mesh.topo.add_pod("late", "slow", node=mesh.topo.nodes[1], service_account="late")
+    late.spawn_server("http", port=8080)
+    b.install_capture(late)
+    identity = SpiffeId("cluster.local", "slow", "late")
+    issued = mesh.held[identity] = asyncio.Event()
+    mesh.apply(mesh.workload(late))
+    fd = late.open_netns()
+    try:
+        await mesh.zts[1].add_pod(LocalWorkloadInfo(late.uid, late.name, late.namespace, "late"), fd)
+    finally:
+        os.close(fd)
+    assert mesh.zts[1].secrets.current(identity) is None  # still being issued
+    call = asyncio.ensure_future(_http_get(mesh.pods["sleep"], late.ip, 8080))
+    await asyncio.sleep(0.5)
+    assert not call.done(), call  # neither answered nor refused: waiting for the CA
+    issued.set()
+    assert (await asyncio.wait_for(call, 10))["pod"] == "late"
 
 
 async def test_service_vip_round_robins_across_three_backends(mesh: Mesh) -> None:

@@ -157,6 +157,8 @@ async def cluster(topology: Topology) -> AsyncIterator[Cluster]:
     finally:
         for zt in cluster.zts.values():
             zt.stop()
+            # pytest shows a test's captured output only when it fails: then these logs say why.
+            print(f"--- ztunnel-py {zt.node} log (tail) ---\n{zt.logs()[-4000:]}")
         for agent in cluster.agents.values():
             await agent.stop()
         await plane.close()
