@@ -76,8 +76,8 @@ test: setup $(K8S_TOOLS_TARGET) lint
 # The ASan builds go to .build/asan (never in place: others' test runs load the normal builds), and
 # fastpath.py / pki.py load them through ISTIOPY_FASTPATH_SO / ISTIOPY_PKI_SO. Python is not instrumented,
 # hence the preloaded runtime and no leak checking (the interpreter keeps memory on purpose at exit).
-FP_SRC := dataplane/_c/engine.c dataplane/_c/module.c
-FP_DEPS := $(FP_SRC) dataplane/_c/engine.h
+FP_SRC := dataplane/_c/engine.c dataplane/_c/module.c dataplane/_c/memtls.c
+FP_DEPS := $(FP_SRC) dataplane/_c/engine.h dataplane/_c/memtls.h
 FP_LIBS := -lssl -lcrypto -lnghttp2 -lpthread
 PKI_SRC := dataplane/_c/pki.c
 PY_INCLUDE = $$($(PYTHON) -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
@@ -97,7 +97,7 @@ test-asan: setup .build/asan/_fastpath.so .build/asan/_pki.so
 	LD_PRELOAD=$$(clang -print-file-name=libclang_rt.asan-x86_64.so) \
 	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
 	ISTIOPY_FASTPATH_SO=$(CURDIR)/.build/asan/_fastpath.so ISTIOPY_PKI_SO=$(CURDIR)/.build/asan/_pki.so \
-	  $(BIN)/pytest -q -p no:cacheprovider tests/fastpath tests/dataplane/test_pki.py
+	  $(BIN)/pytest -q -p no:cacheprovider tests/fastpath tests/dataplane/test_pki.py tests/xds/test_memtls.py
 
 .build/fuzz/fuzz_hbone: tests/fuzz/fuzz_hbone.c $(FP_DEPS)
 	@mkdir -p $(@D)/corpus

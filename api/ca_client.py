@@ -29,6 +29,7 @@ from istiopy.api.grpc_h2 import Channel, RpcError, StatusCode, client_ssl_contex
 from istiopy.api.identity import InvalidSpiffeId, SpiffeId, identity_from_uris
 from istiopy.api.pki import CryptographyBackend, PkiBackend, verify_signatures
 from istiopy.api.tls import CertBundle, private_key_pem, split_pem_chain
+from istiopy.api.tls_stream import TlsFactory
 
 if TYPE_CHECKING:  # the helpers below import cryptography when called; the node proxy never calls them
     from cryptography import x509
@@ -128,13 +129,14 @@ class CaClient:
         client_cert: tuple[str, str] | None = None,
         token_source: TokenSource | None = None,
         cluster_id: str = "",
+        tls: TlsFactory = client_ssl_context,
     ) -> CaClient:
         """A TLS channel to the CA at ``address`` verifying its serving cert for ``server_name``.
 
         ``client_cert`` is ``(chain_pem, key_pem)`` of a bootstrap credential (standalone mode);
         ``token_source`` yields a bearer token (Kubernetes projected token or an operator-issued one).
         """
-        ctx = client_ssl_context(roots_pem, client_cert=client_cert)
+        ctx = tls(roots_pem, client_cert=client_cert)
         channel = Channel(address, ssl_context=ctx, server_name=server_name)
         return cls(channel, roots_pem, token_source, cluster_id)
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import ssl
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -26,6 +25,7 @@ from istiopy.api.der import CertInfo, parse_certificate, pem_to_der
 from istiopy.api.identity import InvalidSpiffeId, SpiffeId, identity_from_uris, identity_of_der
 
 if TYPE_CHECKING:  # only the control plane's accessors need it, and they import it when called
+    import ssl
     import tempfile
 
     from cryptography import x509
@@ -33,8 +33,11 @@ if TYPE_CHECKING:  # only the control plane's accessors need it, and they import
 ALPN_H2 = "h2"
 
 
-class PeerIdentityError(ssl.SSLError):
-    """The handshake succeeded but the peer is not who we accept (no SPIFFE id, wrong id or trust domain)."""
+class PeerIdentityError(ConnectionError):
+    """The handshake succeeded but the peer is not who we accept (no SPIFFE id, wrong id or trust domain).
+
+    A ``ConnectionError`` rather than an ``ssl.SSLError``: the C byte path raises it too, in a process that
+    never imports ``ssl`` (``ssl`` is imported by the context factories below, when they are called)."""
 
 
 def split_pem_chain(pem: str | bytes) -> list[str]:
@@ -165,6 +168,8 @@ def load_bundle(ctx: ssl.SSLContext, bundle: CertBundle) -> None:
 
 
 def _base_context(purpose: int, bundle: CertBundle, alpn: Collection[str]) -> ssl.SSLContext:
+    import ssl
+
     ctx = ssl.SSLContext(purpose)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.maximum_version = ssl.TLSVersion.TLSv1_3
@@ -179,6 +184,8 @@ def _base_context(purpose: int, bundle: CertBundle, alpn: Collection[str]) -> ss
 
 def server_context(bundle: CertBundle, *, alpn: Collection[str] = (ALPN_H2,)) -> ssl.SSLContext:
     """A TLS 1.3 server context that requires a client certificate chained to the mesh roots."""
+    import ssl
+
     ctx = _base_context(ssl.PROTOCOL_TLS_SERVER, bundle, alpn)
     ctx.num_tickets = 0  # no resumption: every connection proves its identity afresh
     return ctx
@@ -190,6 +197,8 @@ def client_context(bundle: CertBundle, *, alpn: Collection[str] = (ALPN_H2,)) ->
     Connect with ``server_hostname=""`` (asyncio) or ``server_hostname=None`` (``wrap_socket``) so no SNI
     is sent, then check the server with :func:`verify_peer_identity`.
     """
+    import ssl
+
     return _base_context(ssl.PROTOCOL_TLS_CLIENT, bundle, alpn)
 
 

@@ -22,12 +22,15 @@ import asyncio
 import contextlib
 import logging
 import random
-import ssl
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from istiopy.api.grpc_h2 import Call, Channel, RpcError, StatusCode, client_ssl_context
+from istiopy.api.tls_stream import TlsClient, TlsFactory
+
+if TYPE_CHECKING:
+    import ssl
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +116,7 @@ class DeltaXdsClient:
         target: str,
         node: Message,
         *,
-        ssl_context: ssl.SSLContext | None = None,
+        ssl_context: ssl.SSLContext | TlsClient | None = None,
         server_name: str | None = None,
         metadata: Sequence[tuple[str, str]] = (),
         backoff_initial: float = 0.1,
@@ -152,13 +155,15 @@ class DeltaXdsClient:
         *,
         server_name: str | None = None,
         client_cert: tuple[str, str] | None = None,
+        tls: TlsFactory = client_ssl_context,
         **options: Any,
     ) -> DeltaXdsClient:
         """A client over TLS verifying the server against ``roots_pem`` for ``server_name``.
 
-        ``client_cert`` is ``(chain_pem, key_pem)`` for mutual TLS; ``options`` go to the constructor.
+        ``client_cert`` is ``(chain_pem, key_pem)`` for mutual TLS; ``tls`` builds the TLS client (Python's
+        ``ssl`` by default); ``options`` go to the constructor.
         """
-        ctx = client_ssl_context(roots_pem, client_cert=client_cert)
+        ctx = tls(roots_pem, client_cert=client_cert)
         return cls(target, node, ssl_context=ctx, server_name=server_name, **options)
 
     # ------------------------------------------------------------------------------------ subscriptions

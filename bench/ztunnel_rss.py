@@ -208,7 +208,7 @@ class Ztunnel:
         self.admin, self.metrics, self.ready = free_port(), free_port(), free_port()
         creds = work / "creds"
         argv = [
-            PY, "-P", "-m", "istiopy.dataplane.cli",
+            PY, "-P", "-m", "istiopy.dataplane.launch",
             "--xds-address", xds, "--ca-address", xds,
             "--root-cert", str(creds / "root-cert.pem"),
             "--ca-client-cert", str(creds / "cert-chain.pem"), "--ca-client-key", str(creds / "key.pem"),

@@ -23,6 +23,7 @@ from typing import NoReturn
 
 import istiopy
 from istiopy.api.ca_client import CaClient, token_file_source
+from istiopy.api.grpc_h2 import client_ssl_context
 from istiopy.api.xds_client import DeltaXdsClient
 from istiopy.dataplane import fastpath, sockets
 from istiopy.dataplane.admin import LocalWorkloadInfo
@@ -186,6 +187,8 @@ async def run(args: argparse.Namespace) -> int:
         network=args.network,
         byte_path=fastpath.byte_path(args.byte_path),
     )
+    # The C path's control-plane TLS runs on the extension's OpenSSL too: no second OpenSSL (launch.py).
+    tls = fastpath.client_tls if config.byte_path == "c" else client_ssl_context
     ca = CaClient.connect(
         args.ca_address or args.xds_address,
         roots,
@@ -193,6 +196,7 @@ async def run(args: argparse.Namespace) -> int:
         client_cert=client_cert,
         token_source=token,
         cluster_id=args.cluster_id,
+        tls=tls,
     )
     secrets = SecretManager(ca_fetcher(ca, ttl_seconds=args.secret_ttl))
     # The handlers copy what they need into ProxyState; held Anys would keep whole WDS responses alive.
@@ -208,6 +212,7 @@ async def run(args: argparse.Namespace) -> int:
             roots,
             server_name=args.server_name,
             client_cert=client_cert,
+            tls=tls,
             metadata=metadata,
             keep_resources=False,
         )

@@ -52,6 +52,7 @@ from typing import Any
 from istiopy.api.identity import SpiffeId
 from istiopy.api.tls import CertBundle, PeerIdentityError
 from istiopy.dataplane import tunnel
+from istiopy.dataplane.extension import BYTE_PATH_ENV, load_extension
 from istiopy.dataplane.tunnel import (
     DEFAULT_MAX_STREAMS,
     ConnectRequest,
@@ -65,7 +66,6 @@ from istiopy.dataplane.tunnel import (
 
 log = logging.getLogger(__name__)
 
-BYTE_PATH_ENV = "ISTIOPY_BYTE_PATH"
 BYTE_PATHS = ("c", "python")
 WORKER_THREADS_ENV = "ISTIOPY_WORKER_THREADS"
 DEFAULT_WORKER_THREADS = 2
@@ -78,26 +78,8 @@ _ext: Any
 _import_error: str | None
 
 
-def _load() -> Any:
-    """The extension; ``$ISTIOPY_FASTPATH_SO`` names another build of it (``make test-asan`` loads the
-    sanitizer build that way, leaving the normal in-place build alone for concurrent test runs)."""
-    path = os.environ.get("ISTIOPY_FASTPATH_SO")
-    if not path:
-        from istiopy.dataplane import _fastpath  # type: ignore[attr-defined]
-
-        return _fastpath
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("istiopy.dataplane._fastpath", path)
-    if spec is None or spec.loader is None:
-        raise ImportError(f"cannot load {path}")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 try:
-    _ext = _load()
+    _ext = load_extension()
     _import_error = None
 except ImportError as e:  # the build degraded to Python (see setup.py OptionalBuildExt)
     _ext = None
@@ -137,6 +119,22 @@ def byte_path(flag: str | None = None) -> str:
         warnings.warn(f"C byte path unavailable ({_import_error}); using the Python path", stacklevel=2)
         return "python"
     return want
+
+
+def client_tls(roots_pem: str, *, client_cert: tuple[str, str] | None = None) -> Any:
+    """The control-plane TLS client (xDS, CA) on the extension's own OpenSSL: a ``tls_stream.TlsClient``
+    for ``grpc_h2`` channels (``tls=`` of ``DeltaXdsClient.connect``/``CaClient.connect``), verifying the
+    server against ``roots_pem`` and its name, offering ALPN h2, presenting ``client_cert`` when given.
+    With it the C-path node proxy never loads Python's ``ssl`` (see ``istiopy.dataplane.launch``)."""
+    if _ext is None:
+        raise RuntimeError(f"the C extension is not available: {_import_error}")
+    chain, key = client_cert if client_cert is not None else (None, None)
+    return _ext.TlsClientContext(
+        roots_pem.encode(),
+        chain.encode() if chain is not None else None,
+        key.encode() if key is not None else None,
+        (b"h2",),
+    )
 
 
 def worker_threads(value: str | None = None) -> int:

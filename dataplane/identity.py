@@ -13,15 +13,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
 from collections.abc import Awaitable, Callable, Iterable
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from istiopy.api.ca_client import CaClient, CertificateManager
 from istiopy.api.identity import SpiffeId
 from istiopy.api.pki import PkiBackend
 from istiopy.api.tls import CertBundle, client_context, load_bundle, server_context
 from istiopy.dataplane import pki
+
+if TYPE_CHECKING:  # contexts exist only on the Python byte path; the C path never imports ssl
+    import ssl
 
 log = logging.getLogger("istiopy.ztunnel.identity")
 

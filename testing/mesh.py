@@ -801,7 +801,7 @@ class Mesh:
             zlog = ndir / "ztunnel.log"
             istiod = f"127.0.0.1:{self.ports['tls']}"
             argv = [
-                sys.executable, "-P", "-m", "istiopy.dataplane.cli",
+                sys.executable, "-P", "-m", "istiopy.dataplane.launch",
                 "--xds-address", istiod, "--ca-address", istiod,
                 "--root-cert", root, "--ca-client-cert", chain, "--ca-client-key", key,
                 "--token-file", str(ndir / "no-token"), "--trust-domain", self.trust_domain,

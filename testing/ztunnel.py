@@ -376,7 +376,7 @@ class ZtunnelProcess:
         self.admin_port, self.metrics_port, self.readiness_port = free_port(), free_port(), free_port()
         self.log_path = os.path.join(self.workdir, "ztunnel.log")
         argv = [
-            sys.executable, "-m", "istiopy.dataplane.cli",
+            sys.executable, "-m", "istiopy.dataplane.launch",
             "--xds-address", f"127.0.0.1:{plane.xds_port}",
             "--ca-address", f"127.0.0.1:{plane.ca_port}",
             "--root-cert", root, "--ca-client-cert", chain, "--ca-client-key", key,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import ssl
+from typing import TYPE_CHECKING, Any
 
 import h2.exceptions
 
@@ -18,6 +18,10 @@ from istiopy.api.grpc_h2.status import (
     metadata_headers,
 )
 from istiopy.api.grpc_h2.target import parse_target
+from istiopy.api.tls_stream import TlsClient, open_connection
+
+if TYPE_CHECKING:
+    import ssl
 
 USER_AGENT = "istiopy-grpc-h2/1"
 DEFAULT_MAX_MESSAGE = 4 * 1024 * 1024  # gRPC's default receive limit
@@ -26,6 +30,9 @@ CONNECT_TIMEOUT = 20.0
 
 class Channel:
     """A lazily connected gRPC channel to ``target``: TLS when ``ssl_context`` is given, else plaintext.
+
+    ``ssl_context`` is an ``ssl.SSLContext`` or a :class:`~istiopy.api.tls_stream.TlsClient` (TLS from
+    another OpenSSL than Python's: the node proxy's own, so it never loads the ``ssl`` module).
 
     ``server_name`` overrides the name the TLS handshake sends (SNI) and verifies, and ``:authority``
     (what grpc's ``ssl_target_name_override`` does). ``keepalive_time`` sends a PING every that many
@@ -37,7 +44,7 @@ class Channel:
         self,
         target: str,
         *,
-        ssl_context: ssl.SSLContext | None = None,
+        ssl_context: ssl.SSLContext | TlsClient | None = None,
         server_name: str | None = None,
         user_agent: str = USER_AGENT,
         max_receive_message_bytes: int = DEFAULT_MAX_MESSAGE,
@@ -84,7 +91,16 @@ class Channel:
         ctx = self.ssl_context
         try:
             async with asyncio.timeout(limit):
-                if t.path:
+                if isinstance(ctx, TlsClient):
+                    reader, writer = await open_connection(
+                        t.host,
+                        t.port,
+                        ctx,
+                        server_hostname=self.server_name or (t.host if not t.path else "localhost"),
+                        path=t.path,
+                        limit=READ_CHUNK,
+                    )
+                elif t.path:
                     reader, writer = await asyncio.open_unix_connection(
                         t.path, ssl=ctx, server_hostname=(self.server_name or "localhost") if ctx else None
                     )
@@ -101,11 +117,10 @@ class Channel:
                 msg = f"deadline exceeded connecting to {self.target}"
                 raise RpcError(StatusCode.DEADLINE_EXCEEDED, msg) from None
             raise RpcError(StatusCode.UNAVAILABLE, f"timed out connecting to {self.target}") from None
-        except (OSError, ssl.SSLError) as e:
+        except OSError as e:  # ssl.SSLError and TlsError are OSErrors
             raise RpcError(StatusCode.UNAVAILABLE, f"failed to connect to {self.target}: {e}") from e
         if ctx is not None:
-            tls = writer.get_extra_info("ssl_object")
-            alpn = tls.selected_alpn_protocol() if tls is not None else None
+            alpn = _alpn(writer)
             if alpn not in (None, "h2"):
                 writer.close()
                 raise RpcError(StatusCode.UNAVAILABLE, f"{self.target} negotiated ALPN {alpn!r}, not h2")
@@ -181,3 +196,11 @@ class Channel:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+def _alpn(writer: asyncio.StreamWriter) -> Any:
+    """The negotiated ALPN protocol of either kind of TLS stream."""
+    tls = writer.get_extra_info("ssl_object")
+    if tls is not None:
+        return tls.selected_alpn_protocol()
+    return writer.get_extra_info("alpn")

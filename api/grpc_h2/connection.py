@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import ssl
 from collections.abc import Sequence
 
 import h2.config
@@ -172,7 +171,7 @@ class Connection:
                 for ev in events:
                     self._dispatch(ev)
                 self.flush()
-        except (ConnectionError, OSError, ssl.SSLError, asyncio.IncompleteReadError) as e:
+        except (OSError, asyncio.IncompleteReadError) as e:  # ssl.SSLError is an OSError
             reason = f"connection lost: {e}"
         finally:
             self._lost(reason)

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import ssl
 
 
 @contextlib.contextmanager
@@ -34,7 +37,10 @@ def client_ssl_context(
 ) -> ssl.SSLContext:
     """A TLS client context for gRPC: verifies the server against ``roots_pem`` (system roots when None)
     and its host name (see ``Channel(server_name=...)``), offers ALPN ``h2``, and presents
-    ``client_cert = (chain_pem, key_pem)`` when given (mutual TLS)."""
+    ``client_cert = (chain_pem, key_pem)`` when given (mutual TLS). ``ssl`` is imported here, not at module
+    load: the node proxy's C path brings its own TLS client (``tls_stream.TlsClient``)."""
+    import ssl
+
     ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
     if roots_pem:
         ctx.load_verify_locations(cadata=roots_pem.decode() if isinstance(roots_pem, bytes) else roots_pem)

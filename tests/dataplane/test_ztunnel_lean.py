@@ -1,10 +1,13 @@
-"""The real ztunnel-py process (C byte path) runs without grpcio, cryptography or prometheus_client.
+"""The real ztunnel-py process (C byte path) runs without grpcio, cryptography, prometheus_client or a
+second OpenSSL.
 
 Issue 8's RSS target (<= 40 MB holding 1000 workloads) has no room for them: grpcio and cryptography cost
-~9 MB each just by being imported, prometheus_client ~2 MB. This starts the proxy as deployed (real xDS and
-CA from the test control plane, one pod of its own so the certificate path runs: key, CSR, signed chain)
-and then looks from outside: ``/proc/PID/maps`` for the shared objects (grpcio's ``cygrpc``, cryptography's
-``_rust``), the admin ``/debug/modules`` for the imported top-level packages.
+~9 MB each just by being imported, prometheus_client ~2 MB, Python's ssl with the system OpenSSL ~4.4 MB
+(its xDS and CA connections use the extension's OpenSSL instead). This starts the proxy as deployed
+(real xDS and CA from the test control plane, one pod of its own so the certificate path runs: key, CSR,
+signed chain) and then looks from outside: ``/proc/PID/maps`` for the shared objects (grpcio's
+``cygrpc``, cryptography's ``_rust``, the system's libssl), the admin ``/debug/modules`` for the imported
+top-level packages.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ def _mapped(pid: int) -> set[str]:
     return out
 
 
-async def test_node_proxy_loads_neither_grpcio_nor_cryptography_nor_prometheus_client(
+async def test_node_proxy_loads_no_grpcio_cryptography_prometheus_client_or_system_openssl(
     topology: Topology, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     node = topology.add_node("lean-0")
@@ -81,11 +84,14 @@ async def test_node_proxy_loads_neither_grpcio_nor_cryptography_nor_prometheus_c
         assert any(o.startswith("_fastpath") for o in objects), objects  # the C byte path is running
         assert not [o for o in objects if "cygrpc" in o], objects  # grpcio
         assert not [o for o in objects if o.startswith("_rust")], objects  # cryptography
+        # xDS and the CA ran over TLS (the certificate is there), on the extension's OpenSSL: the system's
+        # libssl/libcrypto and Python's _ssl are not even mapped.
+        assert not [o for o in objects if o.startswith(("libssl", "libcrypto", "_ssl"))], objects
         status, body = zt.get(zt.admin_port, "/debug/modules")
         assert status == 200
         modules = set(body.split())
-        assert {"asyncio", "ssl", "istiopy"} <= modules  # the list is real
-        assert not modules & {"grpc", "cryptography", "prometheus_client"}, sorted(modules)
+        assert {"asyncio", "h2", "istiopy"} <= modules  # the list is real
+        assert not modules & {"grpc", "cryptography", "prometheus_client", "ssl"}, sorted(modules)
     finally:
         if zt is not None:
             zt.stop()

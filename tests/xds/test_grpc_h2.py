@@ -28,6 +28,14 @@ from istiopy.api.grpc_h2 import (
     encode_timeout,
     parse_target,
 )
+from istiopy.api.tls_stream import TlsFactory
+from istiopy.dataplane import fastpath
+
+# Both TLS clients a channel takes: Python's ssl, and the C extension's own OpenSSL (the node proxy's).
+TLS_CLIENTS = [
+    pytest.param(client_ssl_context, id="ssl-module"),
+    pytest.param(fastpath.client_tls, id="fastpath-openssl"),
+]
 
 SVC = "test.Svc"
 BIG = 8 * 1024 * 1024
@@ -343,7 +351,8 @@ async def test_a_reader_that_stops_holds_the_server_back(srv: Server, chan: Chan
 
 
 # -------------------------------------------------------------------------------------------------- TLS
-async def test_mutual_tls_with_server_name_override() -> None:
+@pytest.mark.parametrize("tls", TLS_CLIENTS)
+async def test_mutual_tls_with_server_name_override(tls: TlsFactory) -> None:
     pki = make_pki()
     creds = grpc.ssl_server_credentials(
         [(pki.server_key_pem, pki.server_cert_pem)], root_certificates=pki.ca_pem, require_client_auth=True
@@ -351,7 +360,7 @@ async def test_mutual_tls_with_server_name_override() -> None:
     s = await start_server(creds=creds)
     client_cert = (pki.client_cert_pem.decode(), pki.client_key_pem.decode())
     try:
-        ctx = client_ssl_context(pki.ca_pem, client_cert=client_cert)
+        ctx = tls(pki.ca_pem.decode(), client_cert=client_cert)
         # Dial the IP, verify the certificate for the mesh name (what grpc's ssl_target_name_override does).
         async with Channel(
             f"127.0.0.1:{s.port}", ssl_context=ctx, server_name="istiod.istio-system.svc"
@@ -366,13 +375,61 @@ async def test_mutual_tls_with_server_name_override() -> None:
             assert "certificate" in ei.value.details.lower()
         # Without a client certificate the server refuses the handshake.
         async with Channel(
-            f"127.0.0.1:{s.port}", ssl_context=client_ssl_context(pki.ca_pem), server_name="localhost"
+            f"127.0.0.1:{s.port}", ssl_context=tls(pki.ca_pem.decode()), server_name="localhost"
         ) as ch:
             with pytest.raises(RpcError) as ei:
                 await ch.unary_unary(f"/{SVC}/Echo", b"x", timeout=5)
             assert ei.value.code == StatusCode.UNAVAILABLE
     finally:
         await s.server.stop(0)
+
+
+@pytest.mark.parametrize("tls", TLS_CLIENTS)
+async def test_tls_streams_carry_large_messages_both_ways_and_close_cleanly(tls: TlsFactory) -> None:
+    """Flow control through the TLS layer (the writer waits for the socket, the reader holds back) and a
+    clean close: what the xDS stream of the node proxy does over hours."""
+    pki = make_pki()
+    creds = grpc.ssl_server_credentials([(pki.server_key_pem, pki.server_cert_pem)])
+    s = await start_server(creds=creds)
+    try:
+        ch = Channel(
+            f"127.0.0.1:{s.port}",
+            ssl_context=tls(pki.ca_pem.decode()),
+            server_name="localhost",
+            max_receive_message_bytes=64 << 20,
+        )
+        call = await ch.stream_stream(f"/{SVC}/BidiEcho")
+        payloads = [bytes([i]) * (3 << 20) for i in range(4)]
+
+        async def send() -> None:
+            for p in payloads:
+                await call.write(p)
+            await call.done_writing()
+
+        sender = asyncio.ensure_future(send())
+        got = [m async for m in _messages(call)]
+        await sender
+        assert got == payloads
+        assert await ch.unary_unary(f"/{SVC}/Echo", b"again") == b"again"  # same connection, still good
+        assert ch.connects == 1
+        await ch.close()
+    finally:
+        await s.server.stop(0)
+
+
+async def _messages(call: Any) -> AsyncIterator[bytes]:
+    while (m := await call.read()) is not None:
+        yield m
+
+
+def test_fastpath_tls_client_rejects_bad_pem() -> None:
+    with pytest.raises(ValueError, match="roots_pem"):
+        fastpath.client_tls("not a certificate")
+    pki = make_pki()
+    with pytest.raises(ValueError, match="key_pem"):
+        fastpath.client_tls(
+            pki.ca_pem.decode(), client_cert=(pki.client_cert_pem.decode(), pki.server_key_pem.decode())
+        )
 
 
 # ------------------------------------------------------------------------------------------ connections
