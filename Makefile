@@ -73,13 +73,12 @@ test: setup $(K8S_TOOLS_TARGET) lint
 	$(MAKE) --no-print-directory test-asan fuzz
 
 # ---- C extensions (dataplane/_c): sanitizers and fuzzing -------------------------------------------
-# The ASan builds go to .build/asan (never in place: others' test runs load the normal builds), and
-# fastpath.py / pki.py load them through ISTIOPY_FASTPATH_SO / ISTIOPY_PKI_SO. Python is not instrumented,
+# The ASan build goes to .build/asan (never in place: others' test runs load the normal build), and
+# fastpath.py / pki.py load it through ISTIOPY_FASTPATH_SO. Python is not instrumented,
 # hence the preloaded runtime and no leak checking (the interpreter keeps memory on purpose at exit).
-FP_SRC := dataplane/_c/engine.c dataplane/_c/module.c dataplane/_c/memtls.c
+FP_SRC := dataplane/_c/engine.c dataplane/_c/module.c dataplane/_c/memtls.c dataplane/_c/pki.c
 FP_DEPS := $(FP_SRC) dataplane/_c/engine.h dataplane/_c/memtls.h
 FP_LIBS := -lssl -lcrypto -lnghttp2 -lpthread
-PKI_SRC := dataplane/_c/pki.c
 PY_INCLUDE = $$($(PYTHON) -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
 SAN_FLAGS := -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined \
 	-Wall -Wextra -Werror
@@ -89,14 +88,10 @@ FUZZ_SECONDS ?= 20
 	@mkdir -p $(@D)
 	clang $(SAN_FLAGS) -shared -fPIC -shared-libasan -I$(PY_INCLUDE) $(FP_SRC) -o $@ $(FP_LIBS)
 
-.build/asan/_pki.so: $(PKI_SRC) | $(BIN)/python
-	@mkdir -p $(@D)
-	clang $(SAN_FLAGS) -shared -fPIC -shared-libasan -I$(PY_INCLUDE) $(PKI_SRC) -o $@ -lcrypto
-
-test-asan: setup .build/asan/_fastpath.so .build/asan/_pki.so
+test-asan: setup .build/asan/_fastpath.so
 	LD_PRELOAD=$$(clang -print-file-name=libclang_rt.asan-x86_64.so) \
 	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
-	ISTIOPY_FASTPATH_SO=$(CURDIR)/.build/asan/_fastpath.so ISTIOPY_PKI_SO=$(CURDIR)/.build/asan/_pki.so \
+	ISTIOPY_FASTPATH_SO=$(CURDIR)/.build/asan/_fastpath.so \
 	  $(BIN)/pytest -q -p no:cacheprovider tests/fastpath tests/dataplane/test_pki.py tests/xds/test_memtls.py
 
 .build/fuzz/fuzz_hbone: tests/fuzz/fuzz_hbone.c $(FP_DEPS)

@@ -49,14 +49,15 @@ def _packages() -> list[str]:
 
 
 def _fastpath_extension() -> Extension:
-    """ztunnel-py's C byte path (dataplane/_c). ISTIOPY_FASTPATH_SANITIZE=1 builds it with ASan+UBSan.
+    """ztunnel-py's C extension (dataplane/_c): the byte path, the control-plane TLS client (memtls.c) and
+    the key/CSR/chain operations (pki.c), all on one OpenSSL. ISTIOPY_FASTPATH_SANITIZE=1 builds it with
+    ASan+UBSan.
 
     It links a private, static OpenSSL (tools/openssl/build.sh: a newer one with the AVX-512 AES-GCM code,
     issue 8) from ``$ISTIOPY_OPENSSL_DIR`` (default: that script's cache dir) when it is built, with its
-    symbols hidden (--exclude-libs), so the process keeps the system libssl.so for the ssl module and
-    _pki side by side, as the cryptography wheel does. Otherwise, and for the sanitizer build, it links the
-    system OpenSSL (libssl-dev). _pki copies the flags; both link options are no-ops there (no static
-    libs)."""
+    symbols hidden (--exclude-libs), so a process that also loads the ssl module keeps the system libssl.so
+    beside it, as the cryptography wheel does (the C-path node proxy does not load ssl at all). Otherwise,
+    and for the sanitizer build, it links the system OpenSSL (libssl-dev)."""
     import re
 
     flags = ["-O2", "-g", "-Wall", "-Wextra", "-Werror=implicit-function-declaration", "-std=gnu11"]
@@ -88,7 +89,12 @@ def _fastpath_extension() -> Extension:
             )
     return Extension(
         "istiopy.dataplane._fastpath",
-        sources=["dataplane/_c/engine.c", "dataplane/_c/module.c", "dataplane/_c/memtls.c"],
+        sources=[
+            "dataplane/_c/engine.c",
+            "dataplane/_c/module.c",
+            "dataplane/_c/memtls.c",
+            "dataplane/_c/pki.c",
+        ],
         depends=["dataplane/_c/engine.h", "dataplane/_c/memtls.h", *objects],
         include_dirs=include_dirs,
         extra_objects=objects,
@@ -98,29 +104,10 @@ def _fastpath_extension() -> Extension:
     )
 
 
-def _pki_extension() -> Extension:
-    """ztunnel-py's key/CSR/chain checks on libcrypto (dataplane/_c/pki.c), so the node proxy need not
-    import ``cryptography``; same flags and OpenSSL as the byte path (ISTIOPY_FASTPATH_SANITIZE=1 for
-    ASan+UBSan): with the static one, the node proxy maps no system libcrypto at all (~3 MB of RSS is
-    touched just loading it)."""
-    fast = _fastpath_extension()
-    crypto = [o for o in fast.extra_objects if o.endswith("libcrypto.a")]
-    return Extension(
-        "istiopy.dataplane._pki",
-        sources=["dataplane/_c/pki.c"],
-        depends=crypto,
-        include_dirs=fast.include_dirs,
-        extra_objects=crypto,
-        libraries=["pthread", "dl"] if crypto else ["crypto"],
-        extra_compile_args=fast.extra_compile_args,
-        extra_link_args=fast.extra_link_args,
-    )
-
-
 class OptionalBuildExt(build_ext):
     """A missing compiler or header must not break ``pip install -e .`` for everyone: warn and let
     istiopy.dataplane.fastpath fall back to the pure-Python byte path and istiopy.dataplane.pki to the
-    ``cryptography`` backend (tests/fastpath and tests/dataplane/test_pki.py assert the extensions
+    ``cryptography`` backend (tests/fastpath and tests/dataplane/test_pki.py assert the extension
     import, so ``make test`` still fails loudly)."""
 
     def run(self) -> None:
@@ -157,5 +144,5 @@ setup(
     packages=_packages(),
     cmdclass={"build_py": BuildPy, "build_ext": OptionalBuildExt},
     package_data={"istiopy.api.gen": ["*.pyi", "py.typed"]},
-    ext_modules=[_fastpath_extension(), _pki_extension()],
+    ext_modules=[_fastpath_extension()],
 )

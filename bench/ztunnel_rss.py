@@ -61,7 +61,7 @@ NODE = "rss-node"
 N_NAMESPACES, N_SERVICES, N_PODS, N_POLICIES = 20, 500, 1000, 20
 # Shared objects and packages whose presence in the node proxy is worth a line: the heavy ones issue 8
 # removed (grpcio, cryptography, prometheus_client) and the ones the C byte path needs.
-WATCH_OBJECTS = ("cygrpc", "_rust.abi3", "_cffi_backend", "_fastpath", "_pki", "libnghttp2", "_message.abi3")
+WATCH_OBJECTS = ("cygrpc", "_rust.abi3", "_cffi_backend", "_fastpath", "libnghttp2", "_message.abi3")
 WATCH_PACKAGES = ("grpc", "cryptography", "prometheus_client", "h2", "hpack", "google", "aiohttp", "yaml")
 
 

@@ -27,7 +27,10 @@ def load_extension() -> Any:
     import sys
 
     if _MODULE in sys.modules:
-        return sys.modules[_MODULE]
+        loaded = sys.modules[_MODULE]
+        if loaded is None:  # hidden on purpose (tests of the fallback), as the normal import would see it
+            raise ImportError(f"{_MODULE} is hidden (None in sys.modules)")
+        return loaded
     spec = importlib.util.spec_from_file_location(_MODULE, path)
     if spec is None or spec.loader is None:
         raise ImportError(f"cannot load {path} (from ${SO_ENV})")

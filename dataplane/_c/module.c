@@ -370,7 +370,8 @@ PyMODINIT_FUNC PyInit__fastpath(void) {
     Py_INCREF(&TlsConfigType);
     Py_INCREF(&EngineType);
     if (PyModule_AddObject(m, "TlsConfig", (PyObject *)&TlsConfigType) < 0 ||
-        PyModule_AddObject(m, "Engine", (PyObject *)&EngineType) < 0 || fp_memtls_register(m) < 0) {
+        PyModule_AddObject(m, "Engine", (PyObject *)&EngineType) < 0 || fp_memtls_register(m) < 0 ||
+        fp_pki_register(m) < 0) {
         Py_DECREF(m);
         return NULL;
     }

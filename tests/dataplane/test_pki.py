@@ -45,7 +45,7 @@ def make_backend(name: str) -> PkiBackend:
     if name == "cryptography":
         return CryptographyBackend()
     c = pki.c_backend()
-    assert c is not None, "istiopy.dataplane._pki is not built (setup.py build_ext --inplace)"
+    assert c is not None, "istiopy.dataplane._fastpath is not built (setup.py build_ext --inplace)"
     return c
 
 
@@ -80,8 +80,8 @@ def test_fallback_without_the_extension(
 ) -> None:
     import istiopy.dataplane
 
-    monkeypatch.setitem(sys.modules, "istiopy.dataplane._pki", None)  # import raises ImportError
-    monkeypatch.delattr(istiopy.dataplane, "_pki", raising=False)
+    monkeypatch.setitem(sys.modules, "istiopy.dataplane._fastpath", None)  # import raises ImportError
+    monkeypatch.delattr(istiopy.dataplane, "_fastpath", raising=False)
     with caplog.at_level(logging.WARNING, logger="istiopy.ztunnel.pki"):
         assert isinstance(pki.backend(), CryptographyBackend)
     assert "not built" in caplog.text

@@ -5,8 +5,9 @@
 #
 # The source comes from crates.io (the openssl-src crate carries OpenSSL's release tarball contents), fetched
 # by cargo into its registry through a throw-away project that pins the exact crate version; cargo checks
-# the crate's checksum. setup.py links libssl.a/libcrypto.a into _fastpath with their symbols hidden, so the
-# Python process keeps the system libssl.so (the ssl module, _pki) side by side.
+# the crate's checksum. setup.py links libssl.a/libcrypto.a into _fastpath with their symbols hidden, so a
+# Python process that also loads the ssl module keeps the system libssl.so beside it (the C-path ztunnel-py
+# does not: its control-plane TLS and PKI run on this one).
 #
 # Layout: $CACHE/openssl/<version>/{include/openssl/*.h,lib/libssl.a,lib/libcrypto.a,.stamp}
 # where CACHE=${ISTIOPY_CACHE:-$HOME/.cache/istiopy}. A warm cache is a no-op; the .stamp, written last,
