@@ -8,12 +8,15 @@ the I/O is a few calls the Kubernetes engineer wires to ``kubernetes_asyncio``:
 
 :class:`SecretRootStore` is the :class:`~istiopy.ca.authority.RootStore` for Secret ``istio-ca-secret``;
 :class:`ConfigMapTrustBundlePublisher` is the :class:`~istiopy.ca.bundle.TrustBundlePublisher` for
-ConfigMap ``istio-ca-root-cert``.
+ConfigMap ``istio-ca-root-cert``; :class:`TrustBundleSync` keeps that ConfigMap right in every namespace
+for the life of istiod (new namespaces, failed writes retried, deleted or edited copies restored).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Protocol
 
@@ -94,3 +97,81 @@ class ConfigMapTrustBundlePublisher:
                 failed.append(ns)
         if failed:
             raise RuntimeError(f"trust bundle not published to: {', '.join(failed)}")
+
+
+class TrustBundleSync:
+    """Keeps ConfigMap ``istio-ca-root-cert`` in every namespace ``namespaces()`` lists, for as long as
+    :meth:`run` runs: everywhere at start, in each namespace :meth:`namespace_added` names, and everywhere
+    again every ``resync`` seconds, so a copy someone deleted or edited comes back (istiod does that on the
+    ConfigMap's own events; a periodic server-side apply gets there without a ConfigMap watch). A write that
+    fails (API server unavailable, an admission policy, a namespace being deleted) is logged and retried for
+    that namespace alone, backing off from ``retry_initial`` to ``retry_max`` seconds, and writes go out
+    ``parallel`` at a time: one bad or slow namespace never holds up the others, and a transient failure
+    does not leave pods without the mesh's roots."""
+
+    def __init__(
+        self,
+        api: ConfigMapApi,
+        namespaces: Callable[[], Iterable[str]],
+        roots_pem: Callable[[], str],
+        *,
+        resync: float = 300.0,
+        retry_initial: float = 1.0,
+        retry_max: float = 60.0,
+        parallel: int = 8,
+    ) -> None:
+        self.api = api
+        self.namespaces = namespaces
+        self.roots_pem = roots_pem
+        self.resync = resync
+        self.retry_initial = retry_initial
+        self.retry_max = retry_max
+        self._due: dict[str, float] = {}  # namespace -> when to write it (monotonic)
+        self._delay: dict[str, float] = {}  # namespace -> its next retry delay
+        self._wake = asyncio.Event()
+        self._slots = asyncio.Semaphore(parallel)
+        self.writes = 0
+        self.failures = 0
+
+    def namespace_added(self, namespace: str) -> None:
+        """Write to ``namespace`` now (call from the event loop)."""
+        self._due[namespace] = 0.0
+        self._wake.set()
+
+    async def run(self) -> None:
+        next_resync = 0.0
+        while True:
+            now = time.monotonic()
+            listed = set(self.namespaces())
+            if now >= next_resync:
+                for ns in listed:
+                    self._due.setdefault(ns, 0.0)
+                next_resync = now + self.resync
+            due = sorted(n for n, t in self._due.items() if t <= now)
+            for ns in due:
+                if ns not in listed:  # deleted meanwhile: nothing to keep there
+                    self._due.pop(ns, None)
+                    self._delay.pop(ns, None)
+            await asyncio.gather(*(self._write(ns) for ns in due if ns in listed))
+            wake_at = min([next_resync, *self._due.values()])
+            self._wake.clear()
+            timeout = max(0.0, wake_at - time.monotonic())
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            except TimeoutError:
+                pass
+
+    async def _write(self, ns: str) -> None:
+        try:
+            async with self._slots:
+                await self.api.apply(ns, CONFIGMAP_NAME, {CONFIGMAP_KEY: self.roots_pem()})
+        except Exception as e:  # retried below; never ends the loop
+            self.failures += 1
+            delay = self._delay.get(ns, self.retry_initial)
+            self._delay[ns] = min(delay * 2, self.retry_max)
+            self._due[ns] = time.monotonic() + delay
+            log.warning("CA: %s not published to %s (retry in %.0f s): %s", CONFIGMAP_NAME, ns, delay, e)
+            return
+        self.writes += 1
+        self._due.pop(ns, None)
+        self._delay.pop(ns, None)

@@ -26,13 +26,13 @@ from pathlib import Path
 from typing import Any
 
 from istiopy.ca.auth import Authenticator, KubeJwtAuthenticator, TokenReview
-from istiopy.ca.bundle import CONFIGMAP_KEY, CONFIGMAP_NAME
-from istiopy.ca.kube import ConfigMapTrustBundlePublisher, SecretRootStore
+from istiopy.ca.kube import SecretRootStore, TrustBundleSync
 from istiopy.ca.node_auth import DEFAULT_TRUSTED_NODE_ACCOUNTS
 from istiopy.ca.service import CaConfig, CertificateAuthority, start_authority
 from istiopy.istiod.server import ControlPlane
 from istiopy.istiod.wiring import Istiod, IstiodOptions, assemble
 from istiopy.mesh.indexes import install_indexes
+from istiopy.mesh.resources.common import parse_duration
 from istiopy.mesh.resources.core import Namespace
 from istiopy.mesh.store import Change, ConfigStore
 from istiopy.operator.config import OperatorConfig, WaypointTemplate
@@ -177,13 +177,16 @@ async def start_kube_ca(
     config: OperatorConfig,
     *,
     trusted_node_accounts: Sequence[str] = DEFAULT_TRUSTED_NODE_ACCOUNTS,
+    bundle_resync: float = 300.0,
 ) -> tuple[CertificateAuthority, Callable[[], Coroutine[Any, Any, None]]]:
     """The CA with its root in Secret ``istio-ca-secret`` (created once, shared by replicas), and the
-    component that publishes ConfigMap ``istio-ca-root-cert`` to every namespace (run it once the operator
-    has listed the namespaces; it keeps up with new ones)."""
-    publisher = ConfigMapTrustBundlePublisher(
-        KubeConfigMapApi(api), lambda: [ns.name for ns in store.list_typed(Namespace)]
-    )
+    component that keeps ConfigMap ``istio-ca-root-cert`` in every namespace (run it once the operator has
+    listed the namespaces; it keeps up with new ones, retries failed writes and re-applies every
+    ``bundle_resync`` seconds: :class:`~istiopy.ca.kube.TrustBundleSync`)."""
+
+    def namespaces() -> list[str]:
+        return [ns.name for ns in store.list_typed(Namespace)]
+
     ca = await start_authority(
         CaConfig(
             trust_domain=config.trust_domain,
@@ -193,30 +196,22 @@ async def start_kube_ca(
         SecretRootStore(KubeSecretApi(api), config.namespace),
     )
 
-    async def publish_to_new_namespaces() -> None:
-        """Publish once the first listing is in, then to each namespace as it appears."""
-        queue: asyncio.Queue[str] = asyncio.Queue()
+    sync = TrustBundleSync(KubeConfigMapApi(api), namespaces, lambda: ca.roots_pem, resync=bundle_resync)
+
+    async def keep_trust_bundles() -> None:
+        """Run once the first listing is in; each namespace that appears gets its copy at once."""
 
         def on_change(change: Change) -> None:
             if change.op == "add" and change.key.kind == "Namespace":
-                queue.put_nowait(change.key.name)
+                sync.namespace_added(change.key.name)
 
         unsubscribe = store.subscribe(on_change)
         try:
-            try:
-                await publisher.publish(ca.roots_pem)
-            except RuntimeError as e:  # e.g. a namespace being deleted: not worth taking istiod down
-                log.warning("CA: %s", e)
-            while True:
-                ns = await queue.get()
-                try:
-                    await KubeConfigMapApi(api).apply(ns, CONFIGMAP_NAME, {CONFIGMAP_KEY: ca.roots_pem})
-                except ApiError as e:
-                    log.warning("CA: %s not published to %s: %s", CONFIGMAP_NAME, ns, e)
+            await sync.run()
         finally:
             unsubscribe()
 
-    return ca, publish_to_new_namespaces
+    return ca, keep_trust_bundles
 
 
 # ------------------------------------------------------------------------------------------------ command
@@ -237,6 +232,13 @@ def add_kube_command(sub: Any) -> None:
         "--plaintext-port", type=int, default=None, help="plaintext xDS, no identity (default: off)"
     )
     p.add_argument("--monitoring-port", type=int, default=15014, help="metrics and /ready (0: any free)")
+    p.add_argument(
+        "--max-connection-age",
+        type=connection_age,
+        default=env("KEEPALIVE_MAX_SERVER_CONNECTION_AGE", ""),
+        help="GOAWAY an xDS/CA connection after this long (a Go duration such as 30m) so proxies spread "
+        "over new replicas; empty or 0: never ($KEEPALIVE_MAX_SERVER_CONNECTION_AGE)",
+    )
     p.add_argument("--trust-domain", default=env("TRUST_DOMAIN", "cluster.local"), help="($TRUST_DOMAIN)")
     p.add_argument(
         "--token-audience",
@@ -282,6 +284,22 @@ def add_kube_command(sub: Any) -> None:
     p.add_argument("--waypoint-cpu-limit", default=env("WAYPOINT_CPU_LIMIT", ""))
     p.add_argument("--waypoint-memory-limit", default=env("WAYPOINT_MEMORY_LIMIT", ""))
     p.set_defaults(func=cmd_kube)
+
+
+def connection_age(value: str) -> float | None:
+    """``--max-connection-age``: seconds, or None for never (empty or zero)."""
+    if not value.strip():
+        return None
+    try:
+        seconds = parse_duration(value.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"KEEPALIVE_MAX_SERVER_CONNECTION_AGE / --max-connection-age: not a duration: {value!r} "
+            "(e.g. 30m, 1h30m, 90s)"
+        ) from None
+    if seconds < 0:
+        raise argparse.ArgumentTypeError(f"--max-connection-age must not be negative: {value!r}")
+    return seconds or None
 
 
 def config_from(args: argparse.Namespace) -> OperatorConfig:
@@ -330,6 +348,7 @@ def attach_xds(
         monitoring_port=args.monitoring_port,
         trust_domain=config.trust_domain,
         allow_tokens=True,
+        max_connection_age=args.max_connection_age,
         serving_names=(
             f"{service}.{ns}.svc",
             f"{service}.{ns}.svc.cluster.local",
@@ -345,6 +364,9 @@ def attach_xds(
 
 def cmd_kube(args: argparse.Namespace) -> int:
     config = config_from(args)
+    if ca_address := os.environ.get("CA_ADDRESS", "").strip():
+        # Upstream istiod then leaves signing to an external CA; istiod-py always signs itself.
+        log.warning("CA_ADDRESS=%s is not supported and ignored: istiod-py runs its own CA", ca_address)
 
     async def main() -> None:
         store = ConfigStore()

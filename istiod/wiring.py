@@ -73,6 +73,7 @@ class IstiodOptions:
     serving_ips: Sequence[str] = ("127.0.0.1",)
     debounce_after: float = 0.1
     debounce_max: float = 10.0
+    max_connection_age: float | None = None  # KEEPALIVE_MAX_SERVER_CONNECTION_AGE (see ServerOptions)
     extra_ca_authenticators: list[Authenticator] = field(default_factory=list)
 
     @property
@@ -190,6 +191,7 @@ def assemble(
         plaintext_address=(
             f"{options.host}:{options.plaintext_port}" if options.plaintext_port is not None else None
         ),
+        max_connection_age=options.max_connection_age,
     )
     xds = XdsService(
         plane.store,

@@ -98,6 +98,11 @@ class ServerOptions:
     send_timeout: float = 10.0
     max_resource_names: int = 100_000
     max_concurrent_streams: int = 10_000
+    # istiod's KEEPALIVE_MAX_SERVER_CONNECTION_AGE: after this many seconds a connection gets a GOAWAY, and
+    # its streams ``max_connection_age_grace`` seconds to end, so proxies reconnect (spreading over replicas
+    # that came up later). None: connections live as long as their clients keep them.
+    max_connection_age: float | None = None
+    max_connection_age_grace: float = 10.0
     # A proxy authenticated as spiffe://<td>/ns/<ns>/sa/<sa> may only claim namespace <ns> in its node
     # (istiod's checkConnectionIdentity): config is chosen by the node's claims, so they must be backed.
     check_node_identity: bool = True
@@ -117,6 +122,14 @@ class ServerOptions:
             ("grpc.http2.max_pings_without_data", 0),
             ("grpc.max_concurrent_streams", self.max_concurrent_streams),
             ("grpc.so_reuseport", 0),
+            *(
+                [
+                    ("grpc.max_connection_age_ms", int(self.max_connection_age * 1000)),
+                    ("grpc.max_connection_age_grace_ms", int(self.max_connection_age_grace * 1000)),
+                ]
+                if self.max_connection_age
+                else []
+            ),
             *self.grpc_options,
         ]
 

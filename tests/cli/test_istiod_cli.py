@@ -43,6 +43,7 @@ def test_help_version_and_bad_flags() -> None:
         ["--log-level", "loud", "demo"],
         ["--config-dir", "no/such/dir"],
         ["demo", "--config-dir", "no/such/dir"],
+        ["kube", "--max-connection-age", "30 minutes"],
     )
     out, version, *outs = run_all(["--help"], ["--version"], *bad)
     assert out.returncode == 0
@@ -54,6 +55,16 @@ def test_help_version_and_bad_flags() -> None:
         lines = out.stderr.strip().splitlines()
         assert len(lines) == 1, out.stderr
         assert "error:" in lines[0]
+    assert "not a duration: '30 minutes'" in outs[-1].stderr  # names the value and the variable's flag
+
+
+def test_max_connection_age_reads_go_durations() -> None:
+    from istiopy.istiod.kube import connection_age
+
+    assert connection_age("30m") == 1800.0
+    assert connection_age("1h30m") == 5400.0
+    assert connection_age("") is None
+    assert connection_age("0s") is None
 
 
 def test_demo_prints_resources_and_problems() -> None:

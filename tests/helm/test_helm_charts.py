@@ -106,10 +106,9 @@ def test_rendered_objects_have_the_istio_shape(helm: Helm) -> None:
     by_kind = {(d["kind"], d["metadata"]["name"]): d for d in docs}
     dep = by_kind[("Deployment", "istiod")]
     ports = {p["containerPort"] for p in dep["spec"]["template"]["spec"]["containers"][0]["ports"]}
-    assert ports == {15010, 15012, 15014, 15017}
+    assert ports == {15012, 15014, 15017}  # every declared port is served (no plaintext 15010)
     svc = by_kind[("Service", "istiod")]
     assert {(p["port"], p["targetPort"]) for p in svc["spec"]["ports"]} == {
-        (15010, 15010),
         (15012, 15012),
         (443, 15017),
         (15014, 15014),
@@ -117,6 +116,7 @@ def test_rendered_objects_have_the_istio_shape(helm: Helm) -> None:
     env = {e["name"]: e.get("value") for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["CA_TRUSTED_NODE_ACCOUNTS"] == "istio-system/ztunnel"
     assert env["WAYPOINT_IMAGE"] == "docker.io/istiopy/waypoint:0.1.0"
+    assert env["KEEPALIVE_MAX_SERVER_CONNECTION_AGE"] == "30m"  # read by istiod-py kube --max-connection-age
     volumes = {v["name"]: v for v in dep["spec"]["template"]["spec"]["volumes"]}
     assert volumes["cacerts"]["secret"] == {"secretName": "cacerts", "optional": True}
     kinds = {k for k, _ in by_kind}

@@ -1,6 +1,7 @@
 """The CA's Kubernetes side against the real API server: projected ServiceAccount tokens checked by
 TokenReview (audience istio-ca), refused for another audience, an expired token and a deleted account; the
-root kept in Secret istio-ca-secret (one root for racing replicas) and published to istio-ca-root-cert."""
+root kept in Secret istio-ca-secret (one root for racing replicas) and published to istio-ca-root-cert,
+which is then kept there: retried when a write is refused, restored when deleted or edited."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -28,7 +29,7 @@ from istiopy.api.gen import workload_pb2 as wl
 from istiopy.api.identity import SpiffeId
 from istiopy.api.xds_client import DeltaXdsClient
 from istiopy.ca.auth import AuthenticationError, KubeJwtAuthenticator, RequestCredentials
-from istiopy.ca.kube import ConfigMapTrustBundlePublisher, SecretRootStore
+from istiopy.ca.kube import ConfigMapTrustBundlePublisher, SecretRootStore, TrustBundleSync
 from istiopy.ca.service import CaConfig, start_authority
 from istiopy.istiod.kube import KubeConfigMapApi, KubeSecretApi, KubeTokenReviewer
 from istiopy.operator.kubeapi import KubeApi
@@ -122,6 +123,118 @@ async def test_root_in_secret_shared_by_racing_replicas_and_published(
     # A restart reads the same root back.
     again = await start_authority(cfg, SecretRootStore(KubeSecretApi(api), ns))
     assert again.roots_pem == first.roots_pem
+
+
+async def test_trust_bundle_is_kept_retried_and_restored(k8s: TestCluster, api: KubeApi, ns: str) -> None:
+    other = new_namespace(k8s)
+    roots = "-----BEGIN CERTIFICATE-----\nbundle-sync-test\n-----END CERTIFICATE-----\n"
+    listed = [ns]
+    sync = TrustBundleSync(
+        KubeConfigMapApi(api),
+        lambda: list(listed),
+        lambda: roots,
+        resync=1.0,
+        retry_initial=0.2,
+        retry_max=0.5,
+    )
+
+    def bundle(namespace: str) -> str:
+        return k8s.kubectl(
+            "get", "configmap", "istio-ca-root-cert", "-n", namespace,
+            "-o", "jsonpath={.data.root-cert\\.pem}", check=False,
+        ).stdout  # fmt: skip
+
+    async def until(cond: Callable[[], bool], what: str) -> None:
+        deadline = time.monotonic() + 30
+        while not await asyncio.to_thread(cond):
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            await asyncio.sleep(0.2)
+
+    # An admission policy (CEL, in the API server itself) refuses the bundle in `other`.
+    policy = f"refuse-bundle-{other}"
+    k8s.kubectl("apply", "-f", "-", input=json.dumps(_refuse_bundle_policy(policy, other)))
+
+    def refused() -> bool:
+        probe = k8s.kubectl(
+            "create", "configmap", "istio-ca-root-cert", "-n", other, "--dry-run=server", check=False
+        )
+        return probe.returncode != 0 and "trust bundle refused" in probe.stderr
+
+    await until(refused, "the admission policy to take effect")
+    task = asyncio.ensure_future(sync.run())
+    try:
+        await until(lambda: bundle(ns) == roots, f"the bundle in {ns}")
+        listed.append(other)
+        sync.namespace_added(other)
+        await until(lambda: sync.failures >= 2, "retries of the refused write")  # retried, not dropped
+        assert bundle(other) == ""
+        assert bundle(ns) == roots  # the other namespace was not held up
+        k8s.kubectl("delete", "validatingadmissionpolicybinding,validatingadmissionpolicy", policy)
+        await until(lambda: bundle(other) == roots, f"the bundle in {other} once the policy is gone")
+        # Deleted or edited copies come back with the next resync.
+        k8s.kubectl("delete", "configmap", "istio-ca-root-cert", "-n", ns)
+        await until(lambda: bundle(ns) == roots, "the deleted bundle restored")
+        k8s.kubectl(
+            "patch", "configmap", "istio-ca-root-cert", "-n", other, "--type=merge",
+            "-p", json.dumps({"data": {"root-cert.pem": "tampered"}}),
+        )  # fmt: skip
+        await until(lambda: bundle(other) == roots, "the edited bundle put right")
+        # A namespace that is no longer listed (being deleted) is left alone from then on.
+        listed.remove(other)
+        k8s.kubectl(
+            "patch", "configmap", "istio-ca-root-cert", "-n", other, "--type=merge",
+            "-p", json.dumps({"data": {"root-cert.pem": "left alone"}}),
+        )  # fmt: skip
+        writes = sync.writes
+        await asyncio.sleep(2.5)  # more than two resync periods
+        assert sync.writes >= writes + 2  # ns kept being resynced
+        assert bundle(other) == "left alone"
+        assert not task.done()
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def _refuse_bundle_policy(name: str, namespace: str) -> dict[str, object]:
+    """A ValidatingAdmissionPolicy and its binding (a List) refusing istio-ca-root-cert in one namespace."""
+    policy = {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingAdmissionPolicy",
+        "metadata": {"name": name},
+        "spec": {
+            "failurePolicy": "Fail",
+            "matchConstraints": {
+                "resourceRules": [
+                    {
+                        "apiGroups": [""],
+                        "apiVersions": ["v1"],
+                        "operations": ["CREATE", "UPDATE"],
+                        "resources": ["configmaps"],
+                    }
+                ]
+            },
+            "validations": [
+                {
+                    "expression": "object.metadata.name != 'istio-ca-root-cert'",
+                    "message": "trust bundle refused",
+                }
+            ],
+        },
+    }
+    binding = {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingAdmissionPolicyBinding",
+        "metadata": {"name": name},
+        "spec": {
+            "policyName": name,
+            "validationActions": ["Deny"],
+            "matchResources": {
+                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}}
+            },
+        },
+    }
+    return {"apiVersion": "v1", "kind": "List", "items": [policy, binding]}
 
 
 def _listening(port: int) -> bool:

@@ -76,3 +76,34 @@ async def test_reconnect_without_kept_resources_resends_nothing_unchanged() -> N
     finally:
         await client.stop()
         await stop_harness(h)
+
+
+async def test_max_connection_age_moves_clients_to_a_new_connection_without_losing_config() -> None:
+    """istiod's KEEPALIVE_MAX_SERVER_CONNECTION_AGE: the server sends GOAWAY once a connection is that old;
+    the client dials again and resumes from its versions, and a change made meanwhile still arrives."""
+    h = await start_harness(max_connection_age=1.0, max_connection_age_grace=0.3)
+    seed(h, "a", "b")
+    client = DeltaXdsClient(
+        f"127.0.0.1:{h.port}", node(), backoff_initial=0.05, backoff_max=0.2, keep_resources=False
+    )
+    client.subscribe(CDS, lambda _u: None)
+    try:
+        async with asyncio.timeout(20):
+            await client.start()
+            await client.wait_for(lambda c: len(c.resources(CDS)) == 2)
+            await client.wait_for(lambda c: c.connects >= 3)  # aged out twice
+            assert len(client.resources(CDS)) == 2  # nothing lost across the reconnects
+            seed(h, "a", "b", "c")
+            await client.wait_for(lambda c: cluster("c") in c.resources(CDS))
+    finally:
+        await client.stop()
+        await stop_harness(h)
+
+
+def test_max_connection_age_is_a_grpc_server_option() -> None:
+    from istiopy.xds.server import ServerOptions
+
+    opts = dict(ServerOptions(max_connection_age=1800.0).channel_options())
+    assert opts["grpc.max_connection_age_ms"] == 1_800_000
+    assert opts["grpc.max_connection_age_grace_ms"] == 10_000
+    assert "grpc.max_connection_age_ms" not in dict(ServerOptions().channel_options())
