@@ -267,7 +267,12 @@ def add_kube_command(sub: Any) -> None:
         default=env("VALIDATION_WEBHOOK_CONFIG_NAME", "istiod-py-validator"),
         help="ValidatingWebhookConfiguration name ($VALIDATION_WEBHOOK_CONFIG_NAME)",
     )
-    p.add_argument("--webhook-failure-policy", default="Ignore", choices=["Ignore", "Fail"])
+    p.add_argument(
+        "--webhook-failure-policy",
+        default="Auto",
+        choices=["Auto", "Ignore", "Fail"],
+        help="Auto: Ignore until the API server is seen calling the webhook, then Fail (as upstream istiod)",
+    )
     p.add_argument("--hub", default=env("HUB", "docker.io/istiopy"), help="waypoint image hub ($HUB)")
     p.add_argument("--tag", default=env("TAG", "latest"), help="waypoint image tag ($TAG)")
     p.add_argument(

@@ -76,7 +76,7 @@ class OperatorConfig:
     # Where the API server sends reviews: a URL (tests: https://127.0.0.1:<port>/validate) or the Service.
     webhook_url: str = ""
     webhook_service: str = "istiod"
-    webhook_failure_policy: str = "Ignore"
+    webhook_failure_policy: str = "Auto"  # Ignore until verified reachable, then Fail (upstream's way)
     # Waypoints and GatewayClass
     waypoint: WaypointTemplate = field(default_factory=WaypointTemplate)
     waypoint_class: str = "istio-waypoint"

@@ -43,6 +43,7 @@ from istiopy.operator.webhook import (
     ensure_configuration,
     self_signed,
     webhook_configuration,
+    webhook_enforced,
 )
 
 __all__ = ["KubeOperator"]
@@ -96,6 +97,8 @@ class KubeOperator:
         self.release_on_exit = True
         self._wake = asyncio.Event()
         self._unsubscribe: Callable[[], None] | None = None
+        # failurePolicy Auto: Fail once the API server is seen consulting the webhook (then stays Fail).
+        self.webhook_verified = False
 
     @property
     def is_leader(self) -> bool:
@@ -171,7 +174,7 @@ class KubeOperator:
         """Leader work: reconcile now, then after every change (debounced), and every 30 s regardless."""
         self.waypoints.forget()
         await self.ready.wait()
-        await self._ensure_webhook_configuration()
+        webhook_every = await self._ensure_webhook_configuration()
         last_webhook = asyncio.get_running_loop().time()
         while True:
             self._wake.clear()
@@ -186,17 +189,37 @@ class KubeOperator:
                 await asyncio.sleep(1)
                 self._wake.set()
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(30):
+                async with asyncio.timeout(webhook_every):
                     await self._wake.wait()
             await asyncio.sleep(self.config.status_debounce)
             now = asyncio.get_running_loop().time()
-            if now - last_webhook > 30:
-                await self._ensure_webhook_configuration()
+            if now - last_webhook > webhook_every:
+                webhook_every = await self._ensure_webhook_configuration()
                 last_webhook = now
 
-    async def _ensure_webhook_configuration(self) -> None:
+    async def _ensure_webhook_configuration(self) -> float:
+        """Write the webhook configuration; returns when to look again (soon while Auto waits to verify)."""
         if self.webhook is None:
-            return
+            return 30.0
+        cfg = self.config
+        policy = cfg.webhook_failure_policy
+        if policy == "Auto":
+            policy = "Fail" if self.webhook_verified else "Ignore"
+        await self._write_webhook_configuration(policy)
+        if cfg.webhook_failure_policy != "Auto" or self.webhook_verified:
+            return 30.0
+        try:
+            self.webhook_verified = await webhook_enforced(self.api, cfg.namespace)
+        except ApiError as e:
+            log.warning("webhook check: %s", e)
+        if not self.webhook_verified:
+            return 2.0  # the API server may not have loaded the configuration yet
+        log.info("webhook %s verified reachable: failurePolicy Fail from now on", cfg.webhook_name)
+        await self._write_webhook_configuration("Fail")
+        return 30.0
+
+    async def _write_webhook_configuration(self, policy: str) -> None:
+        assert self.webhook is not None
         cert = self.webhook.current or self._certs()
         cfg = self.config
         url = cfg.webhook_url
@@ -205,7 +228,7 @@ class KubeOperator:
             cert.ca_bundle_pem,
             url=url,
             service=None if url else (cfg.namespace, cfg.webhook_service),
-            failure_policy=cfg.webhook_failure_policy,
+            failure_policy=policy,
         )
         try:
             await ensure_configuration(self.api, body)

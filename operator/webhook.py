@@ -8,8 +8,10 @@ Serving certificate: istiod injects a provider backed by the mesh CA (the bundle
 the same on every replica). Without one, the webhook makes a self-signed certificate - fine for a single
 replica, since the leader publishes its own certificate as the caBundle.
 
-``failurePolicy`` defaults to ``Ignore``, as upstream istiod starts: a control plane that is down must not
-block every ``kubectl apply`` of Istio resources in the cluster.
+``failurePolicy``: ``Auto`` (the default) does what upstream istiod does: the configuration starts with
+``Ignore``, so a control plane that is not up yet does not block every ``kubectl apply`` of Istio resources,
+and turns to ``Fail`` once a dry-run of a known-invalid document came back refused by this webhook (the API
+server can reach it), so from then on nothing skips validation. ``Ignore`` and ``Fail`` pin the policy.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from cryptography.x509.oid import NameOID
 
 from istiopy.mesh.errors import InvalidResource, UnknownKind
 from istiopy.mesh.kinds import parse
-from istiopy.operator.kubeapi import KubeApi, resource_path
+from istiopy.operator.kubeapi import ApiError, KubeApi, resource_path
 
 __all__ = ["ServingCert", "WebhookServer", "review", "self_signed", "webhook_configuration"]
 
@@ -247,6 +249,33 @@ class WebhookServer:
                 self.refresh()
         finally:
             await self.stop()
+
+
+PROBE_NAME = "istiod-py-webhook-probe"
+
+
+def probe_document(namespace: str) -> dict[str, Any]:
+    """An AuthorizationPolicy the CRD schema accepts and the webhook refuses (selector and targetRefs both
+    set): its dry-run tells whether the API server really consults the webhook."""
+    return {
+        "apiVersion": "security.istio.io/v1",
+        "kind": "AuthorizationPolicy",
+        "metadata": {"name": PROBE_NAME, "namespace": namespace},
+        "spec": {
+            "selector": {"matchLabels": {"istio.io/webhook-probe": "true"}},
+            "targetRefs": [{"kind": "Service", "group": "", "name": PROBE_NAME}],
+        },
+    }
+
+
+async def webhook_enforced(api: KubeApi, namespace: str) -> bool:
+    """Dry-run create of :func:`probe_document`: True only when the webhook itself refused it."""
+    path = resource_path("security.istio.io", "v1", "authorizationpolicies", namespace)
+    try:
+        await api.request("POST", path, probe_document(namespace), query={"dryRun": "All"})
+    except ApiError as e:
+        return "validation.istio.io" in e.message and "denied" in e.message
+    return False  # accepted: with failurePolicy Ignore the webhook was skipped or unreachable
 
 
 async def ensure_configuration(api: KubeApi, config: dict[str, Any]) -> None:

@@ -82,6 +82,10 @@ def operator_config(**overrides: Any) -> OperatorConfig:
         webhook_port=port,
         webhook_name=f"istiod-py-test-{tag}",
         webhook_url=f"https://127.0.0.1:{port}/validate",
+        # Pinned: each test operator's webhook has a loopback URL of its own (no Service to fail over to),
+        # so a Fail policy left behind by a stopped one would refuse other tests' applies. Auto is tested
+        # on its own (test_operator_k8s.py).
+        webhook_failure_policy="Ignore",
         watch_server_timeout=30,
         watch_client_timeout=40,
         waypoint=WaypointTemplate(hub="example.invalid/istiopy", tag="test"),

@@ -14,7 +14,8 @@ from op_helpers import DATA, RunningOperator, eventually, operator_config
 
 from istiopy.mesh.kinds import parse
 from istiopy.mesh.meta import ResourceKey
-from istiopy.testing.cluster import TestCluster
+from istiopy.operator.webhook import PROBE_NAME
+from istiopy.testing.cluster import TestCluster, free_port
 
 pytestmark = [pytest.mark.k8s, pytest.mark.slow]
 
@@ -145,6 +146,46 @@ def test_webhook_is_the_one_refusing_semantic_errors(
     # The configuration carries the CA bundle of the serving certificate.
     cfg = k8s.kubectl_json("get", "validatingwebhookconfiguration", operator.op.config.webhook_name)
     assert cfg["webhooks"][0]["clientConfig"]["caBundle"]
+
+
+def _failure_policy(k8s: TestCluster, name: str) -> str | None:
+    out = k8s.kubectl("get", "validatingwebhookconfiguration", name, "-o", "json", check=False)
+    return json.loads(out.stdout)["webhooks"][0]["failurePolicy"] if out.returncode == 0 else None
+
+
+def test_webhook_failure_policy_auto_turns_to_fail_once_the_api_server_calls_it(
+    k8s: TestCluster, ns: str
+) -> None:
+    """Upstream istiod's way: Ignore while the webhook may be unreachable, Fail once a dry-run of an invalid
+    document came back refused by it. An unreachable webhook keeps Ignore (applies are not blocked)."""
+    with RunningOperator(k8s, operator_config(webhook_failure_policy="Auto")) as running:
+        assert running.op is not None
+        name = running.config.webhook_name
+        eventually(lambda: _failure_policy(k8s, name) == "Fail", what="failurePolicy Fail")
+        assert running.op.webhook_verified
+        assert running.op.webhook is not None
+        assert running.op.webhook.reviews >= 1  # the probe reached it
+        probe = k8s.kubectl(
+            "get", "authorizationpolicy", PROBE_NAME, "-n", running.config.namespace, check=False
+        )
+        assert probe.returncode != 0  # a dry-run: nothing was stored
+    # The webhook served elsewhere than where the API server is sent: never verified, stays Ignore.
+    dead = operator_config(
+        webhook_failure_policy="Auto", webhook_url=f"https://127.0.0.1:{free_port()}/validate"
+    )
+    with RunningOperator(k8s, dead) as running:
+        assert running.op is not None
+        eventually(lambda: _failure_policy(k8s, dead.webhook_name) == "Ignore", what="failurePolicy Ignore")
+        time.sleep(5)  # a couple of 2 s checks
+        assert not running.op.webhook_verified
+        assert _failure_policy(k8s, dead.webhook_name) == "Ignore"
+        doc = {
+            "apiVersion": "security.istio.io/v1",
+            "kind": "AuthorizationPolicy",
+            "metadata": {"name": "allowed-through", "namespace": ns},
+            "spec": {"action": "ALLOW", "rules": [{}]},
+        }
+        assert k8s.kubectl("apply", "-f", "-", input=json.dumps(doc), check=False).returncode == 0
 
 
 L7_POLICY = """
