@@ -73,7 +73,7 @@ class KubeOperator:
         )
         self.source = KubeSource(store, api)
         self.waypoints = WaypointReconciler(api, self.config)
-        self.status = StatusWriter(api, store, self.source, self.settings)
+        self.status = StatusWriter(api, store, self.source, self.settings, self.config.controller_name)
         self.elector = LeaderElector(
             api,
             self.config.namespace,

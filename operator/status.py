@@ -9,6 +9,8 @@ The findings are the model's own (``mesh.analysis`` diagnostics, ``mesh.authz`` 
 * ``validationMessages``: one per diagnostic, ``{type: {code, name}, level, field, message}`` - upstream
   has code/name/level; the field path and message are ours, so the reason is actionable.
 
+HTTPRoutes get Gateway API's ``status.parents`` instead (``operator/route_status.py``).
+
 Writes go through the ``status`` subresource as merge patches, only when the content (ignoring timestamps)
 differs from what the watch last saw, so the status writer never loops on its own updates.
 """
@@ -23,9 +25,11 @@ from istiopy.mesh.ambient import MeshSettings
 from istiopy.mesh.analysis import Diagnostic, analyze
 from istiopy.mesh.authz import ztunnel_condition, ztunnel_policy
 from istiopy.mesh.meta import ResourceKey
+from istiopy.mesh.resources.gateway import HTTPRoute
 from istiopy.mesh.resources.security import AuthorizationPolicy
 from istiopy.mesh.store import ConfigStore
 from istiopy.operator.kubeapi import ApiError, KubeApi
+from istiopy.operator.route_status import desired_route_status
 from istiopy.operator.sources import SOURCE, KubeSource, WatchedKind
 from istiopy.operator.waypoints import _condition, comparable
 
@@ -87,12 +91,21 @@ def desired_status(
 class StatusWriter:
     """Leader-only: recomputes diagnostics after changes and patches the statuses that differ."""
 
-    def __init__(self, api: KubeApi, store: ConfigStore, source: KubeSource, settings: MeshSettings) -> None:
+    def __init__(
+        self,
+        api: KubeApi,
+        store: ConfigStore,
+        source: KubeSource,
+        settings: MeshSettings,
+        controller: str = "istio.io/mesh-controller",
+    ) -> None:
         self.api = api
         self.store = store
         self.source = source
         self.settings = settings
+        self.controller = controller
         self._kinds: dict[str, WatchedKind] = {wk.kind: wk for wk in source.kinds if wk.group in ISTIO_GROUPS}
+        self._routes = next((wk for wk in source.kinds if wk.cls is HTTPRoute), None)
         self.writes = 0
 
     async def sync(self) -> None:
@@ -123,14 +136,26 @@ class StatusWriter:
                 old,
                 self.settings,
             )
-            if comparable(want) == comparable(old):
-                continue
-            try:
-                await self.api.merge_patch(
-                    wk.object_path(key.namespace, key.name, "status"), {"status": want}
-                )
-                self.writes += 1
-                self.source.statuses[key] = want
-            except ApiError as e:
-                if not e.not_found:
-                    log.warning("status of %s not written: %s", key, e)
+            await self._write(wk, key, want, old)
+        if self._routes is not None:
+            for route in self.store.list_typed(HTTPRoute):
+                if self.store.source_of(route.key) != SOURCE:
+                    continue
+                old = self.source.statuses.get(route.key) or {}
+                meta = self.source.raw_meta.get(route.key) or {}
+                generation = meta.get("generation", route.metadata.generation)
+                want = desired_route_status(self.store, route, old, generation, self.controller)
+                await self._write(self._routes, route.key, want, old)
+
+    async def _write(
+        self, wk: WatchedKind, key: ResourceKey, want: dict[str, Any], old: Mapping[str, Any]
+    ) -> None:
+        if comparable(want) == comparable(old):
+            return
+        try:
+            await self.api.merge_patch(wk.object_path(key.namespace, key.name, "status"), {"status": want})
+            self.writes += 1
+            self.source.statuses[key] = want
+        except ApiError as e:
+            if not e.not_found:
+                log.warning("status of %s not written: %s", key, e)

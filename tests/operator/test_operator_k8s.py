@@ -188,6 +188,88 @@ def test_webhook_failure_policy_auto_turns_to_fail_once_the_api_server_calls_it(
         assert k8s.kubectl("apply", "-f", "-", input=json.dumps(doc), check=False).returncode == 0
 
 
+def _route_parents(k8s: TestCluster, ns: str, name: str) -> list[dict[str, Any]]:
+    out = k8s.kubectl("get", "httproute", name, "-n", ns, "-o", "json", check=False)
+    return list(json.loads(out.stdout).get("status", {}).get("parents") or []) if out.returncode == 0 else []
+
+
+def _conditions(parent: dict[str, Any]) -> dict[str, tuple[str, str, str]]:
+    return {c["type"]: (c["status"], c["reason"], c["message"]) for c in parent["conditions"]}
+
+
+def test_httproute_status_names_missing_parents_and_backends(
+    k8s: TestCluster, operator: RunningOperator, ns: str
+) -> None:
+    """GAMMA routes get Gateway API status per Service parent: Accepted and ResolvedRefs, flipping as the
+    Services appear; another controller's entry (an ingress Gateway's) is left as it was."""
+
+    def svc(name: str) -> dict[str, Any]:
+        return {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": name, "namespace": ns},
+            "spec": {"ports": [{"name": "http", "port": 80}], "selector": {"app": name}},
+        }
+
+    route = {
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": "HTTPRoute",
+        "metadata": {"name": "reviews", "namespace": ns},
+        "spec": {
+            "parentRefs": [
+                {"group": "", "kind": "Service", "name": "reviews", "port": 80},
+                {"name": "ingress"},  # a Gateway: an ingress controller's business, not ours
+            ],
+            "rules": [
+                {"backendRefs": [{"name": "reviews-v1", "port": 80}, {"name": "reviews-v2", "port": 80}]}
+            ],
+        },
+    }
+    k8s.kubectl("apply", "-f", "-", input=json.dumps(svc("reviews-v1")))
+    k8s.kubectl("apply", "-f", "-", input=json.dumps(route))
+
+    def ours() -> dict[str, Any] | None:
+        parents = [
+            p for p in _route_parents(k8s, ns, "reviews") if p["controllerName"] == "istio.io/mesh-controller"
+        ]
+        return parents[0] if parents else None
+
+    first = eventually(ours, what="HTTPRoute status")
+    assert first["parentRef"] == {"group": "", "kind": "Service", "name": "reviews", "port": 80}
+    cond = _conditions(first)
+    assert cond["Accepted"][:2] == ("False", "NoMatchingParent")
+    assert f"Service {ns}/reviews" in cond["Accepted"][2]
+    assert cond["ResolvedRefs"][:2] == ("False", "BackendNotFound")
+    assert f"Service {ns}/reviews-v2" in cond["ResolvedRefs"][2]
+    assert "reviews-v1" not in cond["ResolvedRefs"][2]
+    assert len(_route_parents(k8s, ns, "reviews")) == 1  # no entry for the Gateway parent
+
+    # Another controller reports on its Gateway parent; then our Services appear.
+    other = {
+        "parentRef": {"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": "ingress"},
+        "controllerName": "example.com/ingress",
+        "conditions": [
+            {"type": "Accepted", "status": "True", "reason": "Accepted", "message": "theirs",
+             "lastTransitionTime": "2026-01-01T00:00:00Z"}
+        ],
+    }  # fmt: skip
+    k8s.kubectl(
+        "patch", "httproute", "reviews", "-n", ns, "--subresource=status", "--type=merge",
+        "-p", json.dumps({"status": {"parents": [first, other]}}),
+    )  # fmt: skip
+    k8s.kubectl("apply", "-f", "-", input=json.dumps(svc("reviews")))
+    k8s.kubectl("apply", "-f", "-", input=json.dumps(svc("reviews-v2")))
+
+    def resolved() -> bool:
+        p = ours()
+        return p is not None and {c[0] for c in _conditions(p).values()} == {"True"}
+
+    eventually(resolved, what="Accepted and ResolvedRefs True")
+    parents = _route_parents(k8s, ns, "reviews")
+    assert [p["controllerName"] for p in parents] == ["istio.io/mesh-controller", "example.com/ingress"]
+    assert parents[1] == other
+
+
 L7_POLICY = """
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
