@@ -119,6 +119,9 @@ class ProxyConfig:
     pool_max_streams: int = 100
     pool_idle_timeout: float = 300.0
     connect_timeout: float = 10.0
+    # How long a connection to a local pod that WDS does not describe yet waits for it (ZDS hands ztunnel a
+    # pod as soon as it starts; istiod may publish its workload a moment later) before it is refused.
+    workload_wait: float = 5.0
     preserve_source_ip: bool = True  # [ENABLE_ORIG_SRC]: the app sees the client's IP, not the pod's
     # "c" (istiopy.dataplane.fastpath) or "python" (hbone.py); [ISTIOPY_BYTE_PATH], the CLI's --byte-path
     byte_path: str = field(default_factory=lambda: os.environ.get(fastpath.BYTE_PATH_ENV, "python"))
@@ -212,6 +215,15 @@ class _PodProxy:
             self.info.service_account,
         )
 
+    async def until_known(self) -> None:
+        """Wait (up to ``workload_wait``) for WDS to describe this pod; an inbound connection that arrives
+        first would otherwise be refused for want of the pod's addresses."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.zt.config.workload_wait
+        while self.workload is None and (left := deadline - loop.time()) > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.zt.wds_changed(), left)
+
     def local_ips(self) -> set[IPAddress]:
         """The pod's addresses per WDS; empty (refuse everything) while WDS does not know the pod yet."""
         wl = self.workload
@@ -272,6 +284,7 @@ class _PodProxy:
 
     async def on_connect(self, req: ConnectRequest) -> Decision:
         peer_ip = req.peer_addr[0] if req.peer_addr else "0.0.0.0"
+        await self.until_known()
         try:
             target = self.zt.inbound.hbone(
                 req.peer_identity, req.authority, peer_ip, local_ips=self.local_ips()
@@ -361,6 +374,7 @@ class _PodProxy:
             dst = sockets.original_dst(sock)
         except OSError:
             dst = writer.get_extra_info("sockname")
+        await self.until_known()
         try:
             target = self.zt.inbound.plaintext(
                 (peer[0], peer[1]), (dst[0], dst[1]), local_ips=self.local_ips()
@@ -558,7 +572,16 @@ class Ztunnel:
             if admin_addr is not None
             else None
         )
+        self._wds_waiters: list[asyncio.Future[None]] = []
         self.state.subscribe(self._on_state_change)
+
+    def wds_changed(self) -> asyncio.Future[None]:
+        """Resolves at the next WDS (address) change."""
+        if len(self._wds_waiters) > 64:  # waits that timed out leave cancelled futures behind
+            self._wds_waiters = [f for f in self._wds_waiters if not f.done()]
+        fut = asyncio.get_running_loop().create_future()
+        self._wds_waiters.append(fut)
+        return fut
 
     # ---- xDS ----------------------------------------------------------------------------------
 
@@ -609,6 +632,11 @@ class Ztunnel:
         client.subscribe(AUTHORIZATION_TYPE, self._on_authorizations)
 
     def _on_state_change(self, type_url: str) -> None:
+        if type_url == ADDRESS_TYPE and self._wds_waiters:
+            waiters, self._wds_waiters = self._wds_waiters, []
+            for fut in waiters:
+                if not fut.done():
+                    fut.set_result(None)
         for pod in list(self.pods.values()):
             pod.recheck_inbound()
         if type_url == ADDRESS_TYPE and self.pods:

@@ -209,6 +209,32 @@ async def test_first_connection_waits_for_a_certificate_still_being_issued(mesh:
     assert (await asyncio.wait_for(call, 10))["pod"] == "late"
 
 
+@pytest.mark.parametrize("via", ["hbone", "plaintext"])
+async def test_connection_to_a_pod_wds_does_not_know_yet_waits_for_its_workload(mesh: Mesh, via: str) -> None:
+    """ZDS hands ztunnel a new pod at once; its WDS workload can come a moment later. A connection in that
+    gap waits for it on the destination node: over HBONE (the source node already knows the pod) or as
+    plaintext (neither knows it yet, so the source passes it through)."""
+    fresh = mesh.topo.add_pod("fresh", "srv", node=mesh.topo.nodes[1], service_account="fresh")
+    fresh.spawn_server("http", port=8080)
+    b.install_capture(fresh)
+    fd = fresh.open_netns()
+    try:
+        await mesh.zts[1].add_pod(LocalWorkloadInfo(fresh.uid, fresh.name, fresh.namespace, "fresh"), fd)
+    finally:
+        os.close(fd)
+    workload = mesh.workload(fresh)
+    if via == "hbone":
+        mesh.zts[0].state.apply_addresses({b.resource_name(workload): workload})  # type: ignore[arg-type]
+    with mesh.topo.sniff() as cap:
+        call = asyncio.ensure_future(_http_get(mesh.pods["sleep"], fresh.ip, 8080))
+        await asyncio.sleep(0.5)
+        assert not call.done(), call  # waiting for WDS, not refused
+        mesh.apply(workload)
+        assert (await asyncio.wait_for(call, 10))["pod"] == "fresh"
+        await asyncio.sleep(0.2)
+    assert (f"{fresh.ip}.15008" in cap.text) == (via == "hbone"), cap.text[-2000:]
+
+
 async def test_service_vip_round_robins_across_three_backends(mesh: Mesh) -> None:
     sleep = mesh.pods["sleep"]
     seen = Counter([(await _http_get(sleep, SVC_VIP, 80))["pod"] for _ in range(6)])
