@@ -15,12 +15,12 @@ export PYTHONSAFEPATH := 1
 -include tools/k8s/k8s.mk
 -include tools/openssl/openssl.mk
 
-.PHONY: help setup deps venv proto lint test test-fast demo crds charts bench clean
+.PHONY: help setup deps venv proto lint test test-fast demo crds charts bench clean upstream-istioctl
 
 help:
 	@echo "make demo   - set up, then run a whole mesh on this machine from examples/"
 	@echo "make test   - set up, then run ruff, mypy, import-linter and the whole pytest suite"
-	@echo "make lint | crds | bench | cluster | k8s-tools | clean"
+	@echo "make lint | crds | bench | cluster | k8s-tools | upstream-istioctl | clean"
 
 # Debian packages: install only what is missing (apt-get update once, only when needed).
 $(STAMP)/deb: Makefile
@@ -68,9 +68,14 @@ charts: setup k8s-tools
 
 # The whole suite: lint, then every test (slow, k8s, netns and envoy suites included), then the C byte
 # path under ASan+UBSan and a bounded fuzz run.
-test: setup $(K8S_TOOLS_TARGET) lint
+test: setup $(K8S_TOOLS_TARGET) upstream-istioctl lint
 	$(BIN)/pytest $(PYTEST_ARGS)
 	$(MAKE) --no-print-directory test-asan fuzz
+
+# Upstream istioctl from the Go module proxy, cached by version (tools/istioctl/build.sh): the compatibility
+# tests run it against ztunnel-py.
+upstream-istioctl:
+	@bash tools/istioctl/build.sh
 
 # ---- C extensions (dataplane/_c): sanitizers and fuzzing -------------------------------------------
 # The ASan build goes to .build/asan (never in place: others' test runs load the normal build), and

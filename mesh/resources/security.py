@@ -171,8 +171,9 @@ _EXACT_KEYS = frozenset(
 )
 _HEADER_KEY = re.compile(r"^request\.headers\[[^\[\]]+\]$")
 _CLAIM_KEY = re.compile(r"^request\.auth\.claims(\[[^\[\]]+\])+$")
-# Envoy dynamic-metadata attributes: any name under the prefix (upstream checks nothing more).
-_ENVOY_FILTER_KEY = re.compile(r"^experimental\.envoy\.filters\..+")
+# Envoy dynamic-metadata attributes: ``experimental.envoy.filters.<filter>[<path>]`` - the bracketed path is
+# required and not empty (upstream refuses anything else as "should have format a[b]").
+_ENVOY_FILTER_KEY = re.compile(r"^experimental\.envoy\.filters\.[^\[]*\[.+\]$")
 _IP_KEYS = frozenset({"source.ip", "remote.ip", "destination.ip"})
 
 

@@ -239,7 +239,16 @@ def test_condition_keys_accepted(key: str) -> None:
 
 @pytest.mark.parametrize(
     "key",
-    ["request.headers", "request.headers[]", "source.ips", "request.auth.claims", "destination.name", ""],
+    [
+        "request.headers",
+        "request.headers[]",
+        "source.ips",
+        "request.auth.claims",
+        "destination.name",
+        "",
+        "experimental.envoy.filters.http.jwt_authn",  # the [path] is required
+        "experimental.envoy.filters.http.jwt_authn[]",
+    ],
 )
 def test_condition_keys_refused(key: str) -> None:
     assert not is_valid_condition_key(key)
