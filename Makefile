@@ -15,7 +15,7 @@ export PYTHONSAFEPATH := 1
 -include tools/k8s/k8s.mk
 -include tools/openssl/openssl.mk
 
-.PHONY: help setup deps venv proto lint test test-fast demo crds charts bench clean upstream-istioctl
+.PHONY: help setup deps venv proto lint test test-fast demo crds charts bench clean upstream-istioctl wirecheck
 
 help:
 	@echo "make demo   - set up, then run a whole mesh on this machine from examples/"
@@ -68,7 +68,7 @@ charts: setup k8s-tools
 
 # The whole suite: lint, then every test (slow, k8s, netns and envoy suites included), then the C byte
 # path under ASan+UBSan and a bounded fuzz run.
-test: setup $(K8S_TOOLS_TARGET) upstream-istioctl lint
+test: setup $(K8S_TOOLS_TARGET) upstream-istioctl wirecheck lint
 	$(BIN)/pytest $(PYTEST_ARGS)
 	$(MAKE) --no-print-directory test-asan fuzz
 
@@ -76,6 +76,10 @@ test: setup $(K8S_TOOLS_TARGET) upstream-istioctl lint
 # tests run it against ztunnel-py.
 upstream-istioctl:
 	@bash tools/istioctl/build.sh
+
+# Decodes our protobuf bytes with upstream Istio's generated Go types (tests/wds/test_upstream_go_types.py).
+wirecheck:
+	@bash tools/wirecheck/build.sh
 
 # ---- C extensions (dataplane/_c): sanitizers and fuzzing -------------------------------------------
 # The ASan build goes to .build/asan (never in place: others' test runs load the normal build), and
