@@ -6,6 +6,9 @@ response) with a distinct value, serializes it with our generated code and has `
 Go program importing upstream's ``workloadapi``, ``workloadapi/security``, ``zdsapi`` and the CA API from the
 Go module proxy) decode it: it must know every field, and its protojson rendering must equal ours. A wrong
 number, type, enum value or name cannot pass. Each member of a oneof gets a sample of its own.
+
+The other way round, the tool fills every field of upstream's types; our code must parse them with no
+unknown field (nothing upstream sends is lost on us) and the same values.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from google.protobuf import json_format
+from google.protobuf import json_format, unknown_fields
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
@@ -168,3 +171,36 @@ def test_upstream_go_types_decode_every_field_we_encode_alike(cls: type[Message]
         assert upstream == ours, f"{cls.DESCRIPTOR.full_name} ({label}) decodes differently upstream"
         checked += 1
     assert checked >= 1
+
+
+def _unknown(msg: Message, path: str) -> list[str]:
+    """Paths of fields our types did not know, recursively."""
+    out = [f"{path}#{f.field_number}" for f in unknown_fields.UnknownFieldSet(msg)]
+    for fd, value in msg.ListFields():
+        if fd.message_type is None:
+            continue
+        if fd.message_type.GetOptions().map_entry:
+            has_messages = fd.message_type.fields_by_name["value"].message_type is not None
+            subs = list(value.values()) if has_messages else []
+        else:
+            subs = list(value) if fd.is_repeated else [value]
+        for sub in subs:
+            out += _unknown(sub, f"{path}.{fd.name}")
+    return out
+
+
+@pytest.mark.parametrize("cls", MESSAGES, ids=lambda c: c.DESCRIPTOR.full_name)
+def test_every_field_upstream_fills_is_known_to_us_with_the_same_value(cls: type[Message]) -> None:
+    tool = wirecheck()
+    name = cls.DESCRIPTOR.full_name
+    for variant in range(4):  # every member of oneofs of up to four members
+        data = subprocess.run(
+            [str(tool), "--fill", name, str(variant)], capture_output=True, timeout=30, check=True
+        ).stdout
+        msg = cls()
+        msg.ParseFromString(data)
+        assert _unknown(msg, name) == [], f"variant {variant}: upstream fields we do not know"
+        upstream = json.loads(
+            subprocess.run([str(tool), name], input=data, capture_output=True, timeout=30, check=True).stdout
+        )
+        assert _as_istio_names(name, json_format.MessageToDict(msg)) == upstream, f"variant {variant}"
