@@ -68,24 +68,22 @@ _FORTIO_QUIET = ["-grpc-port", "disabled", "-redirect-port", "disabled", "-logle
 # ------------------------------------------------------------------------------------------------------
 # The ztunnel-py proxy process (runs inside a pod netns)
 
+# Started the way ztunnel-py's entry point starts (dataplane/launch.py): on the C path Python's ssl is refused
+# before asyncio loads, so the RSS column compares like with like.
+_AS_ZTUNNEL = (
+    "import runpy, sys; from istiopy.dataplane import launch; sys.argv = sys.argv[1:]; "
+    "launch.refuse_ssl_if_c_path(sys.argv[1:]); runpy.run_path(sys.argv[0], run_name='__main__')"
+)
+
 
 async def _proxy(args: argparse.Namespace) -> None:
     """One side of the pair, built from exactly what ztunnel-py's core (``dataplane/proxy.py``) selects per
     byte path: ``HboneServer``/``HbonePool``/``hbone.relay`` or ``FastHboneServer``/``FastPool``/
     ``fastpath.relay``; the inbound side dials the app per CONNECT, as ``_PodProxy.on_connect`` does."""
     from istiopy.api.identity import SpiffeId
-    from istiopy.api.tls import CertBundle, client_context, server_context
+    from istiopy.api.tls import CertBundle
     from istiopy.dataplane import fastpath
-    from istiopy.dataplane.hbone import (
-        Accept,
-        ConnectRequest,
-        Decision,
-        HbonePool,
-        HboneServer,
-        PoolKey,
-        TcpStream,
-        hbone_headers,
-    )
+    from istiopy.dataplane.tunnel import Accept, ConnectRequest, Decision, PoolKey, TcpStream, hbone_headers
 
     _STATE.append(_known_workloads(args.workloads))  # held for the process's life: RSS includes it
     d = Path(args.certs)
@@ -101,18 +99,26 @@ async def _proxy(args: argparse.Namespace) -> None:
             return Accept(TcpStream(r, w))
 
         lsock = socket.create_server(("0.0.0.0", HBONE), backlog=1024)
-        server: Any = (
-            fastpath.FastHboneServer(on_connect, bundle)
-            if c_path
-            else HboneServer(on_connect, server_context(bundle))
-        )
+        if c_path:
+            server: Any = fastpath.FastHboneServer(on_connect, bundle)
+        else:  # the Python byte path and its ssl contexts, imported only when chosen (as ztunnel-py does)
+            from istiopy.api.tls import server_context
+            from istiopy.dataplane.hbone import HboneServer
+
+            server = HboneServer(on_connect, server_context(bundle))
         await server.serve(lsock)
         await asyncio.Event().wait()
 
     dst_ip = args.dst
     expected = {SpiffeId.parse(SERVER_ID)}
-    pool: Any = fastpath.FastPool() if c_path else HbonePool()
-    tls: Any = bundle if c_path else client_context(bundle)
+    if c_path:
+        pool: Any = fastpath.FastPool()
+        tls: Any = bundle
+    else:
+        from istiopy.api.tls import client_context
+        from istiopy.dataplane.hbone import HbonePool
+
+        pool, tls = HbonePool(), client_context(bundle)
     key = PoolKey(CLIENT_ID, SERVER_ID, dst_ip)
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, port: int) -> None:
@@ -381,6 +387,9 @@ def start_mode(
         for side, pod in (("in", server), ("out", client)):
             argv = [
                 sys.executable,
+                "-P",
+                "-c",
+                _AS_ZTUNNEL,
                 __file__,
                 "proxy",
                 "--side",
