@@ -71,8 +71,11 @@ _FORTIO_QUIET = ["-grpc-port", "disabled", "-redirect-port", "disabled", "-logle
 # Started the way ztunnel-py's entry point starts (dataplane/launch.py): on the C path Python's ssl is refused
 # before asyncio loads, so the RSS column compares like with like.
 _AS_ZTUNNEL = (
-    "import runpy, sys; from istiopy.dataplane import launch; sys.argv = sys.argv[1:]; "
-    "launch.refuse_ssl_if_c_path(sys.argv[1:]); runpy.run_path(sys.argv[0], run_name='__main__')"
+    "import importlib.util, sys; from istiopy.dataplane import launch; sys.argv = sys.argv[1:]; "
+    "launch.refuse_ssl_if_c_path(sys.argv[1:]); "
+    "spec = importlib.util.spec_from_file_location('bench_dataplane', sys.argv[0]); "
+    "mod = importlib.util.module_from_spec(spec); sys.modules['bench_dataplane'] = mod; "
+    "spec.loader.exec_module(mod); mod.main()"
 )
 
 
