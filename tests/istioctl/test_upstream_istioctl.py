@@ -20,8 +20,8 @@ import pytest
 import yaml
 
 from istiopy.testing import ztunnel as b
-from istiopy.testing.cluster import cache_dir
 from istiopy.testing.netns import Topology
+from istiopy.testing.tools import built_tool
 from istiopy.testing.ztunnel import TestControlPlane, ZtunnelProcess
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -29,20 +29,9 @@ VIP = "10.96.77.7"
 
 
 def upstream_istioctl() -> Path:
-    """The binary ``tools/istioctl/build.sh`` builds (``make test`` runs it); a clear failure otherwise."""
+    """The binary ``tools/istioctl/build.sh`` builds, or ``$ISTIOPY_UPSTREAM_ISTIOCTL``."""
     env = os.environ.get("ISTIOPY_UPSTREAM_ISTIOCTL")
-    if env:
-        return Path(env)
-    out = subprocess.run(
-        ["bash", str(ROOT / "tools" / "istioctl" / "build.sh"), "--print-path"],
-        capture_output=True,
-        text=True,
-        check=True,
-        env={**os.environ, "ISTIOPY_CACHE": str(cache_dir())},
-    )
-    path = Path(out.stdout.strip())
-    assert os.access(path, os.X_OK), f"upstream istioctl missing at {path}: run tools/istioctl/build.sh"
-    return path
+    return Path(env) if env else built_tool(ROOT / "tools" / "istioctl" / "build.sh")
 
 
 def _docs(node: str, node_ip: str, pod_ip: str, uid: str) -> list[dict[str, object]]:

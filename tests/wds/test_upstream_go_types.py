@@ -14,7 +14,6 @@ unknown field (nothing upstream sends is lost on us) and the same values.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +25,7 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
 from istiopy.api.gen import authorization_pb2, ca_pb2, workload_pb2, zds_pb2
-from istiopy.testing.cluster import cache_dir
+from istiopy.testing.tools import built_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -42,17 +41,7 @@ MESSAGES: list[type[Message]] = [
 
 
 def wirecheck() -> Path:
-    """The decoder ``tools/wirecheck/build.sh`` builds (``make test`` runs it); a clear failure otherwise."""
-    out = subprocess.run(
-        ["bash", str(ROOT / "tools" / "wirecheck" / "build.sh"), "--print-path"],
-        capture_output=True,
-        text=True,
-        check=True,
-        env={**os.environ, "ISTIOPY_CACHE": str(cache_dir())},
-    )
-    path = Path(out.stdout.strip())
-    assert os.access(path, os.X_OK), f"{path} missing: run tools/wirecheck/build.sh"
-    return path
+    return built_tool(ROOT / "tools" / "wirecheck" / "build.sh")
 
 
 class _Filler:
