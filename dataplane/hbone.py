@@ -223,7 +223,9 @@ class HboneStream:
         self._conn.flush()
         self._maybe_finish()
 
-    def reset(self, code: int = ErrorCodes.CANCEL) -> None:
+    def reset(self, code: int = ErrorCodes.CONNECT_ERROR) -> None:
+        """Abort the stream. The default code is CONNECT_ERROR: for a CONNECT stream a reset means the
+        tunneled TCP connection broke (RFC 9113 section 8.5), which is what Envoy sends too."""
         if self._finished:
             return
         if self._reset_code is None:

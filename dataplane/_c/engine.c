@@ -432,7 +432,9 @@ static void stream_watch(stream *st) {
     watch(st->c->w, st->app_fd, &st->h, &st->ev, &st->reg, want);
 }
 
-/* Free-standing finish: close the app side, tell nghttp2 (RST_STREAM unless it already closed), report. */
+/* Free-standing finish: close the app side, tell nghttp2 (RST_STREAM unless it already closed), report.
+ * A broken TCP leg (app reset or error, or a reset Python asked for) is RST_STREAM(CONNECT_ERROR), as
+ * RFC 9113 section 8.5 and Envoy do for CONNECT; CANCEL stays for streams given up before they opened. */
 static void stream_finish(stream *st, const char *why, int reset_app, uint32_t rst_code) {
     struct fp_conn *c = st->c;
     worker *w = c->w;
@@ -491,7 +493,7 @@ static void stream_flush_down(stream *st) {
         } else if (n < 0 && errno == EAGAIN) {
             break;
         } else {
-            stream_finish(st, "reset", 1, NGHTTP2_CANCEL);
+            stream_finish(st, "reset", 1, NGHTTP2_CONNECT_ERROR);
             return;
         }
     }
@@ -536,7 +538,7 @@ static void stream_read_app(stream *st) {
         } else if (errno == EAGAIN) {
             break;
         } else {
-            stream_finish(st, "reset", 1, NGHTTP2_CANCEL);
+            stream_finish(st, "reset", 1, NGHTTP2_CONNECT_ERROR);
             return;
         }
     }
@@ -742,7 +744,7 @@ static int on_data_chunk(nghttp2_session *s, uint8_t flags, int32_t sid, const u
             else if (n < 0 && errno == EAGAIN) break;
             else {
                 nghttp2_session_consume_connection(s, len);
-                stream_finish(st, "reset", 1, NGHTTP2_CANCEL);
+                stream_finish(st, "reset", 1, NGHTTP2_CONNECT_ERROR);
                 return 0;
             }
         }
@@ -1335,7 +1337,7 @@ static void do_reset(worker *w, uint64_t id) {
     if (o->type == T_RELAY) relay_end(w, (relay *)o, "reset", 1);
     else if (o->type == T_STREAM) {
         struct fp_conn *c = ((stream *)o)->c;
-        stream_finish((stream *)o, "reset", 1, NGHTTP2_CANCEL);
+        stream_finish((stream *)o, "reset", 1, NGHTTP2_CONNECT_ERROR);
         conn_flush(c);
     } else if (o->type == T_CONN) conn_fail((struct fp_conn *)o, "reset");
 }
@@ -1400,7 +1402,7 @@ static void *loop(void *arg) {
             else if (h->kind == H_APP) {
                 stream *st = (stream *)o;
                 struct fp_conn *c = st->c;
-                if ((ev & EPOLLERR) && !(ev & EPOLLIN)) stream_finish(st, "reset", 1, NGHTTP2_CANCEL);
+                if ((ev & EPOLLERR) && !(ev & EPOLLIN)) stream_finish(st, "reset", 1, NGHTTP2_CONNECT_ERROR);
                 else stream_pump_app(st);
                 if (!c->o.dead) conn_flush(c);
             }

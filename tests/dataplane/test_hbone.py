@@ -17,6 +17,7 @@ import h2.connection
 import h2.errors
 import h2.events
 import pytest
+from h2.errors import ErrorCodes
 
 from istiopy.api.identity import SpiffeId
 from istiopy.api.tls import PeerIdentityError
@@ -204,8 +205,9 @@ async def test_app_reset_resets_stream(env: Env) -> None:
     sock = app_w.get_extra_info("socket")
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     app_w.transport.abort()
-    with pytest.raises(StreamReset):
+    with pytest.raises(StreamReset) as err:
         await asyncio.wait_for(read_all(s), 5)
+    assert err.value.code == ErrorCodes.CONNECT_ERROR  # RFC 9113 8.5: a TCP reset is a CONNECT_ERROR
     await eventually(lambda: env.server.streams == 0)
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from h2.errors import ErrorCodes
 
 from istiopy.api.identity import SpiffeId
 from istiopy.api.tls import PeerIdentityError
@@ -29,6 +30,7 @@ from istiopy.dataplane.hbone import (
     PoolKey,
     Reject,
     RelayResult,
+    StreamReset,
     TcpStream,
     hbone_headers,
     relay,
@@ -271,7 +273,7 @@ async def test_app_reset_crosses_the_tunnel(mesh: Mesh) -> None:
 
         watchers.add(asyncio.ensure_future(watch()))
         up.setblocking(False)
-        return Accept(await TcpStream.from_socket(up))
+        return Accept(await TcpStream.from_socket(up), on_done=mesh.results.append)
 
     mesh.policy = watched_upstream
     _reader, writer, done = await mesh.open()
@@ -285,6 +287,11 @@ async def test_app_reset_crosses_the_tunnel(mesh: Mesh) -> None:
     result = await asyncio.wait_for(done, 10)
     assert result.error is not None
     assert await asyncio.wait_for(outcome, 10) == "reset"
+    if mesh.server == "python":  # the Python server sees the code the (C or Python) client sent
+        await _eventually(lambda: len(mesh.results) == 1)
+        error = mesh.results[0].error
+        assert isinstance(error, StreamReset), error
+        assert error.code == ErrorCodes.CONNECT_ERROR  # RFC 9113 8.5
 
 
 async def test_back_pressure_reaches_the_sending_app(mesh: Mesh) -> None:
