@@ -12,6 +12,7 @@ byte path (or an unbuilt extension) leaves ``ssl`` alone.
 
 from __future__ import annotations
 
+import argparse
 import importlib.abc
 import importlib.machinery
 import os
@@ -62,6 +63,13 @@ def refuse_ssl_if_c_path(argv: Sequence[str]) -> bool:
     if not any(isinstance(f, SslRefused) for f in sys.meta_path):
         sys.meta_path.insert(0, SslRefused())
     return True
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """``cli``'s parser, for tools that check a command line (it imports asyncio: not for starting up)."""
+    from istiopy.dataplane import cli
+
+    return cli.build_parser()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -14,9 +14,10 @@ FROM python:3.12-slim-bookworm
 COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels \
     && groupadd --gid 1337 istio-proxy && useradd --uid 1337 --gid 1337 --no-create-home istio-proxy
-# Writable state (CA material when no cacerts Secret is mounted); the chart mounts an emptyDir here.
+# Kubernetes mode keeps its state in the API server (CA root in Secret istio-ca-secret), so the root
+# filesystem can stay read-only; the chart passes the same command with its ports.
 WORKDIR /var/lib/istiod-py
 USER 1337:1337
-EXPOSE 15010 15012 15014 15017
+EXPOSE 15012 15014 15017
 ENTRYPOINT ["istiod-py"]
-CMD ["serve", "--kube"]
+CMD ["kube", "--listen-host=0.0.0.0"]

@@ -239,6 +239,13 @@ def test_dockerfile_lint(dockerfile: Path) -> None:
     argv = yaml.safe_load(entry)
     scripts = __import__("tomllib").loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert argv[0] in scripts or argv[:2] == ["python", "-m"], argv
+    # The image's default command must be one the real CLI accepts (nothing else would run it before a pod).
+    cmd = yaml.safe_load(c[0]) if (c := re.findall(r"^CMD\s+(\[.*\])$", text, re.MULTILINE)) else []
+    if argv[0] in scripts:
+        module, _, func = scripts[argv[0]].partition(":")
+        parser_module = __import__(module, fromlist=["build_parser"])
+        assert func == "main"
+        parser_module.build_parser().parse_args([*argv[1:], *cmd])  # SystemExit(2) on a bad default
     assert (dockerfile.parent / f"{dockerfile.name}.dockerignore").exists()
     if dockerfile.name.startswith("ztunnel"):
         assert "_fastpath" in text, "ztunnel-py's image must prove it carries the C extension"
