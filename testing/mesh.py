@@ -1006,9 +1006,26 @@ class Mesh:
             "istio_tcp_connections_opened_total",
         )
 
-    def http_metrics(self) -> list[dict[str, str]]:
-        """Every ``istio_requests_total`` series of every waypoint."""
-        return _series((wp.metrics() for wp in self.waypoints.values()), "istio_requests_total")
+    def http_metrics(self, settle: float = 0.0) -> list[dict[str, str]]:
+        """Every ``istio_requests_total`` series of every waypoint.
+
+        The waypoints' HTTP metrics come from Envoy's access-log stream, which Envoy flushes every 0.2 s:
+        requests answered just now may not be counted yet. ``settle`` > 0 waits (at most that many
+        seconds) until two reads 0.5 s apart agree, so a report printed right after traffic counts it all.
+        """
+
+        def read() -> list[dict[str, str]]:
+            return _series((wp.metrics() for wp in self.waypoints.values()), "istio_requests_total")
+
+        series = read()
+        deadline = time.monotonic() + settle
+        while time.monotonic() < deadline:
+            time.sleep(0.5)
+            again = read()
+            if again == series:
+                break
+            series = again
+        return series
 
     def netns_names(self) -> list[str]:
         return self.topology.netns_names() if self.topology is not None else []

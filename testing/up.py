@@ -355,7 +355,7 @@ def report(mesh: Mesh, calls: list[Call], split: list[tuple[str, dict[str, int]]
     for (rep, src, dst), n in sorted(tcp.items()):
         m.add_row("ztunnel", f"istio_tcp_connections_opened_total reporter={rep} {src} → {dst}", str(n))
     http: collections.Counter[tuple[str, str]] = collections.Counter()
-    for d in mesh.http_metrics():
+    for d in mesh.http_metrics(settle=5.0):  # counts the last requests' access logs too
         http[(d.get("destination_service", ""), d.get("response_code", ""))] += int(float(d["value"]))
     for (svc, code), n in sorted(http.items()):
         m.add_row("waypoint", f"istio_requests_total {svc} code={code}", str(n))

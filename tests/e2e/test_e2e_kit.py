@@ -6,6 +6,7 @@ promises (cleanup when the test body fails, the pytest fixtures).
 from __future__ import annotations
 
 import os
+import re
 import select
 import shutil
 import signal
@@ -20,6 +21,7 @@ import pytest
 from istiopy.testing.fixtures import mesh_factory  # noqa: F401 - the fixture under test
 from istiopy.testing.mesh import Mesh, leftovers
 from istiopy.testing.netns import list_netns
+from istiopy.testing.up import CANARY_REQUESTS
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -104,6 +106,13 @@ def test_demo_runs_one_round_reports_and_tears_down(tmp_path: Path) -> None:
     ):
         assert expected in text, f"{expected!r} missing from:\n{text[-5000:]}"
     assert "Traceback" not in out.stderr
+    # The canary's requests all crossed the backend waypoint: its HTTP metrics count every one of them
+    # (and the round's), none lost to Envoy's late access-log flush.
+    served = re.search(
+        r"istio_requests_total backend\.backend\.svc\.cluster\.local code=200\s*│\s*(\d+)", text
+    )
+    assert served, text[-5000:]
+    assert int(served.group(1)) >= CANARY_REQUESTS, served.group(0)
 
 
 def test_up_applies_edits_live_ctrl_c_tears_down_and_a_crash_is_cleaned_next_time(tmp_path: Path) -> None:
