@@ -32,6 +32,7 @@ GATEWAY_CRDS = (
     "gatewayclasses.gateway.networking.k8s.io",
     "gateways.gateway.networking.k8s.io",
     "httproutes.gateway.networking.k8s.io",
+    "referencegrants.gateway.networking.k8s.io",
 )
 # (verb, group, resource, namespaced) the charts need to create.
 INSTALL_PERMISSIONS: tuple[tuple[str, str, str, bool], ...] = (

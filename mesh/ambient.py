@@ -26,7 +26,13 @@ from typing import Literal, Protocol, TypeVar
 
 from istiopy.mesh.meta import Resource
 from istiopy.mesh.resources.core import EndpointSlice, Namespace, Pod, Service, ServicePort
-from istiopy.mesh.resources.gateway import WAYPOINT_FOR_LABEL, Gateway, GatewayClass, GatewayLabelSelector
+from istiopy.mesh.resources.gateway import (
+    WAYPOINT_FOR_LABEL,
+    Gateway,
+    GatewayClass,
+    GatewayLabelSelector,
+    ReferenceGrant,
+)
 from istiopy.mesh.store import Change, selector_matches
 
 __all__ = [
@@ -59,6 +65,7 @@ __all__ = [
     "pod_is_terminal",
     "pod_speaks_hbone",
     "pod_waypoint",
+    "reference_permitted",
     "service_entry_uid",
     "service_hostname",
     "service_resource_name",
@@ -204,6 +211,29 @@ def services_selecting(store: StoreReader, namespace: str, labels: Mapping[str, 
         for s in typed_list(store, Service, namespace)
         if s.spec.type != "ExternalName" and s.spec.selector and selector_matches(s.spec.selector, labels)
     ]
+
+
+def reference_permitted(
+    store: StoreReader,
+    from_kind: str,
+    from_ns: str,
+    to_group: str,
+    to_kind: str,
+    to_ns: str,
+    to_name: str,
+    from_group: str = "gateway.networking.k8s.io",
+) -> bool:
+    """Whether a Gateway API object (an HTTPRoute by default) in ``from_ns`` may refer to ``to_name``.
+
+    Within a namespace always; across namespaces only when a ReferenceGrant in ``to_ns`` says so, as
+    Gateway API requires of every cross-namespace reference (so removing the grant revokes it).
+    """
+    if from_ns == to_ns:
+        return True
+    return any(
+        g.permits(from_group, from_kind, from_ns, to_group, to_kind, to_name)
+        for g in typed_list(store, ReferenceGrant, to_ns)
+    )
 
 
 def spiffe_id(namespace: str, service_account: str, trust_domain: str = "cluster.local") -> str:

@@ -5,8 +5,10 @@ parent (GAMMA); those parents are this controller's, and each gets an entry with
 conditions, the ones ``kubectl describe httproute`` users read first:
 
 * ``Accepted``: ``True`` when the parent exists, else ``False``/``NoMatchingParent`` naming it;
-* ``ResolvedRefs``: ``True`` when every backendRef names an existing Service or ServiceEntry, else
-  ``False``/``BackendNotFound`` (or ``InvalidKind`` for kinds the mesh cannot route to) naming each one.
+* ``ResolvedRefs``: ``True`` when every backendRef names an existing Service or ServiceEntry the route may
+  use, else ``False`` naming each one: ``InvalidKind`` for kinds the mesh cannot route to,
+  ``RefNotPermitted`` for another namespace's backend no ReferenceGrant there lets the route use (mirrors
+  included), ``BackendNotFound`` for the rest.
 
 Parents that are Gateways belong to an ingress controller (istiopy runs waypoints only), so they get no entry
 from us; entries other controllers wrote are kept as they are.
@@ -17,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from istiopy.mesh.ambient import reference_permitted
 from istiopy.mesh.resources.core import Service
 from istiopy.mesh.resources.gateway import BackendObjectReference, HTTPRoute, ParentReference
 from istiopy.mesh.resources.networking import ServiceEntry
@@ -41,16 +44,27 @@ def _ref_name(ref: ParentReference | BackendObjectReference, route_ns: str) -> s
 
 
 def _resolved_refs(store: ConfigStore, route: HTTPRoute) -> tuple[bool, str, str]:
-    missing, invalid = [], []
+    missing, invalid, refused = [], [], []
     for rule in route.spec.rules:
-        for ref in rule.backend_refs:
+        mirrors = [f.request_mirror.backend_ref for f in rule.filters if f.request_mirror is not None]
+        for ref in [*rule.backend_refs, *mirrors]:
             ns = ref.namespace or route.namespace
             if (ref.group, ref.kind) not in MESH_PARENT_KINDS:
                 invalid.append(f"{ref.group or 'core'}/{ref.kind} {ns}/{ref.name}")
+            elif not reference_permitted(
+                store, "HTTPRoute", route.namespace, ref.group, ref.kind, ns, ref.name
+            ):
+                refused.append(_ref_name(ref, route.namespace))
             elif not _exists(store, ref.group, ref.kind, ns, ref.name):
                 missing.append(_ref_name(ref, route.namespace))
     if invalid:
         return False, "InvalidKind", "backendRefs of a kind the mesh cannot route to: " + ", ".join(invalid)
+    if refused:
+        return (
+            False,
+            "RefNotPermitted",
+            "no ReferenceGrant in the backend's namespace lets this route use: " + ", ".join(refused),
+        )
     if missing:
         return False, "BackendNotFound", "backend not found: " + ", ".join(missing)
     return True, "ResolvedRefs", "all backendRefs resolved"

@@ -1,5 +1,5 @@
 """Gateway API kinds the mesh reads (``gateway.networking.k8s.io`` v1 and v1beta1): GatewayClass, Gateway,
-HTTPRoute.
+HTTPRoute, ReferenceGrant.
 
 Gateways are how ambient mode declares waypoints (class ``istio-waypoint``, an HBONE listener on 15008);
 HTTPRoutes attached to a waypoint or a Service are its L7 routing. The models are strict (unknown fields are
@@ -55,6 +55,10 @@ __all__ = [
     "LocalObjectReference",
     "ParametersReference",
     "ParentReference",
+    "ReferenceGrant",
+    "ReferenceGrantFrom",
+    "ReferenceGrantSpec",
+    "ReferenceGrantTo",
     "RouteGroupKind",
     "RouteNamespaces",
     "SecretObjectReference",
@@ -555,3 +559,59 @@ class HTTPRoute(Resource):
                         )
                     )
         return errors
+
+
+# ------------------------------------------------------------------------------------- ReferenceGrant
+def _core(group: str) -> str:
+    return "" if group == "core" else group
+
+
+class ReferenceGrantFrom(Model):
+    """Who may refer: objects of ``group``/``kind`` in ``namespace``."""
+
+    group: str = Field(max_length=253, pattern=_GROUP)
+    kind: str = Field(min_length=1, max_length=63, pattern=_KIND)
+    namespace: str = Field(min_length=1, max_length=63)
+
+
+class ReferenceGrantTo(Model):
+    """What they may refer to in the grant's namespace: every ``group``/``kind`` object, or the one named."""
+
+    group: str = Field(max_length=253, pattern=_GROUP)
+    kind: str = Field(min_length=1, max_length=63, pattern=_KIND)
+    name: str | None = Field(default=None, min_length=1, max_length=253)
+
+
+class ReferenceGrantSpec(Model):
+    from_: list[ReferenceGrantFrom] = Field(alias="from", min_length=1, max_length=16)
+    to: list[ReferenceGrantTo] = Field(min_length=1, max_length=16)
+
+
+@register
+class ReferenceGrant(Resource):
+    """Consent, in the referred-to namespace, to references from another namespace.
+
+    Gateway API makes every cross-namespace reference (an HTTPRoute's backendRef to a Service in another
+    namespace, say) need one in the target's namespace, so a team cannot send its traffic into another
+    team's Service, or mirror to it, without that team's say. Deleting the grant revokes the reference.
+    """
+
+    KIND: ClassVar[str] = "ReferenceGrant"
+    GROUP: ClassVar[str] = GATEWAY_GROUP
+    VERSIONS: ClassVar[tuple[str, ...]] = ("v1beta1", "v1")
+    NAMESPACED: ClassVar[bool] = True
+    PLURAL: ClassVar[str] = "referencegrants"
+
+    spec: ReferenceGrantSpec
+
+    def permits(
+        self, from_group: str, from_kind: str, from_ns: str, to_group: str, to_kind: str, name: str
+    ) -> bool:
+        """Whether this grant lets a ``from_kind`` in ``from_ns`` refer to ``to_kind`` ``name`` here."""
+        return any(
+            _core(f.group) == _core(from_group) and f.kind == from_kind and f.namespace == from_ns
+            for f in self.spec.from_
+        ) and any(
+            _core(t.group) == _core(to_group) and t.kind == to_kind and t.name in (None, name)
+            for t in self.spec.to
+        )

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 import yaml
 
+from istiopy.mesh.ambient import reference_permitted
 from istiopy.mesh.errors import InvalidResource
 from istiopy.mesh.indexes import (
     ENDPOINTSLICE_SERVICE,
@@ -20,7 +21,7 @@ from istiopy.mesh.indexes import (
 )
 from istiopy.mesh.kinds import parse
 from istiopy.mesh.resources.core import EndpointSlice, Node, Pod, Service
-from istiopy.mesh.resources.gateway import Gateway, HTTPRoute, gateway_duration_seconds
+from istiopy.mesh.resources.gateway import Gateway, HTTPRoute, ReferenceGrant, gateway_duration_seconds
 from istiopy.mesh.store import ConfigStore
 
 DATA = Path(__file__).resolve().parent.parent / "data"
@@ -146,6 +147,28 @@ def test_gateway_is_strict() -> None:
     with pytest.raises(InvalidResource) as err:
         parse(doc)
     assert [(e.path, e.reason) for e in err.value.errors] == [("spec.listeners[0].bogus", "unknown field")]
+
+
+def test_reference_grants_permit_what_they_name_and_nothing_else() -> None:
+    store = ConfigStore()
+    for grant in _load("gateway-referencegrant.yaml"):
+        assert isinstance(grant, ReferenceGrant)
+        store.apply(grant)
+
+    def may(from_ns: str, to_name: str, to_ns: str = "reviews", kind: str = "Service") -> bool:
+        return reference_permitted(store, "HTTPRoute", from_ns, "", kind, to_ns, to_name)
+
+    assert may("frontend", "reviews-v1")
+    assert may("frontend", "anything")  # a grant naming no Service grants them all
+    assert may("shop", "reviews-v2")
+    assert not may("shop", "reviews-v1")  # one naming a Service grants that one only
+    assert not may("elsewhere", "reviews-v2")  # a namespace no grant trusts
+    assert not may("frontend", "reviews-v1", kind="ServiceEntry")  # a kind the grant does not name
+    assert not may("frontend", "web", to_ns="frontend2")  # grants live in the target's namespace
+    assert may("anywhere", "local", to_ns="anywhere")  # same namespace needs no grant
+    core_group = reference_permitted(store, "HTTPRoute", "frontend", "core", "Service", "reviews", "x")
+    assert core_group  # "core" and "" are the same group
+    assert not reference_permitted(store, "GRPCRoute", "frontend", "", "Service", "reviews", "x")
 
 
 def test_indexes() -> None:

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import yaml
-from op_helpers import DATA, RunningOperator, eventually, operator_config
+from op_helpers import DATA, RunningOperator, eventually, new_namespace, operator_config
 
 from istiopy.mesh.kinds import parse
 from istiopy.mesh.meta import ResourceKey
@@ -268,6 +268,61 @@ def test_httproute_status_names_missing_parents_and_backends(
     parents = _route_parents(k8s, ns, "reviews")
     assert [p["controllerName"] for p in parents] == ["istio.io/mesh-controller", "example.com/ingress"]
     assert parents[1] == other
+
+
+def test_httproute_cross_namespace_backend_waits_for_a_reference_grant(
+    k8s: TestCluster, operator: RunningOperator, ns: str
+) -> None:
+    """A backendRef into another namespace is RefNotPermitted until a ReferenceGrant there allows it, and
+    again once the grant is deleted."""
+    other = new_namespace(k8s)
+    try:
+        for name, where in (("reviews", ns), ("ratings", other)):
+            k8s.kubectl("apply", "-f", "-", input=json.dumps({
+                "apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": where},
+                "spec": {"ports": [{"name": "http", "port": 80}], "selector": {"app": name}},
+            }))  # fmt: skip
+        route = {
+            "apiVersion": "gateway.networking.k8s.io/v1",
+            "kind": "HTTPRoute",
+            "metadata": {"name": "reviews", "namespace": ns},
+            "spec": {
+                "parentRefs": [{"group": "", "kind": "Service", "name": "reviews", "port": 80}],
+                "rules": [{"backendRefs": [{"name": "ratings", "namespace": other, "port": 80}]}],
+            },
+        }
+        grant = {
+            "apiVersion": "gateway.networking.k8s.io/v1beta1",
+            "kind": "ReferenceGrant",
+            "metadata": {"name": "from-reviews", "namespace": other},
+            "spec": {
+                "from": [{"group": "gateway.networking.k8s.io", "kind": "HTTPRoute", "namespace": ns}],
+                "to": [{"group": "", "kind": "Service", "name": "ratings"}],
+            },
+        }
+        k8s.kubectl("apply", "-f", "-", input=json.dumps(route))
+
+        def resolved_refs() -> tuple[str, str, str] | None:
+            parents = [
+                p
+                for p in _route_parents(k8s, ns, "reviews")
+                if p["controllerName"] == "istio.io/mesh-controller"
+            ]
+            return _conditions(parents[0]).get("ResolvedRefs") if parents else None
+
+        def reason_is(want: str) -> tuple[str, str, str] | None:
+            c = resolved_refs()
+            return c if c is not None and c[1] == want else None
+
+        refused = eventually(lambda: reason_is("RefNotPermitted"), what="ResolvedRefs RefNotPermitted")
+        assert refused[0] == "False"
+        assert f"Service {other}/ratings" in refused[2]
+        k8s.kubectl("apply", "-f", "-", input=json.dumps(grant))
+        assert eventually(lambda: reason_is("ResolvedRefs"), what="the grant honoured")[0] == "True"
+        k8s.kubectl("delete", "referencegrant", "from-reviews", "-n", other)
+        eventually(lambda: reason_is("RefNotPermitted"), what="the grant revoked")
+    finally:
+        k8s.kubectl("delete", "namespace", other, "--wait=false", check=False)
 
 
 L7_POLICY = """

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from wp_helpers import istio, service
+from wp_helpers import istio, namespace, service
 from wp_mesh import WaypointMesh
 
 from istiopy.mesh.kinds import parse
@@ -271,6 +271,83 @@ async def test_gateway_api_httproute(wmesh: WaypointMesh) -> None:
     r = await wmesh.request(target, "/moved")
     assert r.status == 301
     assert r.headers["location"].startswith("http://elsewhere.example/")
+
+
+def reference_grant(name: str, ns: str, from_ns: str, to_name: str | None = None) -> Any:
+    to: dict[str, Any] = {"group": "", "kind": "Service", **({"name": to_name} if to_name else {})}
+    return parse(
+        {
+            "apiVersion": "gateway.networking.k8s.io/v1beta1",
+            "kind": "ReferenceGrant",
+            "metadata": {"name": name, "namespace": ns},
+            "spec": {
+                "from": [{"group": "gateway.networking.k8s.io", "kind": "HTTPRoute", "namespace": from_ns}],
+                "to": [to],
+            },
+        }
+    )
+
+
+async def test_cross_namespace_backend_needs_a_reference_grant(wmesh: WaypointMesh) -> None:
+    """A route's backend in another namespace is used only while a ReferenceGrant there allows it: until
+    then (and again once it is deleted) its share of requests is answered 500, as Gateway API asks of
+    every invalid backend."""
+    await wmesh.add_pod("x-local", "xroute")
+    await wmesh.add_pod("x-other", "xb", ns="other")
+    await wmesh.apply(
+        namespace("other"),
+        service("xroute", wmesh.vip(27)),
+        service("xb", wmesh.vip(28), ns="other", waypoint=None),
+    )
+    other = {"name": "xb", "namespace": "other", "port": 80}
+    route = parse(
+        {
+            "apiVersion": "gateway.networking.k8s.io/v1",
+            "kind": "HTTPRoute",
+            "metadata": {"name": "xroute", "namespace": "default"},
+            "spec": {
+                "parentRefs": [{"group": "", "kind": "Service", "name": "xroute", "port": 80}],
+                "rules": [
+                    {
+                        "matches": [{"path": {"type": "PathPrefix", "value": "/cross"}}],
+                        "backendRefs": [other],
+                    },
+                    {
+                        "matches": [{"path": {"type": "PathPrefix", "value": "/split"}}],
+                        "backendRefs": [{"name": "xroute", "port": 80, "weight": 1}, {**other, "weight": 1}],
+                    },
+                    {
+                        "matches": [{"path": {"type": "PathPrefix", "value": "/missing"}}],
+                        "backendRefs": [{"name": "nowhere", "port": 80}],
+                    },
+                    {"backendRefs": [{"name": "xroute", "port": 80}]},
+                ],
+            },
+        }
+    )
+    await wmesh.apply(route)
+    target = f"{wmesh.vip(27)}:80"
+
+    async def outcomes(path: str, n: int = 1) -> set[str]:
+        seen = set()
+        for _ in range(n):
+            r = await wmesh.request(target, path)
+            seen.add(r.text.split()[0] if r.status == 200 and r.text else str(r.status))
+        return seen
+
+    assert await outcomes("/cross") == {"500"}
+    assert await outcomes("/split", 30) == {"x-local", "500"}  # the ungranted half only
+    assert await outcomes("/") == {"x-local"}
+    assert await outcomes("/missing") == {"500"}  # an unknown backend too: the rule stays, answering 500
+
+    await wmesh.apply(reference_grant("for-someone-else", "other", "default", to_name="not-xb"))
+    assert await outcomes("/cross") == {"500"}
+    await wmesh.apply(reference_grant("from-default", "other", "default", to_name="xb"))
+    assert await outcomes("/cross") == {"x-other"}
+    assert await outcomes("/split", 30) == {"x-local", "x-other"}
+
+    await wmesh.delete(reference_grant("from-default", "other", "default", to_name="xb"))
+    assert await outcomes("/cross") == {"500"}  # deleting the grant revokes the reference
 
 
 async def test_bad_rules_are_left_out_and_reported(wmesh: WaypointMesh) -> None:

@@ -259,7 +259,7 @@ class WaypointMesh:
         raise TimeoutError(f"waypoint did not acknowledge the configuration: {states}; nacks {self.nacks}")
 
     async def add_pod(
-        self, name: str, app: str, labels: dict[str, str] | None = None, sa: str | None = None
+        self, name: str, app: str, labels: dict[str, str] | None = None, sa: str | None = None, ns: str = NS
     ) -> Backend:
         """A backend pod: HTTP app on <ip>:8080 behind an HBONE terminator on <ip>:15008, and its Pod."""
         from wp_helpers import pod
@@ -273,7 +273,7 @@ class WaypointMesh:
         await b.runner.setup()
         await web.TCPSite(b.runner, ip, 8080).start()
         assert self.ca is not None
-        cert = self.ca.issue_workload(SpiffeId(TD, NS, sa or app))
+        cert = self.ca.issue_workload(SpiffeId(TD, ns, sa or app))
 
         async def on_connect(req: ConnectRequest) -> Decision:
             if req.host != ip:
@@ -288,7 +288,7 @@ class WaypointMesh:
         lsock.listen(128)
         await b.hbone.serve(lsock)
         self.backends[name] = b
-        self.store.apply(pod(name, ip, {"app": app, **(labels or {})}, sa=sa or app))
+        self.store.apply(pod(name, ip, {"app": app, **(labels or {})}, ns=ns, sa=sa or app))
         return b
 
     def reset_backends(self) -> None:

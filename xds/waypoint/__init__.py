@@ -93,6 +93,7 @@ _INPUT_KINDS = frozenset(
         "VirtualService",
         "DestinationRule",
         "HTTPRoute",
+        "ReferenceGrant",
         "AuthorizationPolicy",
         "RequestAuthentication",
     }

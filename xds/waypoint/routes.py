@@ -10,7 +10,10 @@ Semantics (Istio's, ambient.md 7.3):
   (Istio's ``0s``); retries only when asked for (``attempts: 0`` disables), numeric ``retryOn`` entries
   become retriable status codes;
 * a rule :func:`istiopy.mesh.waypoint_diagnostics.virtual_service_problems` flags (missing subset, regex
-  RE2 refuses) is left out, so Envoy never NACKs; the other rules keep working.
+  RE2 refuses) is left out, so Envoy never NACKs; the other rules keep working;
+* an HTTPRoute backendRef that is invalid (no such Service, a kind the mesh cannot route to, or another
+  namespace's Service without a ReferenceGrant there) gets its share of requests answered 500, as Gateway
+  API asks; a mirror to another namespace without a grant is dropped.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import Any
 
 from envoy.config.route.v3 import route_components_pb2, route_pb2
 
-from istiopy.mesh.ambient import typed_list
+from istiopy.mesh.ambient import reference_permitted, typed_list
 from istiopy.mesh.resources.common import StringMatch, duration_seconds
 from istiopy.mesh.resources.gateway import HTTPHeaderFilter, HTTPRouteFilter
 from istiopy.mesh.resources.gateway import HTTPRoute as GatewayHTTPRoute
@@ -57,6 +60,7 @@ _REDIRECT_CODES = {
     307: "TEMPORARY_REDIRECT",
     308: "PERMANENT_REDIRECT",
 }
+INVALID_BACKEND = "invalid-backend|"  # cluster-name prefix no cluster has: Envoy answers 500 for it
 DEFAULT_RETRY_ON = "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes"
 
 
@@ -251,6 +255,14 @@ def header_ops(ops: HeaderOperations | None, prefix: str) -> dict[str, Any]:
     if ops.remove:
         out[f"{prefix}_headers_to_remove"] = list(ops.remove)
     return out
+
+
+def _backend_permitted(plan: WaypointPlan, r: GatewayHTTPRoute, ref: Any) -> bool:
+    """A backendRef in the route's namespace, or in another whose ReferenceGrant lets HTTPRoutes in."""
+    ns = ref.namespace or r.namespace
+    if plan.store is None:
+        return ns == r.namespace
+    return reference_permitted(plan.store, "HTTPRoute", r.namespace, ref.group, ref.kind, ns, ref.name)
 
 
 def _percent(value: float | None, default: float = 100.0) -> dict[str, Any]:
@@ -610,6 +622,8 @@ def _gw_action(
                     action["prefix_rewrite"] = uw.path.replace_prefix_match or "/"
         elif f.type == "RequestMirror" and f.request_mirror is not None:
             rm = f.request_mirror
+            if not _backend_permitted(plan, r, rm.backend_ref):
+                continue  # a mirror into another namespace needs its ReferenceGrant like any backend
             pct = (
                 float(rm.percent)
                 if rm.percent is not None
@@ -627,15 +641,18 @@ def _gw_action(
     for b in backends:
         if b.weight == 0 and len(backends) > 1:
             continue
-        if b.kind != "Service" or b.group not in ("", "core"):
-            return None
-        dest = Destination(
-            host=f"{b.name}.{b.namespace or r.namespace}.svc.{DOMAIN}",
-            port={"number": b.port} if b.port else None,
-        )
-        hit = _cluster_for(plan, dest, r.namespace, sp.number)
+        hit = None
+        if b.kind == "Service" and b.group in ("", "core") and _backend_permitted(plan, r, b):
+            dest = Destination(
+                host=f"{b.name}.{b.namespace or r.namespace}.svc.{DOMAIN}",
+                port={"number": b.port} if b.port else None,
+            )
+            hit = _cluster_for(plan, dest, r.namespace, sp.number)
         if hit is None:
-            return None
+            # Gateway API: the share of requests an invalid backend (unknown, of a kind the mesh cannot
+            # route to, or in another namespace without a ReferenceGrant) would get is answered 500.
+            action["cluster_not_found_response_code"] = "INTERNAL_SERVER_ERROR"
+            hit = (f"{INVALID_BACKEND}{b.namespace or r.namespace}/{b.name}", None)
         entry: dict[str, Any] = {"name": hit[0], "weight": b.weight or 1}
         for bf in b.filters:
             if bf.type == "RequestHeaderModifier":
