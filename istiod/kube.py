@@ -347,6 +347,7 @@ def attach_xds(
     options = IstiodOptions(
         config_dirs=(),
         namespace=ns,
+        system_namespace=ns,
         host=args.listen_host,
         tls_port=args.xds_port,
         plaintext_port=args.plaintext_port,

@@ -63,6 +63,7 @@ class IstiodOptions:
     config_dirs: Sequence[str | Path]
     state_dir: Path = DEFAULT_STATE_DIR
     namespace: str = "default"  # for documents without one
+    system_namespace: str = "istio-system"  # istiod's own: identities there may read debug types (syncz)
     host: str = "127.0.0.1"
     tls_port: int = 15012
     plaintext_port: int | None = None  # 15010 only when explicitly enabled
@@ -192,6 +193,7 @@ def assemble(
             f"{options.host}:{options.plaintext_port}" if options.plaintext_port is not None else None
         ),
         max_connection_age=options.max_connection_age,
+        debug_namespace=options.system_namespace,
     )
     xds = XdsService(
         plane.store,

@@ -16,6 +16,9 @@ identity, which is what a plaintext development listener means.
 
 Listeners: TLS (server cert/key/CA as PEM bytes, from the CA) on ``tls_address``; plaintext only when
 ``plaintext_address`` is set explicitly.
+
+Debug types (``xds/debugxds.py``: ``istio.io/debug/syncz`` for ``istioctl proxy-status``) are answered on a
+SotW stream straight from the server's connections, outside the snapshot machinery.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from grpc import aio
 
 from istiopy.xds import types
 from istiopy.xds.cache import Snapshot, TypedResources
+from istiopy.xds.debugxds import DEBUG_TYPES, ProxySync, debug_refusal, instance_id, syncz_response
 from istiopy.xds.proxy import Proxy
 from istiopy.xds.push import PushPipeline
 from istiopy.xds.registry import UnknownType
@@ -106,6 +110,9 @@ class ServerOptions:
     # A proxy authenticated as spiffe://<td>/ns/<ns>/sa/<sa> may only claim namespace <ns> in its node
     # (istiod's checkConnectionIdentity): config is chosen by the node's claims, so they must be backed.
     check_node_identity: bool = True
+    # Debug types (``istio.io/debug/syncz``, what ``istioctl proxy-status`` asks for) list every proxy, so
+    # only identities in istiod's namespace may read them (see ``debugxds``).
+    debug_namespace: str = "istio-system"
     grpc_options: list[tuple[str, Any]] = field(default_factory=list)
     # Other gRPC services sharing the listeners (istiod mounts the CA's IstioCertificateService on 15012,
     # as upstream does); each is called with the server before it starts.
@@ -163,6 +170,8 @@ class Connection:
         self.peer = context.peer()
         self.connected_at = time.time()
         self._wake = asyncio.Event()
+        self._debug_out: list[bytes] = []  # answers to debug requests, sent ahead of xDS responses
+        self._debug_nonces: set[str] = set()
         self._update_times: dict[str, float] = {}
         self._unwatch: Callable[[], None] | None = None
         self._loop = asyncio.get_running_loop()
@@ -239,6 +248,9 @@ class Connection:
     async def _handle(self, req: Any) -> None:
         server = self.server
         now = time.monotonic()
+        if not self.delta and req.type_url in DEBUG_TYPES:
+            await self._debug(req)
+            return
         try:
             outcome = self.stream.handle_request(req, now)
         except ProtocolError as e:
@@ -264,8 +276,36 @@ class Connection:
         elif outcome.kind in (Kind.INITIAL, Kind.SUBSCRIPTION, Kind.ACK, Kind.NACK):
             self._wake.set()
 
-    async def _identify(self) -> None:
-        node = self.stream.node
+    async def _debug(self, req: Any) -> None:
+        """Answer a debug request (``istioctl proxy-status``) from the server's connections, once."""
+        if req.response_nonce in self._debug_nonces:
+            return  # the client's ACK of an answer (istioctl's first request carries a nonce of its own)
+        if self.proxy is None:
+            await self._identify(req.node if req.HasField("node") else None)
+        assert self.proxy is not None
+        refusal = debug_refusal(self.proxy.identity, self.server.options.debug_namespace)
+        if refusal:
+            raise StreamClosed(grpc.StatusCode.PERMISSION_DENIED, refusal)
+        proxies = [
+            ProxySync(c.proxy.id, c.proxy.metadata, c.stream.status())
+            for c in self.server.connections.values()
+            if c.proxy is not None and c.stream.subscribed_types()
+        ]
+        nonce = os.urandom(8).hex()
+        self._debug_nonces.add(nonce)
+        self._debug_out.append(
+            syncz_response(
+                proxies,
+                list(req.resource_names),
+                instance_id(self.server.instance),
+                nonce=nonce,
+                version=str(int(time.time())),
+            )
+        )
+        self._wake.set()
+
+    async def _identify(self, node: Any = None) -> None:
+        node = node if node is not None else self.stream.node
         if node is None or not node.id:
             raise StreamClosed(grpc.StatusCode.INVALID_ARGUMENT, "the first request must carry node.id")
         cert = None
@@ -327,6 +367,8 @@ class Connection:
         while True:
             await self._wake.wait()
             self._wake.clear()
+            while self._debug_out:
+                await asyncio.wait_for(self.context.write(self._debug_out.pop(0)), timeout)
             async with server.pipeline.push_semaphore:
                 try:
                     responses = self.stream.responses(time.monotonic())

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import os
 import signal
 import subprocess
 import sys
@@ -20,6 +22,7 @@ import pytest
 from istiopy.api.ca_client import CaClient, CaClientError
 from istiopy.api.identity import SpiffeId
 from istiopy.api.xds_client import DeltaXdsClient
+from istiopy.testing.tools import built_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent / "istiod-py"
@@ -250,3 +253,76 @@ def test_tokens_instead_of_client_certificates_and_explicit_plaintext(tmp_path: 
         asyncio.run(fetch())
     finally:
         d.stop()
+
+
+def _istioctl(istiod: Istiod, cert_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """Upstream istioctl (``tools/istioctl/build.sh``) against this istiod's xDS port, with a client
+    certificate from ``cert_dir``. The kubeconfig names no reachable cluster and ``--revision`` is given, so
+    istioctl asks nothing of one (without it, it waits for a cluster to tell the default revision)."""
+    env = os.environ.get("ISTIOPY_UPSTREAM_ISTIOCTL")
+    istioctl = Path(env) if env else built_tool(ROOT / "tools" / "istioctl" / "build.sh")
+    kubeconfig = istiod.tmp / "kubeconfig"
+    kubeconfig.write_text(
+        "apiVersion: v1\nkind: Config\ncurrent-context: none\n"
+        "clusters: [{name: none, cluster: {server: 'https://127.0.0.1:1'}}]\n"
+        "contexts: [{name: none, context: {cluster: none, user: none}}]\nusers: [{name: none, user: {}}]\n"
+    )
+    argv = [
+        str(istioctl),
+        *args,
+        "--revision",
+        "default",
+        "--xds-address",
+        f"127.0.0.1:{istiod.ports['tls']}",
+    ]
+    argv += ["--cert-dir", str(cert_dir), "--kubeconfig", str(kubeconfig)]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+
+
+@pytest.mark.slow
+async def test_upstream_istioctl_proxy_status_over_xds(istiod: Istiod) -> None:
+    """``istioctl proxy-status`` asks istiod over ADS (type ``istio.io/debug/syncz``): upstream's binary lists
+    the proxies connected to istiod-py with the state of each xDS type; only an identity in istio-system may
+    ask (the answer lists the whole mesh)."""
+    roots, chain, key = istiod.bootstrap("node-1")
+    node_id = "ztunnel~10.10.0.1~ztunnel-n1.istio-system~istio-system.svc.cluster.local"
+    client = DeltaXdsClient.connect(
+        f"127.0.0.1:{istiod.ports['tls']}",
+        _node(node_id),
+        roots,
+        server_name="istiod.istio-system.svc",
+        client_cert=(chain, key),
+        backoff_initial=0.05,
+    )
+    client.subscribe(ADDRESS_TYPE)
+    istiod.bootstrap("admin", "istio-system/istioctl")
+    admin = istiod.tmp / "boot-admin-istio-system-istioctl"
+    istiod.bootstrap("admin", "frontend/frontend")
+    stranger = istiod.tmp / "boot-admin-frontend-frontend"
+    async with client:
+        async with asyncio.timeout(20):
+            await client.wait_for(lambda c: bool(c.resources(ADDRESS_TYPE)))
+        await asyncio.sleep(0.5)  # the client's ACK reaches istiod
+        table = await asyncio.to_thread(_istioctl, istiod, admin, "proxy-status")
+        as_json = await asyncio.to_thread(_istioctl, istiod, admin, "proxy-status", "-o", "json")
+        refused = await asyncio.to_thread(_istioctl, istiod, stranger, "proxy-status")
+
+    assert table.returncode == 0, table.stdout + table.stderr
+    header, *rows = table.stdout.splitlines()
+    assert header.split()[:2] == ["NAME", "CLUSTER"]
+    row = next(r for r in rows if r.startswith(node_id))
+    assert "1 (WDS)" in row, table.stdout  # one subscribed type (istio.workload.Address), acknowledged
+
+    assert as_json.returncode == 0, as_json.stderr
+    doc = json.loads(as_json.stdout)
+    assert doc["typeUrl"] == "istio.io/debug/syncz"
+    assert json.loads(doc["controlPlane"]["identifier"])["Component"] == "istiod"
+    configs = {r["node"]["id"]: r["genericXdsConfigs"] for r in doc["resources"]}
+    assert list(configs) == [node_id]  # istioctl's own debug stream is no proxy
+    assert [(c["typeUrl"], c["configStatus"]) for c in configs[node_id]] == [(ADDRESS_TYPE, "SYNCED")]
+
+    # A workload's identity is refused (here already by the node check: istioctl claims istio-system).
+    assert refused.returncode != 0
+    assert "Unauthenticated" in refused.stderr, refused.stderr
+    assert "ns/frontend/sa/frontend" in refused.stderr
+    assert node_id not in refused.stdout
