@@ -306,6 +306,10 @@ async def test_upstream_istioctl_proxy_status_over_xds(istiod: Istiod) -> None:
         table = await asyncio.to_thread(_istioctl, istiod, admin, "proxy-status")
         as_json = await asyncio.to_thread(_istioctl, istiod, admin, "proxy-status", "-o", "json")
         refused = await asyncio.to_thread(_istioctl, istiod, stranger, "proxy-status")
+        ours = await asyncio.to_thread(_istioctl_py, istiod, admin, "proxy-status")
+        ours_one = await asyncio.to_thread(_istioctl_py, istiod, admin, "ps", "ztunnel-n1.istio-system")
+        ours_none = await asyncio.to_thread(_istioctl_py, istiod, admin, "ps", "no-such-pod.shop")
+        ours_refused = await asyncio.to_thread(_istioctl_py, istiod, stranger, "ps")
 
     assert table.returncode == 0, table.stdout + table.stderr
     header, *rows = table.stdout.splitlines()
@@ -326,3 +330,20 @@ async def test_upstream_istioctl_proxy_status_over_xds(istiod: Istiod) -> None:
     assert "Unauthenticated" in refused.stderr, refused.stderr
     assert "ns/frontend/sa/frontend" in refused.stderr
     assert node_id not in refused.stdout
+
+    # istioctl-py asks the same way and agrees.
+    assert ours.returncode == 0, ours.stderr
+    header, *rows = (ln.split() for ln in ours.stdout.splitlines())
+    assert header == ["NAME", "CLUSTER", "ISTIOD", "WDS"]
+    assert rows == [[node_id, json.loads(doc["controlPlane"]["identifier"])["ID"], "SYNCED"]]  # no cluster id
+    assert node_id in ours_one.stdout
+    assert node_id not in ours_none.stdout
+    assert ours_refused.returncode == 1
+    assert "ns/frontend/sa/frontend" in ours_refused.stderr
+
+
+def _istioctl_py(istiod: Istiod, cert_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    argv = [str(BIN.parent / "istioctl-py"), *args, "--xds-address", f"127.0.0.1:{istiod.ports['tls']}"]
+    return subprocess.run(
+        [*argv, "--cert-dir", str(cert_dir)], capture_output=True, text=True, timeout=60, check=False
+    )
