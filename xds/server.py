@@ -368,7 +368,13 @@ class Connection:
             await self._wake.wait()
             self._wake.clear()
             while self._debug_out:
-                await asyncio.wait_for(self.context.write(self._debug_out.pop(0)), timeout)
+                try:
+                    await asyncio.wait_for(self.context.write(self._debug_out.pop(0)), timeout)
+                except TimeoutError:
+                    raise StreamClosed(
+                        grpc.StatusCode.DEADLINE_EXCEEDED,
+                        f"client did not read a debug answer within {timeout}s",
+                    ) from None
             async with server.pipeline.push_semaphore:
                 try:
                     responses = self.stream.responses(time.monotonic())

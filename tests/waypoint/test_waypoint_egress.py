@@ -13,6 +13,7 @@ from aiohttp import web
 from wp_helpers import istio
 from wp_mesh import Backend, WaypointMesh
 
+from istiopy.mesh.kinds import parse
 from istiopy.testing.envoy import free_port
 
 pytestmark = [pytest.mark.envoy, pytest.mark.asyncio(loop_scope="module")]
@@ -104,6 +105,54 @@ async def test_static_entry_routed_and_guarded(
     assert static.hits == 2  # the retry reached the external endpoint again
     assert static.headers[-1]["x-egress"] == "waypoint"
     assert (await wmesh.request(f"{vip}:80", "/admin/x", host="api.external.example")).status == 403
+    assert not wmesh.nacks
+
+
+async def test_httproute_on_a_service_entry_routes_to_it(
+    wmesh: WaypointMesh, external: tuple[Backend, Backend, int]
+) -> None:
+    """Gateway API at the egress waypoint: an HTTPRoute whose parent and backend are the ServiceEntry."""
+    static, _, _ = external
+    vip = "240.240.0.12"
+    await wmesh.apply(
+        entry(
+            "ext-gw",
+            "gw.external.example",
+            vip,
+            {"resolution": "STATIC", "endpoints": [{"address": static.ip, "ports": {"http": 8080}}]},
+        )
+    )
+    se = {"group": "networking.istio.io", "kind": "ServiceEntry", "name": "ext-gw"}
+    await wmesh.apply(
+        parse(
+            {
+                "apiVersion": "gateway.networking.k8s.io/v1",
+                "kind": "HTTPRoute",
+                "metadata": {"name": "ext-gw", "namespace": "default"},
+                "spec": {
+                    "parentRefs": [se],
+                    "rules": [
+                        {
+                            "matches": [{"path": {"type": "PathPrefix", "value": "/v2"}}],
+                            "filters": [
+                                {
+                                    "type": "RequestHeaderModifier",
+                                    "requestHeaderModifier": {"set": [{"name": "x-route", "value": "gw"}]},
+                                }
+                            ],
+                            "backendRefs": [{**se, "port": 80}],
+                        },
+                    ],
+                },
+            }
+        )
+    )
+    static.reset()
+    r = await wmesh.request(f"{vip}:80", "/v2/things", host="gw.external.example")
+    assert (r.status, r.text) == (200, "ext-static /v2/things")
+    assert static.headers[-1]["x-route"] == "gw"
+    # With a route in place, what it does not match is not routed (Gateway API: 404).
+    assert (await wmesh.request(f"{vip}:80", "/v1/things", host="gw.external.example")).status == 404
     assert not wmesh.nacks
 
 

@@ -11,9 +11,10 @@ Semantics (Istio's, ambient.md 7.3):
   become retriable status codes;
 * a rule :func:`istiopy.mesh.waypoint_diagnostics.virtual_service_problems` flags (missing subset, regex
   RE2 refuses) is left out, so Envoy never NACKs; the other rules keep working;
-* an HTTPRoute backendRef that is invalid (no such Service, a kind the mesh cannot route to, or another
-  namespace's Service without a ReferenceGrant there) gets its share of requests answered 500, as Gateway
-  API asks; a mirror to another namespace without a grant is dropped.
+* an HTTPRoute backendRef names a Service or a ServiceEntry (its hosts); one that is invalid (no such
+  backend, a kind the mesh cannot route to, or another namespace's backend without a ReferenceGrant there)
+  gets its share of requests answered 500, as Gateway API asks; a mirror to another namespace without a
+  grant is dropped.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from istiopy.mesh.resources.networking import (
     HTTPFaultInjection,
     HTTPMatchRequest,
     HTTPRetry,
+    ServiceEntry,
     VirtualService,
 )
 from istiopy.mesh.resources.networking import HTTPRoute as VsRoute
@@ -263,6 +265,17 @@ def _backend_permitted(plan: WaypointPlan, r: GatewayHTTPRoute, ref: Any) -> boo
     if plan.store is None:
         return ns == r.namespace
     return reference_permitted(plan.store, "HTTPRoute", r.namespace, ref.group, ref.kind, ns, ref.name)
+
+
+def _backend_hosts(plan: WaypointPlan, r: GatewayHTTPRoute, ref: Any) -> list[str]:
+    """The hostnames a backendRef stands for: a Service's FQDN, or a ServiceEntry's hosts."""
+    ns = ref.namespace or r.namespace
+    if ref.kind == "Service" and ref.group in ("", "core"):
+        return [f"{ref.name}.{ns}.svc.{DOMAIN}"]
+    if (ref.group, ref.kind) == ("networking.istio.io", "ServiceEntry") and plan.store is not None:
+        se = plan.store.get_typed(ServiceEntry, ns, ref.name)
+        return list(se.spec.hosts) if se is not None else []
+    return []
 
 
 def _percent(value: float | None, default: float = 100.0) -> dict[str, Any]:
@@ -642,12 +655,11 @@ def _gw_action(
         if b.weight == 0 and len(backends) > 1:
             continue
         hit = None
-        if b.kind == "Service" and b.group in ("", "core") and _backend_permitted(plan, r, b):
-            dest = Destination(
-                host=f"{b.name}.{b.namespace or r.namespace}.svc.{DOMAIN}",
-                port={"number": b.port} if b.port else None,
-            )
-            hit = _cluster_for(plan, dest, r.namespace, sp.number)
+        if _backend_permitted(plan, r, b):
+            for host in _backend_hosts(plan, r, b):
+                dest = Destination(host=host, port={"number": b.port} if b.port else None)
+                if (hit := _cluster_for(plan, dest, r.namespace, sp.number)) is not None:
+                    break
         if hit is None:
             # Gateway API: the share of requests an invalid backend (unknown, of a kind the mesh cannot
             # route to, or in another namespace without a ReferenceGrant) would get is answered 500.
