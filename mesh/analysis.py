@@ -21,6 +21,7 @@ from istiopy.mesh.ambient import (
     find_waypoint,
     is_waypoint_instance,
     pod_waypoint,
+    reference_permitted,
     service_waypoint,
     typed_list,
     view,
@@ -28,7 +29,7 @@ from istiopy.mesh.ambient import (
 from istiopy.mesh.authz import ztunnel_policy
 from istiopy.mesh.meta import Resource, ResourceKey
 from istiopy.mesh.resources.core import Namespace, Pod, Service
-from istiopy.mesh.resources.gateway import Gateway
+from istiopy.mesh.resources.gateway import BackendObjectReference, Gateway, HTTPRoute
 from istiopy.mesh.resources.networking import Destination, DestinationRule, ServiceEntry, VirtualService
 from istiopy.mesh.resources.security import AuthorizationPolicy
 from istiopy.mesh.store import selector_matches
@@ -42,6 +43,8 @@ __all__ = [
     "authorization_policy_diagnostics",
     "destination_rule_diagnostics",
     "diagnostics_for",
+    "http_route_diagnostics",
+    "http_route_ref_problems",
     "virtual_service_diagnostics",
     "waypoint_config_diagnostics",
     "waypoint_diagnostics",
@@ -303,6 +306,64 @@ def waypoint_config_diagnostics(store: StoreReader, settings: MeshSettings) -> l
     return out
 
 
+# ---------------------------------------------------------------------------------------------- HTTPRoute
+MESH_BACKEND_KINDS = {("", "Service"), ("core", "Service"), ("networking.istio.io", "ServiceEntry")}
+# Gateway API's ResolvedRefs reasons, most telling first (a route's condition carries one).
+REF_REASONS = ("InvalidKind", "RefNotPermitted", "BackendNotFound")
+
+
+def mesh_object_exists(store: StoreReader, group: str, kind: str, namespace: str, name: str) -> bool:
+    """Whether a Service or ServiceEntry (what a mesh route may name) is in the store."""
+    if (group, kind) in (("", "Service"), ("core", "Service")):
+        return store.get_typed(Service, namespace, name) is not None
+    if (group, kind) == ("networking.istio.io", "ServiceEntry"):
+        return store.get_typed(ServiceEntry, namespace, name) is not None
+    return False
+
+
+def http_route_ref_problems(store: StoreReader, route: HTTPRoute) -> list[tuple[str, str, str]]:
+    """(field, reason, what) for each backendRef or mirror the mesh cannot use, reasons from REF_REASONS:
+    a kind the mesh cannot route to, another namespace's backend without a ReferenceGrant there, or a
+    backend that does not exist. The waypoint answers such a backend's share of requests with 500."""
+    out = []
+    for i, rule in enumerate(route.spec.rules):
+        refs: list[tuple[str, BackendObjectReference]] = [
+            (f"spec.rules[{i}].backendRefs[{j}]", ref) for j, ref in enumerate(rule.backend_refs)
+        ]
+        refs += [
+            (f"spec.rules[{i}].filters[{j}].requestMirror.backendRef", f.request_mirror.backend_ref)
+            for j, f in enumerate(rule.filters)
+            if f.request_mirror is not None
+        ]
+        for path, ref in refs:
+            ns = ref.namespace or route.namespace
+            if (ref.group, ref.kind) not in MESH_BACKEND_KINDS:
+                out.append((path, "InvalidKind", f"{ref.group or 'core'}/{ref.kind} {ns}/{ref.name}"))
+            elif not reference_permitted(
+                store, "HTTPRoute", route.namespace, ref.group, ref.kind, ns, ref.name
+            ):
+                out.append((path, "RefNotPermitted", f"{ref.kind} {ns}/{ref.name}"))
+            elif not mesh_object_exists(store, ref.group, ref.kind, ns, ref.name):
+                out.append((path, "BackendNotFound", f"{ref.kind} {ns}/{ref.name}"))
+    return out
+
+
+REF_MESSAGES = {
+    "InvalidKind": "backendRef of a kind the mesh cannot route to: {}",
+    "RefNotPermitted": "no ReferenceGrant in the backend's namespace lets this route use {}",
+    "BackendNotFound": "backend not found: {}",
+}
+
+
+def http_route_diagnostics(store: StoreReader, settings: MeshSettings) -> list[Diagnostic]:
+    """Backends an HTTPRoute names that the mesh cannot use: their requests get 500 at the waypoint."""
+    return [
+        Diagnostic(route.key, path, reason, REF_MESSAGES[reason].format(what), "Error")
+        for route in typed_list(store, HTTPRoute)
+        for path, reason, what in http_route_ref_problems(store, route)
+    ]
+
+
 Analyzer = Callable[[StoreReader, MeshSettings], list[Diagnostic]]
 ANALYZERS: dict[str, Analyzer] = {
     "ambient.authorizationpolicy": authorization_policy_diagnostics,
@@ -310,6 +371,7 @@ ANALYZERS: dict[str, Analyzer] = {
     "virtualservice.destinations": virtual_service_diagnostics,
     "destinationrule.subsets": destination_rule_diagnostics,
     "waypoint.config": waypoint_config_diagnostics,
+    "httproute.backends": http_route_diagnostics,
 }
 
 

@@ -19,54 +19,33 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from istiopy.mesh.ambient import reference_permitted
-from istiopy.mesh.resources.core import Service
-from istiopy.mesh.resources.gateway import BackendObjectReference, HTTPRoute, ParentReference
-from istiopy.mesh.resources.networking import ServiceEntry
+from istiopy.mesh.analysis import (
+    MESH_BACKEND_KINDS,
+    REF_MESSAGES,
+    REF_REASONS,
+    http_route_ref_problems,
+    mesh_object_exists,
+)
+from istiopy.mesh.resources.gateway import HTTPRoute, ParentReference
 from istiopy.mesh.store import ConfigStore
 from istiopy.operator.waypoints import _condition
 
 __all__ = ["MESH_PARENT_KINDS", "desired_route_status"]
 
-MESH_PARENT_KINDS = {("", "Service"), ("core", "Service"), ("networking.istio.io", "ServiceEntry")}
+MESH_PARENT_KINDS = MESH_BACKEND_KINDS
 
 
-def _exists(store: ConfigStore, group: str, kind: str, namespace: str, name: str) -> bool:
-    if (group, kind) in (("", "Service"), ("core", "Service")):
-        return store.get_typed(Service, namespace, name) is not None
-    if (group, kind) == ("networking.istio.io", "ServiceEntry"):
-        return store.get_typed(ServiceEntry, namespace, name) is not None
-    return False
-
-
-def _ref_name(ref: ParentReference | BackendObjectReference, route_ns: str) -> str:
+def _ref_name(ref: ParentReference, route_ns: str) -> str:
     return f"{ref.kind} {ref.namespace or route_ns}/{ref.name}"
 
 
 def _resolved_refs(store: ConfigStore, route: HTTPRoute) -> tuple[bool, str, str]:
-    missing, invalid, refused = [], [], []
-    for rule in route.spec.rules:
-        mirrors = [f.request_mirror.backend_ref for f in rule.filters if f.request_mirror is not None]
-        for ref in [*rule.backend_refs, *mirrors]:
-            ns = ref.namespace or route.namespace
-            if (ref.group, ref.kind) not in MESH_PARENT_KINDS:
-                invalid.append(f"{ref.group or 'core'}/{ref.kind} {ns}/{ref.name}")
-            elif not reference_permitted(
-                store, "HTTPRoute", route.namespace, ref.group, ref.kind, ns, ref.name
-            ):
-                refused.append(_ref_name(ref, route.namespace))
-            elif not _exists(store, ref.group, ref.kind, ns, ref.name):
-                missing.append(_ref_name(ref, route.namespace))
-    if invalid:
-        return False, "InvalidKind", "backendRefs of a kind the mesh cannot route to: " + ", ".join(invalid)
-    if refused:
-        return (
-            False,
-            "RefNotPermitted",
-            "no ReferenceGrant in the backend's namespace lets this route use: " + ", ".join(refused),
-        )
-    if missing:
-        return False, "BackendNotFound", "backend not found: " + ", ".join(missing)
+    """ResolvedRefs: the most telling reason any backend has, naming every backend with that reason."""
+    problems = http_route_ref_problems(store, route)
+    for reason in REF_REASONS:
+        named = list(dict.fromkeys(what for _, r, what in problems if r == reason))
+        if named:
+            return False, reason, REF_MESSAGES[reason].format(", ".join(named))
     return True, "ResolvedRefs", "all backendRefs resolved"
 
 
@@ -97,7 +76,7 @@ def desired_route_status(
         seen.add(key)
         prev = list((ours_before.get(key) or {}).get("conditions") or [])
         ns = ref.namespace or route.namespace
-        if _exists(store, ref.group, ref.kind, ns, ref.name):
+        if mesh_object_exists(store, ref.group, ref.kind, ns, ref.name):
             accepted = _condition("Accepted", True, "Accepted", "route attached", generation, prev)
         else:
             message = f"parent {_ref_name(ref, route.namespace)} not found"

@@ -188,3 +188,58 @@ spec:
     assert ("spec.action", "UnsupportedValue") in [(d.field, d.reason) for d in ext]
     vs = [d for d in found if d.resource == ResourceKey("VirtualService", "default", "reviews")]
     assert [(d.code, d.field) for d in vs] == [("IST0101", "spec.http[0].route[0].destination.subset")]
+
+
+ROUTES = """
+apiVersion: v1
+kind: Service
+metadata: {name: reviews, namespace: shop}
+spec: {clusterIP: 10.96.0.7, selector: {app: reviews}, ports: [{port: 9080}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: ratings, namespace: team-b}
+spec: {clusterIP: 10.96.0.8, selector: {app: ratings}, ports: [{port: 9080}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: reviews, namespace: shop}
+spec:
+  parentRefs: [{group: "", kind: Service, name: reviews, port: 9080}]
+  rules:
+  - backendRefs:
+    - {name: reviews, port: 9080}
+    - {name: ratings, namespace: team-b, port: 9080}
+    - {name: gone, port: 9080}
+    - {group: example.com, kind: Bucket, name: b}
+    filters:
+    - type: RequestMirror
+      requestMirror: {backendRef: {name: ratings, namespace: team-b, port: 9080}}
+"""
+
+GRANT = """
+apiVersion: gateway.networking.k8s.io/v1beta1
+kind: ReferenceGrant
+metadata: {name: shop-routes, namespace: team-b}
+spec:
+  from: [{group: gateway.networking.k8s.io, kind: HTTPRoute, namespace: shop}]
+  to: [{group: "", kind: Service}]
+"""
+
+
+def test_httproute_backends_the_mesh_cannot_use_are_errors_naming_the_field() -> None:
+    found = [(d.field, d.reason, d.message, d.severity) for d in analyze(store_from(ROUTES))]
+    assert found == [
+        ("spec.rules[0].backendRefs[1]", "RefNotPermitted",
+         "no ReferenceGrant in the backend's namespace lets this route use Service team-b/ratings", "Error"),
+        ("spec.rules[0].backendRefs[2]", "BackendNotFound", "backend not found: Service shop/gone", "Error"),
+        ("spec.rules[0].backendRefs[3]", "InvalidKind",
+         "backendRef of a kind the mesh cannot route to: example.com/Bucket shop/b", "Error"),
+        ("spec.rules[0].filters[0].requestMirror.backendRef", "RefNotPermitted",
+         "no ReferenceGrant in the backend's namespace lets this route use Service team-b/ratings", "Error"),
+    ]  # fmt: skip
+    granted = [(d.field, d.reason) for d in analyze(store_from(ROUTES + "---" + GRANT))]
+    assert granted == [
+        ("spec.rules[0].backendRefs[2]", "BackendNotFound"),
+        ("spec.rules[0].backendRefs[3]", "InvalidKind"),
+    ]
