@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol, TypeVar
 
 from istiopy.mesh.meta import Resource
-from istiopy.mesh.resources.core import EndpointSlice, Namespace, Pod, Service, ServicePort
+from istiopy.mesh.resources.core import EndpointSlice, Namespace, Node, Pod, Service, ServicePort
 from istiopy.mesh.resources.gateway import (
     WAYPOINT_FOR_LABEL,
     Gateway,
@@ -41,12 +41,15 @@ __all__ = [
     "GATEWAY_NAME_LABEL",
     "HBONE_PORT",
     "PEER_AUTHN_PREFIX",
+    "REGION_LABEL",
     "SIDECAR_STATUS_ANNOTATION",
     "STATIC_STRICT_POLICY",
+    "SUBZONE_LABEL",
     "TUNNEL_LABEL",
     "USE_WAYPOINT_LABEL",
     "USE_WAYPOINT_NAMESPACE_LABEL",
     "WAYPOINT_FOR_LABEL",
+    "ZONE_LABEL",
     "Affected",
     "AmbientIndex",
     "CachedView",
@@ -60,9 +63,11 @@ __all__ = [
     "ip_bytes",
     "is_waypoint_instance",
     "namespace_enrolled",
+    "node_locality",
     "numeric_target_port",
     "pod_enrolled",
     "pod_is_terminal",
+    "pod_locality",
     "pod_speaks_hbone",
     "pod_waypoint",
     "reference_permitted",
@@ -211,6 +216,29 @@ def services_selecting(store: StoreReader, namespace: str, labels: Mapping[str, 
         for s in typed_list(store, Service, namespace)
         if s.spec.type != "ExternalName" and s.spec.selector and selector_matches(s.spec.selector, labels)
     ]
+
+
+REGION_LABEL = "topology.kubernetes.io/region"
+ZONE_LABEL = "topology.kubernetes.io/zone"
+SUBZONE_LABEL = "topology.istio.io/subzone"
+
+
+def node_locality(store: StoreReader, node_name: str) -> tuple[str, str, str] | None:
+    """(region, zone, subzone) from a node's topology labels; None when it has none (or is unknown)."""
+    node = store.get_typed(Node, "", node_name) if node_name else None
+    if node is None:
+        return None
+    loc = (
+        node.labels.get(REGION_LABEL, ""),
+        node.labels.get(ZONE_LABEL, ""),
+        node.labels.get(SUBZONE_LABEL, ""),
+    )
+    return loc if any(loc) else None
+
+
+def pod_locality(store: StoreReader, pod: Pod) -> tuple[str, str, str] | None:
+    """A pod's locality is its node's (what locality load balancing compares)."""
+    return node_locality(store, pod.spec.node_name)
 
 
 def reference_permitted(

@@ -337,6 +337,8 @@ def waypoint_diagnostics(store: StoreReader) -> list[WaypointDiagnostic]:
                             f"{why}; tokens from issuer {rule.issuer!r} are rejected until it is fixed",
                         )
                     )
+    for dr in typed_list(store, DestinationRule):
+        out += _locality_problems(dr)
     for ap in typed_list(store, AuthorizationPolicy):
         if ap.spec.action == Action.CUSTOM and ap.target_refs:
             out.append(
@@ -348,4 +350,34 @@ def waypoint_diagnostics(store: StoreReader) -> list[WaypointDiagnostic]:
                     "the policy is enforced fail-closed: requests it matches are denied",
                 )
             )
+    return out
+
+
+def _locality_problems(dr: DestinationRule) -> list[WaypointDiagnostic]:
+    """Locality settings waypoints do not apply: weighted ``distribute`` and ``failoverPriority`` (failover
+    by proximity and by ``failover`` regions is applied, with outlier detection, as Istio does)."""
+    out = []
+    policies = [("spec.trafficPolicy", dr.spec.traffic_policy)]
+    policies += [
+        (f"spec.subsets[{i}].trafficPolicy", s.traffic_policy) for i, s in enumerate(dr.spec.subsets)
+    ]
+    for path, policy in policies:
+        lb = policy.load_balancer if policy is not None else None
+        setting = lb.locality_lb_setting if lb is not None else None
+        if setting is None:
+            continue
+        for name, present in (
+            ("distribute", setting.distribute),
+            ("failoverPriority", setting.failover_priority),
+        ):
+            if present:
+                out.append(
+                    WaypointDiagnostic(
+                        dr.key,
+                        f"{path}.loadBalancer.localityLbSetting.{name}",
+                        "UnsupportedValue",
+                        f"localityLbSetting.{name} is not applied by istiopy waypoints: endpoints are "
+                        "balanced without it",
+                    )
+                )
     return out

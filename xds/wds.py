@@ -52,9 +52,10 @@ from istiopy.mesh.ambient import (
     workload_ports,
     workload_uid,
 )
+from istiopy.mesh.ambient import node_locality as mesh_node_locality
 from istiopy.mesh.authz import workload_policy_names
 from istiopy.mesh.meta import Resource
-from istiopy.mesh.resources.core import Namespace, Node, Pod, Service, ServicePort
+from istiopy.mesh.resources.core import Namespace, Pod, Service, ServicePort
 from istiopy.mesh.resources.networking import Resolution, ServiceEntry, WorkloadEntry, WorkloadEntrySpec
 from istiopy.mesh.store import Change, selector_matches
 from istiopy.xds.registry import Generator, GeneratorRegistry, shared
@@ -110,22 +111,12 @@ def gateway_address(waypoint: Waypoint) -> Any:
     )
 
 
-REGION_LABEL = "topology.kubernetes.io/region"
-ZONE_LABEL = "topology.kubernetes.io/zone"
-SUBZONE_LABEL = "topology.istio.io/subzone"
-
-
 def node_locality(store: StoreReader, node_name: str) -> Any | None:
     """A pod's locality is its node's topology labels (what locality load balancing compares)."""
-    if not node_name:
+    loc = mesh_node_locality(store, node_name)
+    if loc is None:
         return None
-    node = store.get_typed(Node, "", node_name)
-    if node is None:
-        return None
-    region, zone, subzone = (node.labels.get(k, "") for k in (REGION_LABEL, ZONE_LABEL, SUBZONE_LABEL))
-    if not (region or zone or subzone):
-        return None
-    return wl.Locality(region=region, zone=zone, subzone=subzone)
+    return wl.Locality(region=loc[0], zone=loc[1], subzone=loc[2])
 
 
 def _is_waypoint_pod(store: StoreReader, pod: Pod) -> bool:

@@ -17,15 +17,17 @@ RequestAuthentication). Anything that would make Envoy NACK is left out and repo
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable
 from typing import Any
 
+from istiopy.mesh.ambient import pod_locality, typed_list
+from istiopy.mesh.resources.core import Pod
 from istiopy.mesh.store import Change, ConfigStore
 from istiopy.xds import types
 from istiopy.xds.proxy import Proxy
 from istiopy.xds.registry import Generator, GeneratorRegistry
 from istiopy.xds.waypoint import envoy as ev
-from istiopy.xds.waypoint.plan import plan_for, scope
+from istiopy.xds.waypoint.plan import WaypointPlan, plan_for, scope
 
 __all__ = [
     "generate_clusters",
@@ -70,7 +72,21 @@ def generate_endpoints(store: ConfigStore, proxy: Proxy) -> Iterable[tuple[str, 
     plan = plan_for(store, proxy)
     if plan is None:
         return []
-    return sorted((t.name, ev.cluster_endpoints(plan, t)) for t in plan.clusters.values())
+    locality = proxy_locality(plan, proxy)
+    return sorted((t.name, ev.cluster_endpoints(plan, t, locality)) for t in plan.clusters.values())
+
+
+def proxy_locality(plan: WaypointPlan, proxy: Proxy) -> ev.Locality | None:
+    """The waypoint replica's own locality: its pod's node's, as istiod reads it from the registry."""
+    if plan.store is None or not proxy.ip:
+        return None
+    pod = next((p for p in typed_list(plan.store, Pod, plan.wid.namespace) if proxy.ip in p.ips), None)
+    return pod_locality(plan.store, pod) if pod is not None else None
+
+
+def endpoints_scope(proxy: Proxy) -> Hashable:
+    """EDS differs per replica (locality priorities are relative to where the replica runs)."""
+    return (scope(proxy), proxy.ip)
 
 
 def generate_routes(store: ConfigStore, proxy: Proxy) -> Iterable[tuple[str, Any]]:
@@ -85,6 +101,7 @@ def generate_routes(store: ConfigStore, proxy: Proxy) -> Iterable[tuple[str, Any
 _INPUT_KINDS = frozenset(
     {
         "Namespace",
+        "Node",
         "Service",
         "Pod",
         "Gateway",
@@ -107,7 +124,9 @@ def _affects(change: Change, proxy: Proxy) -> bool:
 def waypoint_generators() -> list[Generator]:
     return [
         Generator(types.CLUSTER, generate_clusters, _affects, scope, PROXY_KINDS, "waypoint-clusters"),
-        Generator(types.ENDPOINT, generate_endpoints, _affects, scope, PROXY_KINDS, "waypoint-endpoints"),
+        Generator(
+            types.ENDPOINT, generate_endpoints, _affects, endpoints_scope, PROXY_KINDS, "waypoint-endpoints"
+        ),
         Generator(types.LISTENER, generate_listeners, _affects, scope, PROXY_KINDS, "waypoint-listeners"),
         Generator(types.ROUTE, generate_routes, _affects, scope, PROXY_KINDS, "waypoint-routes"),
     ]

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from typing import Any
 
 # Imported for their descriptors: ``json_format`` resolves ``@type`` of Any fields through the pool.
@@ -68,6 +69,7 @@ from envoy.extensions.transport_sockets.tls.v3 import tls_pb2  # noqa: F401
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2  # noqa: F401
 from google.protobuf import json_format
 
+from istiopy.mesh.ambient import pod_locality
 from istiopy.mesh.resources.common import duration_seconds
 from istiopy.mesh.resources.networking import SimpleLB, TrafficPolicy
 from istiopy.xds.waypoint.plan import (
@@ -678,12 +680,42 @@ def entry_cluster(ec: EntryCluster) -> Any:
     return parse(data, cluster_pb2.Cluster())
 
 
-def cluster_endpoints(plan: WaypointPlan, target: ClusterTarget) -> Any:
+Locality = tuple[str, str, str]
+
+
+def locality_priority(mine: Locality, theirs: Locality | None, failover: Mapping[str, str]) -> int:
+    """Istio's locality failover order: same region/zone/subzone 0, same zone 1, same region 2, the region
+    ``failover`` names for ours 3, anywhere else 4 (priorities are compacted afterwards)."""
+    if theirs is None:
+        return 4
+    if theirs[:2] == mine[:2]:
+        return 0 if theirs[2] == mine[2] else 1
+    if theirs[0] == mine[0]:
+        return 2
+    return 3 if failover.get(mine[0]) == theirs[0] else 4
+
+
+def _failover_enabled(policy: TrafficPolicy | None) -> dict[str, str] | None:
+    """The failover region map when locality failover applies to a cluster (Istio: with outlier detection,
+    unless ``localityLbSetting.enabled`` is false or ``distribute`` is used instead), else None."""
+    if policy is None or policy.outlier_detection is None:
+        return None
+    setting = policy.load_balancer.locality_lb_setting if policy.load_balancer is not None else None
+    if setting is not None and (setting.enabled is False or setting.distribute):
+        return None
+    return {f.from_: f.to for f in setting.failover} if setting is not None else {}
+
+
+def cluster_endpoints(plan: WaypointPlan, target: ClusterTarget, locality: Locality | None = None) -> Any:
+    """The endpoints of one cluster, grouped by locality; with locality failover on (see
+    ``_failover_enabled``) and the waypoint's own ``locality`` known, nearer groups get higher priority,
+    so Envoy sends everything to the nearest healthy group and fails over as outlier detection ejects."""
     assert plan.store is not None
-    lb = []
+    failover = _failover_enabled(target.policy) if locality is not None else None
+    groups: dict[Locality | None, list[dict[str, Any]]] = {}
     for ip, port, pod in endpoint_pods(plan.store, target, plan.pod_index):
         addr = f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
-        lb.append(
+        groups.setdefault(pod_locality(plan.store, pod), []).append(
             {
                 "endpoint": {
                     "address": {
@@ -701,10 +733,20 @@ def cluster_endpoints(plan: WaypointPlan, target: ClusterTarget) -> Any:
                 },
             }
         )
-    return parse(
-        {"cluster_name": target.name, "endpoints": [{"lb_endpoints": lb}] if lb else []},
-        endpoint_pb2.ClusterLoadAssignment(),
-    )
+    raw = {
+        loc: (
+            locality_priority(locality, loc, failover) if locality is not None and failover is not None else 0
+        )
+        for loc in groups
+    }
+    compact = {p: i for i, p in enumerate(sorted(set(raw.values())))}  # Envoy wants 0..n without gaps
+    endpoints = []
+    for loc in sorted(groups, key=lambda g: (raw[g], g or ("", "", ""))):
+        entry: dict[str, Any] = {"lb_endpoints": groups[loc], "priority": compact[raw[loc]]}
+        if loc is not None:
+            entry["locality"] = {"region": loc[0], "zone": loc[1], "sub_zone": loc[2]}
+        endpoints.append(entry)
+    return parse({"cluster_name": target.name, "endpoints": endpoints}, endpoint_pb2.ClusterLoadAssignment())
 
 
 def empty_route(name: str) -> Any:
