@@ -22,6 +22,7 @@ import pytest
 from istiopy.api.ca_client import CaClient, CaClientError
 from istiopy.api.identity import SpiffeId
 from istiopy.api.xds_client import DeltaXdsClient
+from istiopy.testing.envoy import wait_until
 from istiopy.testing.tools import built_tool
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -302,7 +303,8 @@ async def test_upstream_istioctl_proxy_status_over_xds(istiod: Istiod) -> None:
     async with client:
         async with asyncio.timeout(20):
             await client.wait_for(lambda c: bool(c.resources(ADDRESS_TYPE)))
-        await asyncio.sleep(0.5)  # the client's ACK reaches istiod
+        # istiod has the client's ACK (its HTTP debug view says so), so the type reads SYNCED
+        await wait_until(lambda: _acked(istiod, node_id), timeout=20, what="the client's ACK at istiod")
         table = await asyncio.to_thread(_istioctl, istiod, admin, "proxy-status")
         as_json = await asyncio.to_thread(_istioctl, istiod, admin, "proxy-status", "-o", "json")
         refused = await asyncio.to_thread(_istioctl, istiod, stranger, "proxy-status")
@@ -346,4 +348,14 @@ def _istioctl_py(istiod: Istiod, cert_dir: Path, *args: str) -> subprocess.Compl
     argv = [str(BIN.parent / "istioctl-py"), *args, "--xds-address", f"127.0.0.1:{istiod.ports['tls']}"]
     return subprocess.run(
         [*argv, "--cert-dir", str(cert_dir)], capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def _acked(istiod: Istiod, node_id: str) -> bool:
+    url = f"http://127.0.0.1:{istiod.ports['monitoring']}/debug/syncz"
+    with urllib.request.urlopen(url, timeout=5) as r:
+        conns = json.loads(r.read())
+    return any(
+        c["proxy"] == node_id and c["types"] and all(t["acked_nonce"] == t["sent_nonce"] for t in c["types"])
+        for c in conns
     )
